@@ -1,0 +1,286 @@
+"""Run configuration: the one schema of every option, loading, overrides, validation, saving.
+
+Every option is declared exactly once, in `base_config()` (and the section helpers below). Config
+files in `configs/` start from it and change values; `--config.a.b=c` flags change them again.
+An unknown key or a value of the wrong type is a one-line error.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from typing import Any, Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A configuration problem, reported to the user as one line."""
+
+
+def model_defaults() -> ml_collections.ConfigDict:
+  """Decoder-only Transformer options (LLaMA-style by default)."""
+  return ml_collections.ConfigDict(dict(
+      vocab_size=259,          # byte tokenizer: 256 bytes + pad/bos/eos
+      d_model=128,
+      num_layers=4,
+      num_heads=4,
+      num_kv_heads=0,          # 0 = same as num_heads (MHA); fewer = GQA; 1 = MQA
+      head_dim=0,              # 0 = d_model // num_heads
+      mlp_dim=512,
+      max_seq_len=128,         # learned positions table size; RoPE needs none
+      activation='swiglu',     # swiglu | gelu
+      norm='rmsnorm',          # rmsnorm | layernorm
+      norm_eps=1e-5,
+      positions='rope',        # rope | learned
+      rope_theta=10000.0,
+      use_bias=False,          # biases on projections (GPT-2 style)
+      tie_embeddings=False,
+      dropout=0.0,
+      param_dtype='float32',
+      dtype='float32',         # compute dtype: float32 | bfloat16
+      scan_layers=True,        # one compiled block for any depth
+      remat='none',            # none | full | dots
+      attention='xla',         # xla | cudnn (jax.nn.dot_product_attention) | chunked
+      attention_chunk=128,     # query/key block for the chunked attention
+      init_std=0.02,
+  ))
+
+
+def data_defaults() -> ml_collections.ConfigDict:
+  """Input pipeline options: source, tokenizer, packing, loader."""
+  return ml_collections.ConfigDict(dict(
+      source='stdlib',         # stdlib | text | jsonl | tfds
+      files='',                # glob for text / jsonl sources
+      split_by='file',         # text source: file | paragraph (one document per ...)
+      jsonl_field='text',      # jsonl source: the field holding the text
+      tfds_name='',            # tfds source: dataset name, e.g. 'c4/en:3.1.0'
+      tfds_data_dir='',        # tfds source: data_dir ('' = TFDS default)
+      text_feature='text',     # tfds source: the feature holding the text
+      train_split='train',
+      eval_split='validation',
+      validation_fraction=0.02,  # local sources: share of documents held out by stable hash
+      tokenizer='byte',        # byte | path to a SentencePiece .model file
+      packing=True,            # pack documents into rows (segment ids); else pad each
+      add_bos=True,
+      add_eos=True,
+      worker_count=0,          # Grain worker processes for tokenization
+      cache_dir='',            # where built TFDS datasets live ('' = ~/.cache/fmjax)
+  ))
+
+
+def mesh_defaults() -> ml_collections.ConfigDict:
+  """Device mesh shape; -1 means 'all remaining devices'."""
+  return ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+
+def logical_axis_rules_default() -> tuple:
+  """Logical axis name -> mesh axes. Model code names only logical axes."""
+  return (
+      ('batch', ('data', 'fsdp')),
+      ('activation_length', None),
+      ('activation_embed', None),
+      ('activation_mlp', 'tensor'),
+      ('activation_heads', 'tensor'),
+      ('activation_kv', None),
+      ('activation_vocab', 'tensor'),
+      ('embed', 'fsdp'),
+      ('mlp', 'tensor'),
+      ('heads', 'tensor'),
+      ('kv_heads', 'tensor'),
+      ('kv', None),
+      ('vocab', 'tensor'),
+      ('layers', None),
+      ('norm', None),
+  )
+
+
+def optim_defaults() -> ml_collections.ConfigDict:
+  """AdamW with linear warmup and cosine decay."""
+  return ml_collections.ConfigDict(dict(
+      learning_rate=1e-3,
+      end_learning_rate=1e-4,
+      warmup_steps=100,
+      decay_steps=0,           # 0 = train.steps
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,
+      grad_clip=1.0,           # global-norm clip; 0 = off
+  ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full schema with defaults. Config files start here."""
+  c = ml_collections.ConfigDict()
+  c.model = model_defaults()
+  c.data = data_defaults()
+  c.mesh = mesh_defaults()
+  c.logical_axis_rules = logical_axis_rules_default()
+  c.optim = optim_defaults()
+  c.seed = 0
+  c.seq_len = 128
+  c.global_batch_size = 16
+  c.microbatches = 1           # gradient accumulation: the batch is split into this many
+  c.steps = 1000
+  c.z_loss = 0.0
+  c.log_every = 10
+  c.eval_every = 0             # 0 = never
+  c.eval_batches = 4
+  c.checkpoint_every = 200     # 0 = only at the end
+  c.keep_checkpoints = 3
+  c.async_checkpoints = True
+  c.progress_bar = True
+  c.cpu_peak_flops = 0.0       # 0 = measure with a matmul micro-benchmark
+  c.workdir = ''
+  return c
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """Import a `get_config()` Python file and return its ConfigDict."""
+  if not os.path.isfile(path):
+    raise ConfigError(f'config file not found: {path}')
+  spec = importlib.util.spec_from_file_location('fmjax_user_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'{path} defines no get_config() function')
+  return module.get_config()
+
+
+def _parse_value(text: str, current: Any, key: str) -> Any:
+  """Parse an override string into the type of the current value."""
+  if isinstance(current, bool):
+    low = text.lower()
+    if low in ('true', '1', 'yes'):
+      return True
+    if low in ('false', '0', 'no'):
+      return False
+    raise ConfigError(f'--config.{key}: expected true/false, got {text!r}')
+  if isinstance(current, int):
+    try:
+      return int(text)
+    except ValueError:
+      raise ConfigError(f'--config.{key}: expected an integer, got {text!r}') from None
+  if isinstance(current, float):
+    try:
+      return float(text)
+    except ValueError:
+      raise ConfigError(f'--config.{key}: expected a number, got {text!r}') from None
+  if isinstance(current, str):
+    return text
+  if isinstance(current, (tuple, list)):
+    try:
+      value = json.loads(text)
+    except json.JSONDecodeError:
+      raise ConfigError(f'--config.{key}: expected a JSON list, got {text!r}') from None
+    return type(current)(_to_tuples(value) if isinstance(current, tuple) else value)
+  raise ConfigError(f'--config.{key}: cannot override a value of type {type(current).__name__}')
+
+
+def _to_tuples(value):
+  if isinstance(value, list):
+    return tuple(_to_tuples(v) for v in value)
+  return value
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+  """Apply `a.b=c` strings (with or without a leading `--config.`) to cfg, checking keys and types."""
+  for item in overrides:
+    text = item[len('--config.'):] if item.startswith('--config.') else item
+    if '=' not in text:
+      raise ConfigError(f'override {item!r} must look like --config.key=value')
+    key, raw = text.split('=', 1)
+    parent, leaf = cfg, key
+    parts = key.split('.')
+    for part in parts[:-1]:
+      if part not in parent or not isinstance(parent[part], ml_collections.ConfigDict):
+        raise ConfigError(f'unknown config key {key!r} (no section {part!r})')
+      parent = parent[part]
+    leaf = parts[-1]
+    if leaf not in parent:
+      raise ConfigError(f'unknown config key {key!r}; known keys here: {", ".join(sorted(parent.keys()))}')
+    if isinstance(parent[leaf], ml_collections.ConfigDict):
+      raise ConfigError(f'config key {key!r} is a section; set one of its fields instead')
+    value = _parse_value(raw, parent[leaf], key)
+    with parent.unlocked():
+      parent[leaf] = value
+  return cfg
+
+
+def check_schema(cfg: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str = '') -> None:
+  """Every key of cfg must exist in schema with a compatible type (config files can't invent keys)."""
+  for key in cfg.keys():
+    name = f'{prefix}{key}'
+    if key not in schema:
+      raise ConfigError(f'unknown config key {name!r}')
+    value, ref = cfg[key], schema[key]
+    if isinstance(ref, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(f'config key {name!r} must be a section')
+      check_schema(value, ref, name + '.')
+    elif isinstance(ref, bool) != isinstance(value, bool) or (
+        isinstance(ref, (int, float)) and not isinstance(value, (int, float))) or (
+        isinstance(ref, str) and not isinstance(value, str)):
+      raise ConfigError(f'config key {name!r} must be of type {type(ref).__name__}, got {value!r}')
+
+
+_CHOICES = {
+    'model.activation': ('swiglu', 'gelu'),
+    'model.norm': ('rmsnorm', 'layernorm'),
+    'model.positions': ('rope', 'learned'),
+    'model.remat': ('none', 'full', 'dots'),
+    'model.attention': ('xla', 'cudnn', 'chunked'),
+    'model.param_dtype': ('float32', 'bfloat16'),
+    'model.dtype': ('float32', 'bfloat16'),
+    'data.source': ('stdlib', 'text', 'jsonl', 'tfds'),
+    'data.split_by': ('file', 'paragraph'),
+}
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Check values that types alone cannot (choices, divisibility, positivity)."""
+  for key, choices in _CHOICES.items():
+    section, leaf = key.split('.')
+    if section in cfg and leaf in cfg[section] and cfg[section][leaf] not in choices:
+      raise ConfigError(f'{key}={cfg[section][leaf]!r} is not one of {", ".join(choices)}')
+  m = cfg.model
+  for key in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'mlp_dim'):
+    if m[key] <= 0:
+      raise ConfigError(f'model.{key} must be positive, got {m[key]}')
+  kv = m.num_kv_heads or m.num_heads
+  if m.num_heads % kv:
+    raise ConfigError(f'model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={kv}')
+  if not m.head_dim and m.d_model % m.num_heads:
+    raise ConfigError(f'model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; '
+                      'set model.head_dim')
+  if m.positions == 'learned' and cfg.seq_len > m.max_seq_len:
+    raise ConfigError(f'seq_len={cfg.seq_len} exceeds model.max_seq_len={m.max_seq_len} (learned positions)')
+  if cfg.microbatches <= 0 or cfg.global_batch_size % cfg.microbatches:
+    raise ConfigError(f'global_batch_size={cfg.global_batch_size} must divide into '
+                      f'microbatches={cfg.microbatches}')
+  for key in ('steps', 'seq_len', 'global_batch_size', 'log_every'):
+    if cfg[key] <= 0:
+      raise ConfigError(f'{key} must be positive, got {cfg[key]}')
+  return cfg
+
+
+def resolve(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Load a config file, check it against the schema, apply overrides and validate."""
+  cfg = load_config_file(path)
+  check_schema(cfg, base_config())
+  cfg = apply_overrides(cfg, overrides)
+  return validate(cfg)
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+  """The resolved config as JSON (what each run saves in its workdir)."""
+  return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def save(cfg: ml_collections.ConfigDict, path: str) -> None:
+  """Write the resolved config as JSON."""
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  with open(path, 'w') as f:
+    f.write(to_json(cfg))

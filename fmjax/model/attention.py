@@ -1,0 +1,144 @@
+"""Causal self-attention with segment masking, and its interchangeable implementations.
+
+Shapes: q (B, T, H, D); k, v (B, S, K, D) with H a multiple of K (MHA, GQA, MQA).
+Every implementation masks the future (by index in the row) and never attends across
+documents packed into one row (segment ids must match; 0 marks padding).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from fmjax.model.layers import Projection, apply_rope, dtype_of
+
+_NEG = -1e30
+
+
+def _mask(q_index, kv_index, q_seg, kv_seg):
+  """Boolean (B, T, S): key visible to query (causal and same segment)."""
+  causal = kv_index[None, None, :] <= q_index[None, :, None]
+  same = q_seg[:, :, None] == kv_seg[:, None, :]
+  return causal & same
+
+
+def xla_attention(q, k, v, q_seg, kv_seg, q_index=None, kv_index=None):
+  """Reference attention: full score matrix, fp32 softmax."""
+  b, t, h, d = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  q_index = jnp.arange(t) if q_index is None else q_index
+  kv_index = jnp.arange(s) if kv_index is None else kv_index
+  qg = q.reshape(b, t, kh, h // kh, d)
+  scores = jnp.einsum('btkgd,bskd->bkgts', qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+  mask = _mask(q_index, kv_index, q_seg, kv_seg)[:, None, None]
+  scores = jnp.where(mask, scores, _NEG)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
+  return out.reshape(b, t, h, d)
+
+
+def cudnn_attention(q, k, v, q_seg, kv_seg):
+  """`jax.nn.dot_product_attention`: cuDNN flash attention on NVIDIA GPUs, XLA elsewhere."""
+  t, s = q.shape[1], k.shape[1]
+  mask = _mask(jnp.arange(t), jnp.arange(s), q_seg, kv_seg)[:, None]  # (B, 1, T, S)
+  impl = 'cudnn' if jax.default_backend() == 'gpu' else 'xla'
+  try:
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+  except Exception:  # cuDNN refuses some shapes/masks: fall back to XLA's fused path
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')
+
+
+def chunked_attention(q, k, v, q_seg, kv_seg, chunk: int = 128):
+  """Memory-efficient attention: online softmax over key blocks, one query block at a time.
+
+  Never materialises the (T, S) score matrix; blocks wholly above the causal diagonal are skipped.
+  """
+  b, t, h, d = q.shape
+  kh = k.shape[2]
+  g = h // kh
+  c = min(chunk, t)
+  pad = (-t) % c
+  if pad:  # pad to a whole number of blocks with a segment id no real token has
+    padder = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    q, k, v = padder(q), padder(k), padder(v)
+    q_seg = jnp.pad(q_seg, [(0, 0), (0, pad)], constant_values=-1)
+    kv_seg = jnp.pad(kv_seg, [(0, 0), (0, pad)], constant_values=-2)
+  n = (t + pad) // c
+  scale = d ** -0.5
+  qb = q.reshape(b, n, c, kh, g, d).transpose(1, 0, 2, 3, 4, 5)   # (n, B, C, K, G, D)
+  kb = k.reshape(b, n, c, kh, d).transpose(1, 0, 2, 3, 4)          # (n, B, C, K, D)
+  vb = v.reshape(b, n, c, kh, d).transpose(1, 0, 2, 3, 4)
+  qs = q_seg.reshape(b, n, c).transpose(1, 0, 2)
+  ks = kv_seg.reshape(b, n, c).transpose(1, 0, 2)
+  local = jnp.arange(c)
+
+  @jax.checkpoint
+  def query_block(args):
+    i, qi, qsi = args
+    init = (jnp.full((b, kh, g, c), _NEG, jnp.float32), jnp.zeros((b, kh, g, c), jnp.float32),
+            jnp.zeros((b, kh, g, c, d), jnp.float32))
+
+    def kv_step(carry, kv_args):
+      j, kj, vj, ksj = kv_args
+
+      def update(carry):
+        m, l, acc = carry
+        s = jnp.einsum('bqkgd,bskd->bkgqs', qi, kj, preferred_element_type=jnp.float32) * scale
+        mask = _mask(i * c + local, j * c + local, qsi, ksj)[:, None, None]
+        s = jnp.where(mask, s, _NEG)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+        corr = jnp.exp(m - m_new)
+        l = l * corr + p.sum(-1)
+        acc = acc * corr[..., None] + jnp.einsum('bkgqs,bskd->bkgqd', p.astype(vj.dtype), vj,
+                                                 preferred_element_type=jnp.float32)
+        return m_new, l, acc
+
+      return jax.lax.cond(j <= i, update, lambda c_: c_, carry), None
+
+    (m, l, acc), _ = jax.lax.scan(kv_step, init, (jnp.arange(n), kb, vb, ks))
+    out = acc / jnp.maximum(l, 1e-30)[..., None]                    # (B, K, G, C, D)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, c, h, d).astype(q.dtype)
+
+  out = jax.lax.map(query_block, (jnp.arange(n), qb, qs))           # (n, B, C, H, D)
+  out = out.transpose(1, 0, 2, 3, 4).reshape(b, n * c, h, d)
+  return out[:, :t]
+
+
+def attend(impl: str, q, k, v, q_seg, kv_seg, chunk: int = 128):
+  """Dispatch to the configured implementation."""
+  if impl == 'xla':
+    return xla_attention(q, k, v, q_seg, kv_seg)
+  if impl == 'cudnn':
+    return cudnn_attention(q, k, v, q_seg, kv_seg)
+  if impl == 'chunked':
+    return chunked_attention(q, k, v, q_seg, kv_seg, chunk)
+  raise ValueError(f'unknown attention implementation {impl!r}')
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with grouped KV heads and optional RoPE."""
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids):
+    cfg = self.cfg
+    h, kh = cfg.num_heads, cfg.num_kv_heads or cfg.num_heads
+    d = cfg.head_dim or cfg.d_model // cfg.num_heads
+    kw = dict(use_bias=cfg.use_bias, init_std=cfg.init_std, dtype=dtype_of(cfg.dtype),
+              param_dtype=dtype_of(cfg.param_dtype))
+    q = Projection((cfg.d_model,), (h, d), ('embed',), ('heads', 'kv'), name='q', **kw)(x)
+    k = Projection((cfg.d_model,), (kh, d), ('embed',), ('kv_heads', 'kv'), name='k', **kw)(x)
+    v = Projection((cfg.d_model,), (kh, d), ('embed',), ('kv_heads', 'kv'), name='v', **kw)(x)
+    if cfg.positions == 'rope':
+      q = apply_rope(q, positions, cfg.rope_theta)
+      k = apply_rope(k, positions, cfg.rope_theta)
+    q = nn.with_logical_constraint(q, ('batch', 'activation_length', 'activation_heads', 'activation_kv'))
+    out = attend(cfg.attention, q, k, v, segment_ids, segment_ids, cfg.attention_chunk)
+    out = nn.with_logical_constraint(out, ('batch', 'activation_length', 'activation_heads', 'activation_kv'))
+    out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    return Projection((h, d), (cfg.d_model,), ('heads', 'kv'), ('embed',), name='o',
+                      **{**kw, 'init_std': out_std})(out)

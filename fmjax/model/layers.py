@@ -1,0 +1,130 @@
+"""Building blocks: norms, projections, MLP, embeddings, rotary positions.
+
+Every parameter is created with logical axis names (embed, mlp, heads, kv, vocab, norm); the
+mesh mapping lives in config (`logical_axis_rules`), never here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Dtype = Any
+
+
+def dtype_of(name: str) -> Dtype:
+  """'float32' | 'bfloat16' -> a jnp dtype."""
+  return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[name]
+
+
+def param_with_axes(module: nn.Module, name: str, init, shape: Sequence[int], axes: Sequence[str | None],
+                    dtype: Dtype):
+  """Create a parameter annotated with logical axis names."""
+  return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm (LLaMA); statistics in fp32."""
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = param_with_axes(self, 'scale', nn.initializers.ones, (x.shape[-1],), ('norm',), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with scale and bias (GPT-2); statistics in fp32."""
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    scale = param_with_axes(self, 'scale', nn.initializers.ones, (d,), ('norm',), self.param_dtype)
+    bias = param_with_axes(self, 'bias', nn.initializers.zeros, (d,), ('norm',), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def make_norm(cfg, name: str) -> nn.Module:
+  """The configured norm layer."""
+  cls = RMSNorm if cfg.norm == 'rmsnorm' else LayerNorm
+  return cls(eps=cfg.norm_eps, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), name=name)
+
+
+class Projection(nn.Module):
+  """A linear map contracting the last `len(in_shape)` axes into `out_shape`, with logical axes.
+
+  `kernel` has shape in_shape + out_shape and axes in_axes + out_axes; the optional bias has
+  shape out_shape.
+  """
+  in_shape: tuple
+  out_shape: tuple
+  in_axes: tuple
+  out_axes: tuple
+  use_bias: bool = False
+  init_std: float = 0.02
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = param_with_axes(self, 'kernel', nn.initializers.normal(self.init_std),
+                             self.in_shape + self.out_shape, self.in_axes + self.out_axes, self.param_dtype)
+    n_in = len(self.in_shape)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    if self.use_bias:
+      bias = param_with_axes(self, 'bias', nn.initializers.zeros, self.out_shape,
+                             tuple('norm' if a == 'embed' else a for a in self.out_axes), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class MLP(nn.Module):
+  """Feed-forward block: SwiGLU (gate * up -> down) or GELU (up -> down)."""
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    kw = dict(use_bias=cfg.use_bias, init_std=cfg.init_std, dtype=dtype_of(cfg.dtype),
+              param_dtype=dtype_of(cfg.param_dtype))
+    up = lambda name: Projection((cfg.d_model,), (cfg.mlp_dim,), ('embed',), ('mlp',), name=name, **kw)
+    if cfg.activation == 'swiglu':
+      h = nn.silu(up('wi_0')(x)) * up('wi_1')(x)
+    else:
+      h = nn.gelu(up('wi')(x), approximate=True)
+    h = nn.with_logical_constraint(h, ('batch', 'activation_length', 'activation_mlp'))
+    out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    return Projection((cfg.mlp_dim,), (cfg.d_model,), ('mlp',), ('embed',), name='wo',
+                      **{**kw, 'init_std': out_std})(h)
+
+
+def rope_frequencies(head_dim: int, theta: float) -> jnp.ndarray:
+  """Inverse frequencies theta^(-2i/d), i < d/2 (fp32)."""
+  return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def apply_rope(x, positions, theta: float):
+  """Rotary embedding, half-split layout (as Hugging Face LLaMA). x: (B, T, H, D); positions: (B, T)."""
+  d = x.shape[-1]
+  angles = positions[..., None].astype(jnp.float32) * rope_frequencies(d, theta)  # (B, T, D/2)
+  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = x32[..., : d // 2], x32[..., d // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)

@@ -1,0 +1,96 @@
+"""The decoder-only Transformer: LLaMA-style or GPT-2-style blocks, chosen by config.
+
+    tokens (B, T) -> embed (+ learned positions) -> N x Block -> final norm -> logits (B, T, V)
+    Block: x + Attn(Norm(x)) -> h + MLP(Norm(h))
+
+With `scan_layers` the N blocks are one `nn.scan` over stacked parameters (leading axis
+'layers'), so compile time does not grow with depth; `remat` wraps each block in
+`jax.checkpoint` with the configured policy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from fmjax.model.attention import Attention
+from fmjax.model.layers import MLP, Projection, dtype_of, make_norm, param_with_axes
+
+REMAT_POLICIES = {
+    'full': None,  # save nothing: recompute the whole block
+    'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+_RESIDUAL_AXES = ('batch', 'activation_length', 'activation_embed')
+
+
+class Block(nn.Module):
+  """One pre-norm Transformer block. Returns (x, None) so it can be scanned."""
+  cfg: Any
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids):
+    cfg = self.cfg
+    x = nn.with_logical_constraint(x, _RESIDUAL_AXES)
+    drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
+    h = x + drop(Attention(cfg, name='attn')(make_norm(cfg, 'attn_norm')(x), positions, segment_ids))
+    h = h + drop(MLP(cfg, name='mlp')(make_norm(cfg, 'mlp_norm')(h)))
+    return nn.with_logical_constraint(h, _RESIDUAL_AXES), None
+
+
+def block_class(cfg):
+  """Block, wrapped in remat when configured."""
+  if cfg.remat == 'none':
+    return Block
+  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+class Transformer(nn.Module):
+  """Decoder-only language model. `cfg` is the `model` section of the run config."""
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True,
+               return_hidden: bool = False):
+    cfg = self.cfg
+    dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, t), jnp.int32)
+
+    embedding = param_with_axes(self, 'embedding', nn.initializers.normal(cfg.init_std),
+                                (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'), pdtype)
+    x = jnp.take(embedding, tokens, axis=0).astype(dtype)                     # (B, T, D)
+    if cfg.positions == 'learned':
+      pos_table = param_with_axes(self, 'pos_embedding', nn.initializers.normal(cfg.init_std),
+                                  (cfg.max_seq_len, cfg.d_model), (None, 'embed'), pdtype)
+      x = x + jnp.take(pos_table, positions, axis=0).astype(dtype)
+    x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+    x = nn.with_logical_constraint(x, _RESIDUAL_AXES)
+
+    block = block_class(cfg)
+    if cfg.scan_layers:
+      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
+      x, _ = stack(cfg, deterministic, name='layers')(x, positions, segment_ids)
+    else:
+      for i in range(cfg.num_layers):
+        x, _ = block(cfg, deterministic, name=f'layers_{i}')(x, positions, segment_ids)
+
+    hidden = make_norm(cfg, 'final_norm')(x)
+    if cfg.tie_embeddings:
+      logits = jnp.einsum('btd,vd->btv', hidden, embedding.astype(dtype))
+    else:
+      logits = Projection((cfg.d_model,), (cfg.vocab_size,), ('embed',), ('vocab',), name='lm_head',
+                          init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype)(hidden)
+    logits = nn.with_logical_constraint(logits, ('batch', 'activation_length', 'activation_vocab'))
+    if return_hidden:
+      return logits, hidden
+    return logits
