@@ -1,0 +1,171 @@
+"""The Grain input pipeline: documents -> tokens -> packed (or padded) rows -> batches.
+
+Train: the process's shard of documents (i::n) -> shuffled with `seed`, reshuffled each
+epoch, repeated forever -> tokenized (optionally in `worker_count` processes) -> rows of
+seq_len+1 tokens by concat-then-split packing (or one padded/truncated row per document)
+-> batches of the per-process batch size, in the format of `fmjax.data.batches`.
+Workers only tokenize; packing and batching run in the calling process in document order,
+so the batches are identical for any worker_count. Iterator state (get_state/set_state)
+restores the exact batch sequence; `checkpoint_save_arg`/`checkpoint_restore_arg` give the
+Orbax args for a Composite checkpoint item.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import grain
+import numpy as np
+
+from fmjax.data import batches as batches_lib
+from fmjax.data.builders import open_split
+from fmjax.data.errors import DataError
+from fmjax.data.packing import PackIterDataset
+
+# Documents are read from local ArrayRecord files: a few threads are enough and avoid GIL churn.
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
+
+
+class Tokenize:
+  """text -> {'tokens': int32 ids} with optional bos/eos; an empty text stays empty."""
+
+  def __init__(self, tokenizer, add_bos: bool, add_eos: bool):
+    self.tokenizer, self.add_bos, self.add_eos = tokenizer, add_bos, add_eos
+
+  def __call__(self, text: str) -> dict[str, np.ndarray]:
+    ids = np.asarray(self.tokenizer.encode(text), dtype=np.int32)
+    if ids.size:
+      parts = ([np.array([self.tokenizer.bos_id], np.int32)] if self.add_bos else []) + [ids] + (
+          [np.array([self.tokenizer.eos_id], np.int32)] if self.add_eos else [])
+      ids = np.concatenate(parts) if len(parts) > 1 else ids
+    return {'tokens': ids}
+
+
+class NonEmpty:
+  """Filter predicate dropping empty documents; raises once `limit` in a row were empty.
+
+  With a repeated stream, `limit` = documents per epoch means 'a whole epoch had no text'.
+  """
+
+  def __init__(self, limit: int, what: str):
+    self.limit, self.what, self._empty_run = limit, what, 0
+
+  def __call__(self, element: dict) -> bool:
+    if len(element['tokens']):
+      self._empty_run = 0
+      return True
+    self._empty_run += 1
+    if self._empty_run >= self.limit:
+      raise DataError(f'{self.what} has only empty documents: nothing to train on; check the data source')
+    return False
+
+
+class PadRow:
+  def __init__(self, length: int, pad_id: int):
+    self.length, self.pad_id = length, pad_id
+
+  def __call__(self, element: dict) -> dict[str, np.ndarray]:
+    return batches_lib.pad_row(element['tokens'], self.length, self.pad_id)
+
+
+def _shard_documents(data_cfg, split: str, process_index: int, process_count: int) -> grain.MapDataset:
+  if not 0 <= process_index < process_count:
+    raise DataError(f'process_index={process_index} must be in [0, process_count={process_count})')
+  source = open_split(data_cfg, split)
+  if len(source) == 0:
+    raise DataError(f'split {split!r} of data.source={data_cfg.source!r} is empty: '
+                    'add documents (or raise data.validation_fraction for the eval split)')
+  docs = grain.MapDataset.source(source)[process_index::process_count]
+  if len(docs) == 0:
+    raise DataError(f'split {split!r} has {len(source)} documents, fewer than process_count={process_count}: '
+                    'each process needs at least one')
+  return docs
+
+
+def _rows(tokens: grain.IterDataset, *, seq_len: int, packing: bool, pad_id: int) -> grain.IterDataset:
+  """Tokenized documents -> rows of seq_len+1 tokens with segment ids and positions."""
+  if seq_len <= 0:
+    raise DataError(f'seq_len={seq_len} must be positive')
+  if packing:
+    return PackIterDataset(tokens, seq_len + 1, pad_id)
+  return tokens.map(PadRow(seq_len + 1, pad_id))
+
+
+def _start_workers_ok() -> None:
+  """Grain worker processes read absl flags: mark them parsed when no absl app did."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def make_train_iterator(data_cfg, tokenizer, *, seq_len: int, batch_size: int, seed: int,
+                        process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
+  """An endless iterator of this process's train batches [batch_size, seq_len] (see batches.py)."""
+  if batch_size <= 0:
+    raise DataError(f'batch_size={batch_size} must be positive')
+  docs = _shard_documents(data_cfg, data_cfg.train_split, process_index, process_count)
+  ds = docs.shuffle(seed % 2**32).repeat(None).map(Tokenize(tokenizer, data_cfg.add_bos, data_cfg.add_eos))
+  tokens = ds.to_iter_dataset(_READ_OPTIONS)
+  if data_cfg.worker_count > 0:
+    _start_workers_ok()
+    tokens = tokens.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=data_cfg.worker_count, per_worker_buffer_size=16))
+  tokens = tokens.filter(NonEmpty(len(docs), f'split {data_cfg.train_split!r}'))
+  rows = _rows(tokens, seq_len=seq_len, packing=data_cfg.packing, pad_id=tokenizer.pad_id)
+  return iter(rows.batch(batch_size, drop_remainder=True).map(batches_lib.model_batch))
+
+
+def _eval_rows(data_cfg, tokenizer, docs: grain.MapDataset, seq_len: int) -> grain.IterDataset:
+  ds = docs.map(Tokenize(tokenizer, data_cfg.add_bos, data_cfg.add_eos))
+  tokens = ds.to_iter_dataset(grain.ReadOptions(num_threads=0)).filter(lambda e: len(e['tokens']) > 0)
+  return _rows(tokens, seq_len=seq_len, packing=data_cfg.packing, pad_id=tokenizer.pad_id)
+
+
+def make_eval_batches(data_cfg, tokenizer, *, seq_len: int, batch_size: int, num_batches: int,
+                      process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
+  """The first rows of the eval split (in stored order) as at most num_batches batches.
+
+  Deterministic. A short last batch is filled with padding rows (weight 0). Every process
+  returns the same number of batches (it counts the other shards' rows too), so that
+  multi-host evaluation steps stay in lockstep.
+  """
+  if batch_size <= 0 or num_batches <= 0:
+    raise DataError(f'eval batch_size={batch_size} and num_batches={num_batches} must be positive')
+  split = data_cfg.eval_split
+  limit = num_batches * batch_size
+  own, counts = [], []
+  for shard in range(process_count):
+    docs = _shard_documents(data_cfg, split, shard, process_count)
+    rows = itertools.islice(_eval_rows(data_cfg, tokenizer, docs, seq_len), limit)
+    if shard == process_index:
+      own = list(rows)
+      counts.append(len(own))
+    else:
+      counts.append(sum(1 for _ in rows))
+  n_batches = max(math.ceil(c / batch_size) for c in counts)
+  if n_batches == 0:
+    raise DataError(f'eval split {split!r} has no text: all its documents are empty')
+  out = []
+  for b in range(n_batches):
+    chunk = own[b * batch_size:(b + 1) * batch_size]
+    if not chunk:
+      out.append(batches_lib.empty_batch(batch_size, seq_len, tokenizer.pad_id))
+      continue
+    stacked = {k: np.stack([r[k] for r in chunk]) for k in chunk[0]}
+    batch = batches_lib.model_batch(stacked)
+    if len(chunk) < batch_size:
+      filler = batches_lib.empty_batch(batch_size - len(chunk), seq_len, tokenizer.pad_id)
+      batch = {k: np.concatenate([batch[k], filler[k]]) for k in batch}
+    out.append(batch)
+  return out
+
+
+def checkpoint_save_arg(iterator: grain.DatasetIterator):
+  """Orbax save args for the iterator's state: `ocp.args.Composite(data=checkpoint_save_arg(it))`."""
+  return grain.checkpoint.CheckpointSave(iterator)
+
+
+def checkpoint_restore_arg(iterator: grain.DatasetIterator):
+  """Orbax restore args that set a freshly made iterator to the saved state."""
+  return grain.checkpoint.CheckpointRestore(iterator)
