@@ -66,7 +66,9 @@ class Transformer(nn.Module):
 
     embedding = param_with_axes(self, 'embedding', nn.initializers.normal(cfg.init_std),
                                 (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'), pdtype)
-    x = jnp.take(embedding, tokens, axis=0).astype(dtype)                     # (B, T, D)
+    # FSDP: gather the table's embed shards before the lookup (as for any weight before use).
+    table = nn.with_logical_constraint(embedding, ('vocab', 'activation_embed'))
+    x = jnp.take(table, tokens, axis=0).astype(dtype)                         # (B, T, D)
     if cfg.positions == 'learned':
       pos_table = param_with_axes(self, 'pos_embedding', nn.initializers.normal(cfg.init_std),
                                   (cfg.max_seq_len, cfg.d_model), (None, 'embed'), pdtype)

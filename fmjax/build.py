@@ -1,0 +1,92 @@
+"""Assemble a run from its config: model, optimizer, sharded state, compiled steps.
+
+One place that train, finetune, bench and plan all use, so they compile the same step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from fmjax import optim
+from fmjax import sharding as shd
+from fmjax import state as state_lib
+from fmjax import step as step_lib
+from fmjax.model import Transformer
+
+
+@dataclass
+class Run:
+  """The compiled pieces of one training run."""
+  cfg: Any
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  model: nn.Module
+  tx: Any
+  schedule: Callable
+  state: state_lib.ShardedState
+  init: Callable[[jax.Array], state_lib.TrainState]
+  batch_sharding: jax.sharding.NamedSharding
+  train_step: Any = None          # AOT-compiled step(state, batch) -> (state, metrics)
+  compile_seconds: float = 0.0
+
+  def abstract_batch(self) -> dict:
+    """ShapeDtypeStructs of one global batch, with its sharding."""
+    shape = (self.cfg.global_batch_size, self.cfg.seq_len)
+    return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == 'weights' else jnp.int32,
+                                    sharding=self.batch_sharding) for k in step_lib.BATCH_KEYS}
+
+  def compile_train_step(self, step_fn: Callable) -> None:
+    """Lower and compile `step_fn` ahead of time with the run's shardings (donated state)."""
+    jitted = step_lib.jit_train_step(step_fn, self.state.shardings, self.batch_sharding, shd.replicated(self.mesh))
+    start = time.perf_counter()
+    with shd.activate(self.mesh, self.rules):
+      self.train_step = jitted.lower(self.state.abstract, self.abstract_batch()).compile()
+    self.compile_seconds = time.perf_counter() - start
+
+  def jit_eval_step(self, token_bytes=None) -> Callable:
+    """The eval step, jitted for this mesh (params sharded like training, metrics replicated)."""
+    fn = jax.jit(step_lib.make_eval_step(self.model, token_bytes),
+                 in_shardings=(self.state.shardings.params, {k: self.batch_sharding for k in step_lib.BATCH_KEYS}),
+                 out_shardings=shd.replicated(self.mesh))
+    mesh, rules = self.mesh, self.rules
+
+    def evaluate(params, batch):
+      with shd.activate(mesh, rules):
+        return fn(params, batch)
+    return evaluate
+
+
+def build_lm_run(cfg, mesh: jax.sharding.Mesh | None = None, compile_step: bool = True) -> Run:
+  """Everything to pretrain the configured language model on `mesh` (default: from cfg.mesh)."""
+  mesh = mesh or shd.make_mesh(cfg.mesh)
+  rules = shd.axis_rules(cfg)
+  check_batch(cfg, mesh)
+  model = Transformer(cfg.model)
+  schedule = optim.learning_rate_schedule(cfg.optim, cfg.steps)
+  tx = optim.make_optimizer(cfg.optim, cfg.steps)
+  sharded, init = state_lib.sharded_state(model, tx, mesh, rules, cfg.seq_len)
+  run = Run(cfg=cfg, mesh=mesh, rules=rules, model=model, tx=tx, schedule=schedule, state=sharded, init=init,
+            batch_sharding=shd.batch_sharding(mesh, rules))
+  if compile_step:
+    loss = step_lib.lm_loss_fn(model, cfg.z_loss)
+    run.compile_train_step(step_lib.make_train_step(
+        loss, tx, schedule, microbatches=cfg.microbatches, dropout=cfg.model.dropout > 0, seed=cfg.seed))
+  return run
+
+
+def check_batch(cfg, mesh) -> None:
+  """The global batch (and each microbatch) must split evenly over the batch-sharding axes."""
+  spec = nn.logical_to_mesh_axes(('batch',), shd.axis_rules(cfg))[0]
+  axes = () if spec is None else ((spec,) if isinstance(spec, str) else tuple(spec))
+  ways = 1
+  for a in axes:
+    ways *= mesh.shape[a]
+  if cfg.global_batch_size % ways:
+    raise shd.MeshError(f'global_batch_size={cfg.global_batch_size} is not divisible by the {ways} batch shards '
+                        f'(mesh axes {axes}); change global_batch_size or --config.mesh.*')

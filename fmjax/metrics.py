@@ -1,0 +1,87 @@
+"""FLOP accounting (written once), device peaks, and MFU.
+
+Training FLOPs per token = 3 x forward, forward = 2 x (matmul parameters) + attention scores
+and values, 4 x layers x attended keys x heads x head_dim, where a causal row attends on average
+to (T + 1) / 2 keys. The embedding lookup is not a matmul; the output projection is.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 peak FLOP/s per device (chip), from vendor data sheets.
+PEAK_FLOPS = {
+    'tpu v4': 275e12,
+    'tpu v5 lite': 197e12,   # v5e
+    'tpu v5e': 197e12,
+    'tpu v5p': 459e12,
+    'tpu v5': 459e12,
+    'tpu v6 lite': 918e12,   # v6e (Trillium)
+    'tpu v6e': 918e12,
+    'a100': 312e12,
+    'h100': 989e12,
+    'h200': 989e12,
+}
+
+
+def matmul_params(model_cfg) -> int:
+  """Parameters that take part in a matmul per token (all but embedding lookup and norms/biases)."""
+  m = model_cfg
+  hd = m.head_dim or m.d_model // m.num_heads
+  kv = m.num_kv_heads or m.num_heads
+  attn = m.d_model * hd * (2 * m.num_heads + 2 * kv)
+  mlp = m.d_model * m.mlp_dim * (3 if m.activation == 'swiglu' else 2)
+  head = m.d_model * m.vocab_size
+  return m.num_layers * (attn + mlp) + head
+
+
+def flops_per_token(model_cfg, seq_len: int, causal: bool = True) -> float:
+  """Training FLOPs (forward + backward) per token at sequence length `seq_len`."""
+  m = model_cfg
+  hd = m.head_dim or m.d_model // m.num_heads
+  keys = (seq_len + 1) / 2 if causal else seq_len
+  forward = 2 * matmul_params(m) + 4 * m.num_layers * keys * m.num_heads * hd
+  return 3 * forward
+
+
+@functools.lru_cache(maxsize=None)
+def measure_cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
+  """Best observed fp32 matmul FLOP/s on the CPU (all its cores), a practical peak."""
+  cpu = jax.devices('cpu')[0]
+  a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
+  mm = jax.jit(lambda x, y: x @ y)
+  mm(a, a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    mm(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n ** 3 / best
+
+
+def device_peak_flops(device: jax.Device | None = None, cpu_peak: float = 0.0) -> float:
+  """Peak FLOP/s of one device: the table for TPUs/GPUs, a measured matmul peak for CPUs."""
+  device = device or jax.devices()[0]
+  if device.platform == 'cpu':
+    return cpu_peak or measure_cpu_peak_flops()
+  kind = device.device_kind.lower()
+  for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+    if name in kind:
+      return PEAK_FLOPS[name]
+  return 0.0
+
+
+def throughput(model_cfg, seq_len: int, tokens: float, seconds: float, num_devices: int, peak: float) -> dict:
+  """tokens/s, TFLOP/s per device and MFU for `tokens` processed in `seconds`."""
+  if seconds <= 0:
+    return {}
+  tokens_per_s = tokens / seconds
+  flops_dev = tokens_per_s * flops_per_token(model_cfg, seq_len) / num_devices
+  out = {'tokens_per_s': tokens_per_s, 'tflops_per_device': flops_dev / 1e12}
+  if peak > 0:
+    out['mfu'] = flops_dev / peak
+  return out

@@ -1,0 +1,104 @@
+"""Where shardings are decided: the mesh from config, logical-axis rules, and their checks.
+
+Model code names logical axes only; `logical_axis_rules` (config data) maps them onto the mesh
+axes ('data', 'fsdp', 'tensor').
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+import flax.linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+class MeshError(ValueError):
+  """The mesh does not fit the devices or the model."""
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  """Resolve the configured (data, fsdp, tensor) shape; one -1 takes the remaining devices."""
+  dims = [int(mesh_cfg[a]) for a in MESH_AXES]
+  free = [i for i, d in enumerate(dims) if d == -1]
+  if len(free) > 1:
+    raise MeshError(f'mesh {dict(zip(MESH_AXES, dims))}: at most one axis may be -1')
+  if any(d == 0 or d < -1 for d in dims):
+    raise MeshError(f'mesh {dict(zip(MESH_AXES, dims))}: axis sizes must be positive or -1')
+  fixed = math.prod(d for d in dims if d != -1)
+  if free:
+    if num_devices % fixed:
+      raise MeshError(f'mesh {dict(zip(MESH_AXES, dims))} does not divide the {num_devices} devices; '
+                      'set --config.mesh.data/fsdp/tensor so their product divides the device count')
+    dims[free[0]] = num_devices // fixed
+  if math.prod(dims) != num_devices:
+    raise MeshError(f'mesh {"x".join(map(str, dims))} (data x fsdp x tensor) needs {math.prod(dims)} devices '
+                    f'but {num_devices} are available; set --config.mesh.* so the product is {num_devices}')
+  return tuple(dims)
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A Mesh over all (or the given) devices with GSPMD-style (Auto) axes."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_cfg, len(devices))
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  try:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+  except Exception:  # topology-aware placement can refuse odd shapes; fall back to device order
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def axis_rules(cfg) -> tuple:
+  """The logical-axis rules of a run config as a tuple of (name, mesh axes) pairs."""
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in cfg.logical_axis_rules)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules) -> None:
+  """Context for tracing model code: the mesh and the logical-axis rules."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def logical_to_shardings(logical_specs, mesh: Mesh, rules):
+  """A tree of logical PartitionSpecs -> a tree of NamedShardings."""
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
+  """Sharding of a (batch, length, ...) input array."""
+  spec = nn.logical_to_mesh_axes(('batch',) + (None,) * (ndim - 1), rules)
+  return NamedSharding(mesh, spec)
+
+
+def check_divisible(abstract_tree, shardings, what: str = 'parameter') -> None:
+  """Every sharded dimension must divide by its mesh axes; else one line naming the culprit."""
+  leaves = jax.tree_util.tree_flatten_with_path(abstract_tree)[0]
+  specs = jax.tree_util.tree_leaves(shardings, is_leaf=lambda s: isinstance(s, NamedSharding))
+  for (path, leaf), sharding in zip(leaves, specs):
+    mesh = sharding.mesh
+    for dim, axes in zip(leaf.shape, sharding.spec):
+      if axes is None:
+        continue
+      axes = (axes,) if isinstance(axes, str) else tuple(axes)
+      size = math.prod(mesh.shape[a] for a in axes)
+      if dim % size:
+        raise MeshError(f'{what} {jax.tree_util.keystr(path)} of shape {tuple(leaf.shape)}: dimension {dim} '
+                        f'is not divisible by mesh axes {axes} of size {size}; change the model size or '
+                        '--config.mesh.*')
+
+
+def describe(mesh: Mesh) -> str:
+  """'data=2 fsdp=2 tensor=2 (8 devices, cpu)'."""
+  dims = ' '.join(f'{k}={v}' for k, v in mesh.shape.items())
+  return f'{dims} ({mesh.size} devices, {mesh.devices.flat[0].platform})'
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """A fully replicated sharding on this mesh."""
+  return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,119 @@
+"""The loss, the train step and the eval step: one builder used by train and finetune.
+
+Batch format (global arrays, sharded on the batch axis):
+  inputs, targets, segment_ids, positions: int32 (B, T); weights: float32 (B, T)
+Losses are token sums divided by the total weight of the whole (global) batch, so a batch
+split into microbatches gives the same gradient as the batch taken at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import optax
+
+from fmjax.state import TrainState
+
+BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
+
+
+def cross_entropy(logits, targets, weights, z_loss: float = 0.0):
+  """Token-summed cross-entropy and z-loss (fp32). Returns (ce_sum, z_sum, weight_sum)."""
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  ce = (log_z - target_logit) * weights
+  z = z_loss * jnp.square(log_z) * weights
+  return ce.sum(), z.sum(), weights.sum()
+
+
+def lm_loss_fn(model: nn.Module, z_loss: float) -> Callable:
+  """`loss(params, batch, rng) -> (objective_sum, (ce_sum, weight_sum))` for next-token prediction."""
+  def loss(params, batch, rng):
+    deterministic = rng is None
+    logits = model.apply({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'],
+                         deterministic=deterministic, rngs=None if deterministic else {'dropout': rng})
+    ce, z, w = cross_entropy(logits, batch['targets'], batch['weights'], z_loss)
+    return ce + z, (ce, w)
+  return loss
+
+
+def _split_microbatches(batch, n: int):
+  """(B, ...) -> (n, B/n, ...), microbatch m taking rows m, m+n, ... (keeps each device's rows local)."""
+  def split(x):
+    x = x.reshape((x.shape[0] // n, n) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(loss_fn, params, batch, rng, microbatches: int):
+  """Sum of loss and gradients over microbatches (lax.scan), then normalised by total weight."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if microbatches == 1:
+    (obj, (ce, w)), grads = grad_fn(params, batch, rng)
+  else:
+    micro = _split_microbatches(batch, microbatches)
+
+    def body(carry, xs):
+      i, mb = xs
+      mb = jax.tree.map(lambda x: nn.with_logical_constraint(x, ('batch',) + (None,) * (x.ndim - 1)), mb)
+      sub = None if rng is None else jax.random.fold_in(rng, i)
+      (o, (c, ww)), g = grad_fn(params, mb, sub)
+      acc_g, acc_o, acc_c, acc_w = carry
+      return (jax.tree.map(jnp.add, acc_g, g), acc_o + o, acc_c + c, acc_w + ww), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads, obj, ce, w), _ = jax.lax.scan(body, (zeros, 0.0, 0.0, 0.0), (jnp.arange(microbatches), micro))
+  denom = jnp.maximum(w, 1.0)
+  grads = jax.tree.map(lambda g: g / denom, grads)
+  return grads, obj / denom, ce / denom, w
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: Callable,
+                    microbatches: int = 1, dropout: bool = False, seed: int = 0,
+                    trainable_mask: Any = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """Build `step(state, batch) -> (state, metrics)`; jit it with shardings and donation.
+
+  `trainable_mask` (a tree of bools like params) zeroes the updates of frozen parameters.
+  """
+  def step(state: TrainState, batch: dict):
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step) if dropout else None
+    grads, objective, ce, weight = accumulate_gradients(loss_fn, state.params, batch, rng, microbatches)
+    if trainable_mask is not None:
+      grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable_mask)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if trainable_mask is not None:
+      updates = jax.tree.map(lambda u, t: u if t else jnp.zeros_like(u), updates, trainable_mask)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        'loss': ce,
+        'objective': objective,
+        'grad_norm': optax.global_norm(grads),
+        'learning_rate': schedule(state.step),
+        'tokens': weight,
+    }
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return step
+
+
+def make_eval_step(model: nn.Module, token_bytes: jax.Array | None = None) -> Callable[[Any, dict], dict]:
+  """Build `eval(params, batch) -> {'loss_sum', 'weight', 'bytes'}` (sums; combine across batches)."""
+  def evaluate(params, batch):
+    logits = model.apply({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'])
+    ce, _, w = cross_entropy(logits, batch['targets'], batch['weights'])
+    out = {'loss_sum': ce, 'weight': w}
+    if token_bytes is not None:
+      out['bytes'] = (token_bytes[batch['targets']] * batch['weights']).sum()
+    return out
+  return evaluate
+
+
+def jit_train_step(step: Callable, state_shardings, batch_sharding, replicated) -> Callable:
+  """jit with explicit in/out shardings; the incoming state is donated."""
+  batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
+  return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
