@@ -39,18 +39,39 @@ def is_validation(text: str, fraction: float) -> bool:
   return int.from_bytes(digest[:8], 'big') < fraction * 2.0**64
 
 
+def plan_splits(reader: DocumentReader, fraction: float) -> tuple[dict[str, list[int]], dict[str, int], int]:
+  """One pass over the inputs: per split, the files holding its documents and their count;
+  and the number of files that were not valid UTF-8. Raises DataError on unreadable input."""
+  files = {split: [] for split in LOCAL_SPLITS}
+  counts = dict.fromkeys(LOCAL_SPLITS, 0)
+  bad_utf8 = 0
+  for index in range(len(reader.paths)):
+    docs, invalid = reader.file_documents(index)
+    bad_utf8 += invalid
+    splits = set()
+    for _, text in docs:
+      split = 'validation' if is_validation(text, fraction) else 'train'
+      counts[split] += 1
+      splits.add(split)
+    for split in sorted(splits):
+      files[split].append(index)
+  return files, counts, bad_utf8
+
+
 class FmjaxText(tfds.core.GeneratorBasedBuilder):
-  """Local documents with one feature, `text`, split into train/validation by hash."""
+  """Local documents with one feature, `text`, split into train/validation by hash.
+
+  `files` maps each non-empty split to the indices of the files holding its documents
+  (see plan_splits): TFDS cannot write an empty split, and each pass reads only its files.
+  """
 
   VERSION = tfds.core.Version(_FORMAT_VERSION)
   # No checksums/code files live next to this builder (TFDS' lookup needs importlib_resources).
   code_path = None
 
-  def __init__(self, *, reader: DocumentReader | None = None, validation_fraction: float = 0.0,
-               **kwargs):
-    self._reader = reader
-    self._fraction = validation_fraction
-    self.counts = {}   # split -> number of documents written
+  def __init__(self, *, reader: DocumentReader | None = None, files: dict[str, list[int]] | None = None,
+               validation_fraction: float = 0.0, **kwargs):
+    self._reader, self._files, self._fraction = reader, files or {}, validation_fraction
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -60,15 +81,13 @@ class FmjaxText(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    return {split: self._generate_examples(split) for split in LOCAL_SPLITS}
+    return {split: self._generate_examples(split) for split, files in self._files.items() if files}
 
   def _generate_examples(self, split: str = 'train'):
-    count = 0
-    for key, text in self._reader:
-      if is_validation(text, self._fraction) == (split == 'validation'):
-        count += 1
-        yield key, {'text': text}
-    self.counts[split] = count
+    for index in self._files[split]:
+      for key, text in self._reader.file_documents(index)[0]:
+        if is_validation(text, self._fraction) == (split == 'validation'):
+          yield key, {'text': text}
 
 
 class TextSource:
@@ -125,9 +144,8 @@ def dataset_dir(data_cfg, reader: DocumentReader) -> str:
   return os.path.join(cache_dir, f'{data_cfg.source}-{digest}')
 
 
-def _make_builder(data_dir: str, reader=None, fraction=0.0) -> FmjaxText:
-  return FmjaxText(reader=reader, validation_fraction=fraction, data_dir=data_dir,
-                   file_format='array_record')
+def _make_builder(data_dir: str, **kwargs) -> FmjaxText:
+  return FmjaxText(data_dir=data_dir, file_format='array_record', **kwargs)
 
 
 def build_local(data_cfg) -> str:
@@ -136,6 +154,14 @@ def build_local(data_cfg) -> str:
   final = dataset_dir(data_cfg, reader)
   if os.path.isdir(final):
     return final
+  fraction = float(data_cfg.validation_fraction)
+  files, counts, bad_utf8 = plan_splits(reader, fraction)
+  if not any(counts.values()):
+    raise DataError(f'data.source={data_cfg.source!r} ({data_cfg.files or "stdlib"}) has no non-empty '
+                    'documents: point data.files at files with text')
+  if bad_utf8:
+    log.warning('%d of %d input files are not valid UTF-8; invalid bytes were replaced by U+FFFD',
+                bad_utf8, len(reader.paths))
   parent = os.path.dirname(final)
   try:
     os.makedirs(parent, exist_ok=True)
@@ -143,20 +169,14 @@ def build_local(data_cfg) -> str:
   except OSError as e:
     raise DataError(f'cannot write the dataset cache {parent}: {e.strerror}; set data.cache_dir') from None
   try:
-    builder = _make_builder(tmp, reader, float(data_cfg.validation_fraction))
-    log.info('building %s dataset of %d files in %s', data_cfg.source, len(reader.paths), final)
+    log.info('building %s dataset (%s documents) in %s', data_cfg.source, counts, final)
+    builder = _make_builder(tmp, reader=reader, files=files, validation_fraction=fraction)
     was_active = tfds.core.utils.tqdm_utils._active  # pylint: disable=protected-access
     tfds.display_progress_bar(False)
     try:
       builder.download_and_prepare()
     finally:
       tfds.display_progress_bar(was_active)
-    if sum(builder.counts.values()) == 0:
-      raise DataError(f'data.source={data_cfg.source!r} ({data_cfg.files or "stdlib"}) has no non-empty '
-                      'documents: point data.files at files with text')
-    if reader.bad_utf8_files:
-      log.warning('%d of %d input files are not valid UTF-8; invalid bytes were replaced by U+FFFD',
-                      reader.bad_utf8_files, len(reader.paths))
     try:
       os.rename(tmp, final)
     except OSError:
@@ -172,6 +192,8 @@ def _local_split(data_cfg, split: str) -> TextSource:
     raise DataError(f'split {split!r} does not exist for data.source={data_cfg.source!r}: '
                     f'local sources have {", ".join(LOCAL_SPLITS)}')
   builder = _make_builder(build_local(data_cfg))
+  if split not in builder.info.splits:  # no document hashed into it
+    return TextSource([], 'text')
   return TextSource(builder.as_data_source(split=split), 'text')
 
 

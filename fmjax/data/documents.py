@@ -1,8 +1,8 @@
 """Local files -> documents: glob resolution, decoding, and splitting into documents.
 
 A `DocumentReader` is the recipe for one local corpus (file list + how to cut documents);
-iterating it yields `(key, text)` pairs and counts what it saw (documents, non-UTF-8 files).
-Whitespace-only documents are dropped.
+`file_documents(i)` gives the `(key, text)` documents of file i. Whitespace-only documents
+are dropped.
 """
 
 from __future__ import annotations
@@ -87,25 +87,18 @@ class DocumentReader:
   kind: str = 'text'
   split_by: str = 'file'
   jsonl_field: str = 'text'
-  documents: int = 0         # counted by the last full iteration
-  bad_utf8_files: int = 0
 
-  def __iter__(self) -> Iterator[tuple[str, str]]:
-    documents = bad = 0
-    for i, path in enumerate(self.paths):
-      text, invalid = read_text(path)
-      bad += invalid
-      if self.kind == 'jsonl':
-        texts = jsonl_texts(text, path, self.jsonl_field)
-      elif self.split_by == 'paragraph':
-        texts = split_paragraphs(text)
-      else:
-        texts = [text]
-      for j, doc in enumerate(texts):
-        if doc.strip():
-          documents += 1
-          yield f'{i:08d}-{j:08d}', doc
-    self.documents, self.bad_utf8_files = documents, bad
+  def file_documents(self, index: int) -> tuple[list[tuple[str, str]], bool]:
+    """The non-blank (key, text) documents of file `index`, and whether it had invalid UTF-8."""
+    path = self.paths[index]
+    text, invalid = read_text(path)
+    if self.kind == 'jsonl':
+      texts = jsonl_texts(text, path, self.jsonl_field)
+    elif self.split_by == 'paragraph':
+      texts = split_paragraphs(text)
+    else:
+      texts = [text]
+    return [(f'{index:08d}-{j:08d}', doc) for j, doc in enumerate(texts) if doc.strip()], invalid
 
   def fingerprint(self) -> list:
     """What identifies the inputs: paths, sizes, mtimes and the options that shape documents."""
