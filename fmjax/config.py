@@ -66,7 +66,7 @@ def data_defaults() -> ml_collections.ConfigDict:
       add_bos=True,
       add_eos=True,
       worker_count=0,          # Grain worker processes for tokenization
-      cache_dir='',            # where built TFDS datasets live ('' = ~/.cache/fmjax)
+      cache_dir='',            # where built TFDS datasets live ('' = ~/.cache/fmjax/tfds)
   ))
 
 

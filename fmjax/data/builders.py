@@ -8,7 +8,9 @@ place, so concurrent builders (e.g. one per host) never see a partial dataset.
 Each document goes to 'validation' when the SHA-1 of its UTF-8 text falls below
 `validation_fraction`, else to 'train': stable across runs, machines and Python versions.
 
-The `tfds` source reads any prepared TFDS dataset by name (+ data_dir).
+Files with invalid UTF-8 are decoded with U+FFFD replacements and counted in a warning
+when the dataset is built. The `tfds` source reads any prepared TFDS dataset by name
+(+ data_dir): ArrayRecord directly, TFRecord only through TensorFlow.
 `open_split(data_cfg, split)` hides which kind it is: a sequence of `str` documents.
 """
 

@@ -69,18 +69,27 @@ class PadRow:
     return batches_lib.pad_row(element['tokens'], self.length, self.pad_id)
 
 
-def _shard_documents(data_cfg, split: str, process_index: int, process_count: int) -> grain.MapDataset:
-  if not 0 <= process_index < process_count:
-    raise DataError(f'process_index={process_index} must be in [0, process_count={process_count})')
+def _open(data_cfg, split: str):
   source = open_split(data_cfg, split)
   if len(source) == 0:
     raise DataError(f'split {split!r} of data.source={data_cfg.source!r} is empty: '
                     'add documents (or raise data.validation_fraction for the eval split)')
+  return source
+
+
+def _shard(source, split: str, process_index: int, process_count: int) -> grain.MapDataset:
+  """Process i reads documents i, i+n, i+2n, ... of the split."""
+  if not 0 <= process_index < process_count:
+    raise DataError(f'process_index={process_index} must be in [0, process_count={process_count})')
   docs = grain.MapDataset.source(source)[process_index::process_count]
   if len(docs) == 0:
     raise DataError(f'split {split!r} has {len(source)} documents, fewer than process_count={process_count}: '
                     'each process needs at least one')
   return docs
+
+
+def _shard_documents(data_cfg, split: str, process_index: int, process_count: int) -> grain.MapDataset:
+  return _shard(_open(data_cfg, split), split, process_index, process_count)
 
 
 def _rows(tokens: grain.IterDataset, *, seq_len: int, packing: bool, pad_id: int) -> grain.IterDataset:
@@ -134,9 +143,10 @@ def make_eval_batches(data_cfg, tokenizer, *, seq_len: int, batch_size: int, num
     raise DataError(f'eval batch_size={batch_size} and num_batches={num_batches} must be positive')
   split = data_cfg.eval_split
   limit = num_batches * batch_size
+  source = _open(data_cfg, split)
   own, counts = [], []
   for shard in range(process_count):
-    docs = _shard_documents(data_cfg, split, shard, process_count)
+    docs = _shard(source, split, shard, process_count)
     rows = itertools.islice(_eval_rows(data_cfg, tokenizer, docs, seq_len), limit)
     if shard == process_index:
       own = list(rows)
