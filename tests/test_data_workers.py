@@ -1,4 +1,4 @@
-"""Tokenizing in Grain worker processes changes nothing: same batches as in-process."""
+"""Tokenizing in Grain worker processes changes nothing: same batches and resumable state."""
 
 import json
 
@@ -29,8 +29,11 @@ def test_two_workers_match_in_process(tmp_path):
     return out, state
 
   plain, _ = batches(0)
-  parallel, state = batches(2, n=6)
-  resumed, _ = batches(2, state=state, n=6)
-  for a, b in zip(plain, parallel + resumed):
+  parallel, state = batches(2, n=4)
+  resumed, state = batches(2, state=state, n=4)   # 2 workers -> 2 workers
+  resumed0, state = batches(0, state=state, n=2)  # 2 workers -> in-process
+  resumed2, _ = batches(2, state=state, n=2)      # in-process -> 2 workers
+  assert len(parallel + resumed + resumed0 + resumed2) == len(plain)
+  for a, b in zip(plain, parallel + resumed + resumed0 + resumed2):
     for k in BATCH_KEYS:
       np.testing.assert_array_equal(a[k], b[k])

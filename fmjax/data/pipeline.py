@@ -5,7 +5,8 @@ epoch, repeated forever -> tokenized (optionally in `worker_count` processes) ->
 seq_len+1 tokens by concat-then-split packing (or one padded/truncated row per document)
 -> batches of the per-process batch size, in the format of `fmjax.data.batches`.
 Workers only tokenize; packing and batching run in the calling process in document order,
-so the batches are identical for any worker_count. Iterator state (get_state/set_state)
+so the batches are identical for any worker_count, and so is the iterator state: a checkpoint
+saved with one worker_count resumes with another. Iterator state (get_state/set_state)
 restores the exact batch sequence; `checkpoint_save_arg`/`checkpoint_restore_arg` give the
 Orbax args for a Composite checkpoint item.
 """
@@ -22,6 +23,7 @@ from fmjax.data import batches as batches_lib
 from fmjax.data.builders import open_split
 from fmjax.data.errors import DataError
 from fmjax.data.packing import PackIterDataset
+from fmjax.data.streams import CountedStream
 
 # Documents are read from local ArrayRecord files: a few threads are enough and avoid GIL churn.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
@@ -101,7 +103,7 @@ def _rows(tokens: grain.IterDataset, *, seq_len: int, packing: bool, pad_id: int
   return tokens.map(PadRow(seq_len + 1, pad_id))
 
 
-def _start_workers_ok() -> None:
+def _mark_absl_flags_parsed() -> None:
   """Grain worker processes read absl flags: mark them parsed when no absl app did."""
   from absl import flags  # pylint: disable=import-outside-toplevel
   if not flags.FLAGS.is_parsed():
@@ -110,16 +112,21 @@ def _start_workers_ok() -> None:
 
 def make_train_iterator(data_cfg, tokenizer, *, seq_len: int, batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
-  """An endless iterator of this process's train batches [batch_size, seq_len] (see batches.py)."""
+  """An endless iterator of this process's train batches [batch_size, seq_len] (see batches.py).
+
+  With data_cfg.worker_count > 0 the calling script needs an `if __name__ == '__main__':` guard
+  (workers are started processes); close the iterator (`it.close()`) to stop them early.
+  """
   if batch_size <= 0:
     raise DataError(f'batch_size={batch_size} must be positive')
   docs = _shard_documents(data_cfg, data_cfg.train_split, process_index, process_count)
   ds = docs.shuffle(seed % 2**32).repeat(None).map(Tokenize(tokenizer, data_cfg.add_bos, data_cfg.add_eos))
   tokens = ds.to_iter_dataset(_READ_OPTIONS)
   if data_cfg.worker_count > 0:
-    _start_workers_ok()
+    _mark_absl_flags_parsed()
     tokens = tokens.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=data_cfg.worker_count, per_worker_buffer_size=16))
+  tokens = CountedStream(tokens, data_cfg.worker_count)  # state independent of worker_count
   tokens = tokens.filter(NonEmpty(len(docs), f'split {data_cfg.train_split!r}'))
   rows = _rows(tokens, seq_len=seq_len, packing=data_cfg.packing, pad_id=tokenizer.pad_id)
   return iter(rows.batch(batch_size, drop_remainder=True).map(batches_lib.model_batch))
