@@ -82,8 +82,8 @@ def run_loop(*, train_step: Callable, state, batches: Iterator[dict], batch_shar
 
   def report(step_done: int, device_metrics) -> None:
     nonlocal mark_time, mark_step
-    now = time.perf_counter()
     host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    now = time.perf_counter()
     steps = step_done - mark_step
     if steps > 0:
       host.update(metrics_lib.throughput(model_cfg, seq_len, steps * tokens_per_step, now - mark_time,
@@ -98,8 +98,10 @@ def run_loop(*, train_step: Callable, state, batches: Iterator[dict], batch_shar
       batch = to_global(next(batches), batch_sharding)
       state, device_metrics = train_step(state, batch)
       step += 1
-      if pending is not None and (pending[0] % log_every == 0):
-        report(*pending)
+      if pending is not None:  # step n-1 is done when step n is queued: at most two in flight
+        jax.block_until_ready(pending[1])
+        if pending[0] % log_every == 0:
+          report(*pending)
       pending = (step, device_metrics)
       writer.advance(step)
       last = step == total_steps

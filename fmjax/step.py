@@ -91,7 +91,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
     metrics = {
         'loss': ce,
         'objective': objective,
-        'grad_norm': optax.global_norm(grads),
+        'grad_norm': optax.tree.norm(grads),
         'learning_rate': schedule(state.step),
         'tokens': weight,
     }
