@@ -3,6 +3,11 @@
 Shapes: q (B, T, H, D); k, v (B, S, K, D) with H a multiple of K (MHA, GQA, MQA).
 Every implementation masks the future (by index in the row) and never attends across
 documents packed into one row (segment ids must match; 0 marks padding).
+
+Decoding (`Attention(decode=True)`) keeps keys, values and their segment ids in the 'cache'
+collection: each call writes its T new tokens at the cache index and attends over the whole
+cache, masked by slot (causal) and segment (left padding has segment 0). When 'intermediates'
+is mutable the attention probabilities are sown (for `fmjax.inspect`); training never is.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ def _mask(q_index, kv_index, q_seg, kv_seg):
   return causal & same
 
 
-def xla_attention(q, k, v, q_seg, kv_seg, q_index=None, kv_index=None):
-  """Reference attention: full score matrix, fp32 softmax."""
+def attention_probs(q, k, q_seg, kv_seg, q_index=None, kv_index=None):
+  """Softmax attention weights (B, K, G, T, S) in fp32, heads grouped by KV head."""
   b, t, h, d = q.shape
   s, kh = k.shape[1], k.shape[2]
   q_index = jnp.arange(t) if q_index is None else q_index
@@ -34,8 +39,13 @@ def xla_attention(q, k, v, q_seg, kv_seg, q_index=None, kv_index=None):
   qg = q.reshape(b, t, kh, h // kh, d)
   scores = jnp.einsum('btkgd,bskd->bkgts', qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
   mask = _mask(q_index, kv_index, q_seg, kv_seg)[:, None, None]
-  scores = jnp.where(mask, scores, _NEG)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jax.nn.softmax(jnp.where(mask, scores, _NEG), axis=-1)
+
+
+def xla_attention(q, k, v, q_seg, kv_seg, q_index=None, kv_index=None):
+  """Reference attention: full score matrix, fp32 softmax."""
+  b, t, h, d = q.shape
+  probs = attention_probs(q, k, q_seg, kv_seg, q_index, kv_index).astype(v.dtype)
   out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
   return out.reshape(b, t, h, d)
 
@@ -120,8 +130,9 @@ def attend(impl: str, q, k, v, q_seg, kv_seg, chunk: int = 128):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with grouped KV heads and optional RoPE."""
+  """Multi-head self-attention with grouped KV heads and optional RoPE (and a KV cache to decode)."""
   cfg: Any
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x, positions, segment_ids):
@@ -137,8 +148,33 @@ class Attention(nn.Module):
       q = apply_rope(q, positions, cfg.rope_theta)
       k = apply_rope(k, positions, cfg.rope_theta)
     q = nn.with_logical_constraint(q, ('batch', 'activation_length', 'activation_heads', 'activation_kv'))
-    out = attend(cfg.attention, q, k, v, segment_ids, segment_ids, cfg.attention_chunk)
+    if self.decode and self.has_variable('cache', 'index'):
+      k, v, kv_seg, q_index = self._update_cache(k, v, segment_ids)
+      out = xla_attention(q, k, v, segment_ids, kv_seg, q_index)
+    else:
+      if self.decode:  # first call creates the cache, sized by this input (see transformer.init_cache)
+        self._update_cache(k, v, segment_ids)
+      q_index = kv_seg = None
+      out = attend(cfg.attention, q, k, v, segment_ids, segment_ids, cfg.attention_chunk)
+    if self.is_mutable_collection('intermediates'):
+      probs = attention_probs(q, k, segment_ids, segment_ids if kv_seg is None else kv_seg, q_index)
+      self.sow('intermediates', 'attention', probs.reshape(probs.shape[0], h, *probs.shape[3:]))  # (B, H, T, S)
     out = nn.with_logical_constraint(out, ('batch', 'activation_length', 'activation_heads', 'activation_kv'))
     out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
     return Projection((h, d), (cfg.d_model,), ('heads', 'kv'), ('embed',), name='o',
                       **{**kw, 'init_std': out_std})(out)
+
+  def _update_cache(self, k, v, segment_ids):
+    """Write k, v (B, T, K, D) at the cache index; return the full cache and the query slots."""
+    b, t, kh, d = k.shape
+    axes = ('batch', 'activation_length', 'activation_heads', 'activation_kv')
+    ck = self.variable('cache', 'key', jnp.zeros, k.shape, k.dtype)
+    cv = self.variable('cache', 'value', jnp.zeros, v.shape, v.dtype)
+    cs = self.variable('cache', 'segment_ids', jnp.zeros, segment_ids.shape, jnp.int32)
+    index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
+    i = index.value
+    ck.value = nn.with_logical_constraint(jax.lax.dynamic_update_slice(ck.value, k, (0, i, 0, 0)), axes)
+    cv.value = nn.with_logical_constraint(jax.lax.dynamic_update_slice(cv.value, v, (0, i, 0, 0)), axes)
+    cs.value = jax.lax.dynamic_update_slice(cs.value, segment_ids.astype(jnp.int32), (0, i))
+    index.value = i + t
+    return ck.value, cv.value, cs.value, i + jnp.arange(t)

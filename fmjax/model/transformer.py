@@ -6,6 +6,11 @@
 With `scan_layers` the N blocks are one `nn.scan` over stacked parameters (leading axis
 'layers'), so compile time does not grow with depth; `remat` wraps each block in
 `jax.checkpoint` with the configured policy.
+
+Decoding: `apply(..., decode=True, mutable=['cache'])` runs the blocks unrematerialised with a
+KV cache per attention layer (stacked on the layer axis when scanned); `init_cache` makes an
+empty one. With 'intermediates' mutable, each block sows its output (the residual stream) and
+each attention layer its probabilities; the training path never makes it mutable.
 """
 
 from __future__ import annotations
@@ -31,20 +36,23 @@ class Block(nn.Module):
   """One pre-norm Transformer block. Returns (x, None) so it can be scanned."""
   cfg: Any
   deterministic: bool = True
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x, positions, segment_ids):
     cfg = self.cfg
     x = nn.with_logical_constraint(x, _RESIDUAL_AXES)
     drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
-    h = x + drop(Attention(cfg, name='attn')(make_norm(cfg, 'attn_norm')(x), positions, segment_ids))
+    attn = Attention(cfg, self.decode, name='attn')
+    h = x + drop(attn(make_norm(cfg, 'attn_norm')(x), positions, segment_ids))
     h = h + drop(MLP(cfg, name='mlp')(make_norm(cfg, 'mlp_norm')(h)))
+    self.sow('intermediates', 'residual', h)
     return nn.with_logical_constraint(h, _RESIDUAL_AXES), None
 
 
-def block_class(cfg):
-  """Block, wrapped in remat when configured."""
-  if cfg.remat == 'none':
+def block_class(cfg, decode: bool = False):
+  """Block, wrapped in remat when configured (never when decoding)."""
+  if cfg.remat == 'none' or decode:
     return Block
   return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
@@ -55,7 +63,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True,
-               return_hidden: bool = False):
+               return_hidden: bool = False, decode: bool = False):
     cfg = self.cfg
     dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     b, t = tokens.shape
@@ -76,15 +84,16 @@ class Transformer(nn.Module):
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, _RESIDUAL_AXES)
 
-    block = block_class(cfg)
+    block = block_class(cfg, decode)
     if cfg.scan_layers:
-      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+      stack = nn.scan(block, variable_axes={'params': 0, 'cache': 0, 'intermediates': 0},
+                      split_rngs={'params': True, 'dropout': True},
                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = stack(cfg, deterministic, name='layers')(x, positions, segment_ids)
+      x, _ = stack(cfg, deterministic, decode, name='layers')(x, positions, segment_ids)
     else:
       for i in range(cfg.num_layers):
-        x, _ = block(cfg, deterministic, name=f'layers_{i}')(x, positions, segment_ids)
+        x, _ = block(cfg, deterministic, decode, name=f'layers_{i}')(x, positions, segment_ids)
 
     hidden = make_norm(cfg, 'final_norm')(x)
     if cfg.tie_embeddings:
@@ -96,3 +105,10 @@ class Transformer(nn.Module):
     if return_hidden:
       return logits, hidden
     return logits
+
+
+def init_cache(model: Transformer, batch: int, length: int):
+  """An empty KV cache (zeros, index 0) for `batch` rows of at most `length` tokens."""
+  tokens = jnp.zeros((batch, length), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, decode=True))['cache']
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

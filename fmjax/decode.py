@@ -1,0 +1,183 @@
+"""Autoregressive decoding with a KV cache: padding, sampling, a jitted prefill and decode loop.
+
+Prompts of different lengths are left-padded into one (B, P) batch: padding has segment id 0
+and real tokens segment 1, and positions count real tokens only, so each row sees exactly
+what a lone forward pass would. Prefill writes the P prompt slots of the cache; the decode
+loop (`lax.while_loop`) then samples one token per row and step, writing slot P + i, until
+`max_new_tokens` or every row has produced EOS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+from jax.sharding import NamedSharding, PartitionSpec
+
+from fmjax.model.transformer import init_cache
+
+
+class DecodeError(ValueError):
+  """A decoding request that cannot be served (shown to the user as one line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How the next token is chosen: greedy (temperature 0) or sampled with top-k / top-p."""
+  temperature: float = 1.0
+  top_k: int = 0        # 0 = off
+  top_p: float = 1.0    # 1 = off
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0.0
+
+
+def sampling_options(**options) -> Sampling:
+  """Validated `Sampling` from keyword options; unknown names and bad values are DecodeErrors."""
+  known = [f.name for f in dataclasses.fields(Sampling)]
+  for name in options:
+    if name not in known:
+      raise DecodeError(f'unknown sampling option {name!r}; known options: {", ".join(known)}')
+  s = Sampling(**options)
+  if not s.temperature >= 0.0:
+    raise DecodeError(f'temperature={s.temperature} must be >= 0 (0 = greedy)')
+  if int(s.top_k) != s.top_k or s.top_k < 0:
+    raise DecodeError(f'top_k={s.top_k} must be a non-negative integer (0 = off)')
+  if not 0.0 < s.top_p <= 1.0:
+    raise DecodeError(f'top_p={s.top_p} must be in (0, 1] (1 = off)')
+  return s
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
+  """Next tokens (B,) from logits (B, V)."""
+  logits = logits.astype(jnp.float32)
+  if sampling.greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / sampling.temperature
+  if sampling.top_k:
+    kth = jax.lax.top_k(logits, min(int(sampling.top_k), logits.shape[-1]))[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if sampling.top_p < 1.0:
+    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    keep = jnp.cumsum(probs, axis=-1) - probs < sampling.top_p   # the smallest set reaching top_p
+    threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, rows: int | None = None) -> dict[str, np.ndarray]:
+  """Left-padded {'tokens', 'positions', 'segment_ids'} (rows, P); extra rows are all padding."""
+  rows = rows or len(prompts)
+  width = max(len(p) for p in prompts)
+  tokens = np.full((rows, width), pad_id, np.int32)
+  segs = np.zeros((rows, width), np.int32)
+  for i, p in enumerate(prompts):
+    if len(p):
+      tokens[i, width - len(p):] = p
+      segs[i, width - len(p):] = 1
+  positions = np.maximum(np.cumsum(segs, axis=1) - 1, 0).astype(np.int32)
+  return {'tokens': tokens, 'positions': positions, 'segment_ids': segs}
+
+
+def cache_shardings(cache, mesh, rules):
+  """Shardings of a KV cache: batch like the data, KV heads like the attention activations."""
+  def spec(path, leaf):
+    name = jax.tree_util.keystr(path[-1:])
+    if 'index' in name:
+      logical = ()
+    elif 'segment_ids' in name:
+      logical = ('batch', None)
+    else:
+      logical = ('batch', 'activation_length', 'activation_heads', 'activation_kv')
+    logical = (None,) * (leaf.ndim - len(logical)) + logical   # the scanned layer axis
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(logical, rules))
+  return jax.tree_util.tree_map_with_path(spec, cache)
+
+
+@dataclasses.dataclass
+class Decoder:
+  """Jitted prefill + decode loop for one model, batch size, prompt width and sampling."""
+  model: nn.Module
+  max_new_tokens: int
+  sampling: Sampling
+  eos_id: int
+  pad_id: int = 0
+
+  def prefill(self, params, cache, tokens, positions, segment_ids):
+    """Run the prompts through the model, filling the cache. Returns (last logits (B, V), cache)."""
+    logits, mutated = self.model.apply({'params': params, 'cache': cache}, tokens, positions, segment_ids,
+                                       decode=True, mutable=['cache'])
+    return logits[:, -1].astype(jnp.float32), mutated['cache']
+
+  def step(self, params, cache, token, position):
+    """One token per row (B,) at `position` (B,) -> (logits (B, V), cache)."""
+    ones = jnp.ones_like(token)[:, None]
+    logits, mutated = self.model.apply({'params': params, 'cache': cache}, token[:, None], position[:, None],
+                                       ones, decode=True, mutable=['cache'])
+    return logits[:, 0].astype(jnp.float32), mutated['cache']
+
+  def loop(self, params, cache, logits, positions, rng):
+    """Sample up to max_new_tokens per row. Returns (tokens (B, N), lengths (B,), steps)."""
+    b, n = logits.shape[0], self.max_new_tokens
+    out = jnp.full((b, n), self.pad_id, jnp.int32)
+    done = jnp.zeros((b,), bool)
+    lengths = jnp.zeros((b,), jnp.int32)
+
+    def cond(carry):
+      i, _, _, _, done, _, _ = carry
+      return (i < n) & ~jnp.all(done)
+
+    def body(carry):
+      i, cache, logits, out, done, lengths, pos = carry
+      token = sample_logits(logits, jax.random.fold_in(rng, i), self.sampling)
+      token = jnp.where(done, self.pad_id, token)
+      out = out.at[:, i].set(token)
+      lengths = lengths + (~done).astype(jnp.int32)
+      done = done | (token == self.eos_id)
+      logits, cache = self.step(params, cache, token, pos)
+      return i + 1, cache, logits, out, done, lengths, pos + 1
+
+    steps, _, _, out, _, lengths, _ = jax.lax.while_loop(
+        cond, body, (jnp.zeros((), jnp.int32), cache, logits, out, done, lengths, positions))
+    return out, lengths, steps
+
+
+def compile_decoder(decoder: Decoder, params, mesh, rules, batch: int, width: int) -> tuple[Callable, Callable]:
+  """AOT-compiled (prefill, loop) for (batch, width) prompts, sharded on `mesh` like training.
+
+  Returns `prefill(params, tokens, positions, segment_ids) -> (logits, cache)` and
+  `loop(params, cache, logits, next_positions, rng) -> (tokens, lengths, steps)`.
+  """
+  from fmjax import sharding as shd  # pylint: disable=import-outside-toplevel
+  length = width + decoder.max_new_tokens
+  with shd.activate(mesh, rules):
+    abstract_cache = jax.eval_shape(lambda: init_cache(decoder.model, batch, length))
+  cache_sh = cache_shardings(abstract_cache, mesh, rules)
+  row = shd.batch_sharding(mesh, rules, ndim=2)
+  vec = shd.batch_sharding(mesh, rules, ndim=1)
+  param_sh = jax.tree.map(lambda x: x.sharding, params)
+  rep = shd.replicated(mesh)
+
+  def prefill(params, tokens, positions, segment_ids):
+    cache = init_cache(decoder.model, batch, length)
+    cache = jax.lax.with_sharding_constraint(cache, cache_sh)
+    return decoder.prefill(params, cache, tokens, positions, segment_ids)
+
+  tok = jax.ShapeDtypeStruct((batch, width), jnp.int32, sharding=row)
+  with shd.activate(mesh, rules):
+    pre = jax.jit(prefill, in_shardings=(param_sh, row, row, row), out_shardings=(vec, cache_sh))
+    pre = pre.lower(params, tok, tok, tok).compile()
+    lp = jax.jit(decoder.loop, in_shardings=(param_sh, cache_sh, vec, vec, rep), out_shardings=(row, vec, rep),
+                 donate_argnums=(1,))
+    abstract_logits = jax.ShapeDtypeStruct((batch, decoder.model.cfg.vocab_size), jnp.float32, sharding=vec)
+    lp = lp.lower(params, jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                       abstract_cache, cache_sh),
+                  abstract_logits, jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=vec),
+                  jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)).compile()
+  return pre, lp
