@@ -34,3 +34,40 @@ def synthetic_batch(batch: int, seq_len: int, vocab: int, seed: int = 0, packed:
     weights[:, cut - 1] = 0.0
   return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'segment_ids': seg, 'positions': pos,
           'weights': weights}
+
+
+def write_corpus(directory, n_files: int = 12, seed: int = 0) -> str:
+  """Small text files of varied length in `directory`; returns their glob."""
+  import os
+  rng = np.random.default_rng(seed)
+  words = 'the quick brown fox jumps over a lazy dog while seven wizards quietly hum jazz'.split()
+  os.makedirs(directory, exist_ok=True)
+  for i in range(n_files):
+    text = ' '.join(rng.choice(words, size=int(rng.integers(40, 200))))
+    with open(os.path.join(directory, f'doc{i:03d}.txt'), 'w') as f:
+      f.write(text + '\n')
+  return os.path.join(str(directory), '*.txt')
+
+
+def text_run_config(tmp_path, **top):
+  """A tiny run config training on a generated text corpus in tmp_path."""
+  cfg = tiny_config()
+  cfg.model.vocab_size = 264  # byte tokenizer (259) padded to a multiple of 8 for tensor sharding
+  cfg.data.source = 'text'
+  cfg.data.files = write_corpus(tmp_path / 'corpus')
+  cfg.data.cache_dir = str(tmp_path / 'cache')
+  cfg.data.validation_fraction = 0.2
+  cfg.workdir = str(tmp_path / 'workdir')
+  cfg.log_every = 1
+  cfg.async_checkpoints = False
+  for k, v in top.items():
+    if isinstance(v, dict):
+      cfg[k].update(v)
+    else:
+      cfg[k] = v
+  return cfg
+
+
+def losses_of(result) -> dict:
+  """{step: loss} from a loop result's logged history."""
+  return {s: m['loss'] for s, m in result.history}
