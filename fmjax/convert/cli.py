@@ -1,0 +1,102 @@
+"""`fmjax-convert` / `python tools/convert_checkpoint.py`: to-hf, from-hf, params-only."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+DESCRIPTION = """Convert fmjax checkpoints. Model config, layer layout and tokenizer come from the
+checkpoint's metadata; flags may fill in what it lacks, and a flag that contradicts it is an error.
+Only safetensors are read or written (no pickles)."""
+
+
+def _bool(text: str) -> bool:
+  low = text.lower()
+  if low in ('true', '1', 'yes', 'scanned'):
+    return True
+  if low in ('false', '0', 'no', 'unrolled'):
+    return False
+  raise argparse.ArgumentTypeError(f'expected scanned/unrolled (true/false), got {text!r}')
+
+
+def _source_flags(p: argparse.ArgumentParser) -> None:
+  p.add_argument('checkpoint', help='fmjax workdir, its checkpoints/ dir, or one checkpoints/<step> dir')
+  p.add_argument('--step', type=int, default=None, help='checkpoint step (default: the latest)')
+  p.add_argument('--model-config', default=None, help="JSON model config (or a run's config.json) when the "
+                 'metadata lacks one')
+  p.add_argument('--source-layout', type=_bool, default=None, help='scanned|unrolled, when the metadata lacks it')
+  p.add_argument('--tokenizer', default=None, help="'byte' or a SentencePiece .model, when the metadata lacks it")
+
+
+def _verify_flags(p: argparse.ArgumentParser) -> None:
+  p.add_argument('--verify', action='store_true', help='compare logits with transformers (needs torch)')
+  p.add_argument('--max-diff', type=float, default=1e-2, help='--verify fails above this max abs logits diff')
+  p.add_argument('--max-kl', type=float, default=1e-4, help='--verify fails above this mean KL divergence')
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog='fmjax-convert', description=DESCRIPTION)
+  sub = parser.add_subparsers(dest='command', required=True)
+
+  p = sub.add_parser('to-hf', help='fmjax checkpoint -> Hugging Face directory (Llama or GPT-2)')
+  _source_flags(p)
+  p.add_argument('--out', required=True, help='output directory (config.json, safetensors, tokenizer)')
+  p.add_argument('--family', choices=('llama', 'gpt2'), default=None, help='default: from the model config')
+  p.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None, help='default: the params dtype')
+  p.add_argument('--max-shard-size', default='5GB', help='split safetensors above this size (e.g. 2GB, 500MB)')
+  _verify_flags(p)
+
+  p = sub.add_parser('from-hf', help='Hugging Face directory (Llama, Mistral, GPT-2) -> params-only checkpoint')
+  p.add_argument('hf_dir', help='local directory with config.json and *.safetensors')
+  p.add_argument('--out', required=True, help='output fmjax workdir (checkpoints/<step>/{state,meta})')
+  p.add_argument('--layout', type=_bool, default=True, help='scanned (default) or unrolled layers')
+  p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='param dtype to store')
+  p.add_argument('--mesh', default=None, help='data,fsdp,tensor to shard onto (default: one device)')
+  p.add_argument('--step', type=int, default=0, help='step number of the written checkpoint')
+  _verify_flags(p)
+
+  p = sub.add_parser('params-only', help='training checkpoint -> params-only (cast, relayout, reshard)')
+  _source_flags(p)
+  p.add_argument('--out', required=True, help='output fmjax workdir')
+  p.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None, help='default: keep')
+  p.add_argument('--layout', type=_bool, default=None, help='scanned|unrolled (default: keep)')
+  p.add_argument('--mesh', default=None, help='data,fsdp,tensor to restore onto and save from (default: 1,1,1)')
+  return parser
+
+
+def run(args) -> None:
+  from fmjax.convert import driver, source, hf_io, verify
+
+  if args.command == 'from-hf':
+    out = driver.from_hf(args.hf_dir, args.out, scan_layers=args.layout, dtype=args.dtype, mesh_spec=args.mesh,
+                         step=args.step)
+    if args.verify:
+      verify.verify(out['params'], out['model'], args.hf_dir, args.max_diff, args.max_kl)
+    return
+  src = source.open_source(args.checkpoint, step=args.step, model_json=args.model_config,
+                           scanned=args.source_layout, tokenizer=args.tokenizer)
+  if args.command == 'to-hf':
+    out = driver.to_hf(src, args.out, family=args.family, dtype=args.dtype,
+                       max_shard_bytes=hf_io.parse_size(args.max_shard_size))
+    if args.verify:
+      verify.verify(out['params'], src.model, args.out, args.max_diff, args.max_kl)
+  else:
+    driver.params_only(src, args.out, dtype=args.dtype, scan_layers=args.layout, mesh_spec=args.mesh)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+  from fmjax.checkpoint import CheckpointError
+  from fmjax.convert.mapping import ConversionError
+  from fmjax.sharding import MeshError
+  try:
+    run(args)
+  except (ConversionError, CheckpointError, MeshError) as e:
+    print(f'fmjax-convert: error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
