@@ -66,6 +66,8 @@ def data_defaults() -> ml_collections.ConfigDict:
       add_bos=True,
       add_eos=True,
       worker_count=0,          # Grain worker processes for tokenization
+      num_streams=0,           # independent document streams (0 = one per process); fix it to make
+                               # the batch order independent of the process count
       cache_dir='',            # where built TFDS datasets live ('' = ~/.cache/fmjax/tfds)
   ))
 
@@ -111,6 +113,39 @@ def optim_defaults() -> ml_collections.ConfigDict:
   ))
 
 
+def finetune_defaults() -> ml_collections.ConfigDict:
+  """Fine-tuning options (`python -m fmjax.finetune`); pretraining ignores them."""
+  return ml_collections.ConfigDict(dict(
+      task='classify',         # classify | lm (continued pretraining on cfg.data) | prompt (loss on responses)
+      init_from='',            # pretrained workdir or checkpoint dir ('' = random initialisation)
+      source='csv',            # classify/prompt data: csv | jsonl | tfds | stdlib_packages (embedded demo)
+      train_files='',          # csv/jsonl: glob of the train files
+      eval_files='',           # csv/jsonl: glob of the eval files
+      tfds_name='',            # tfds: dataset name
+      tfds_data_dir='',        # tfds: data_dir ('' = TFDS default)
+      train_split='train',     # tfds: split names
+      eval_split='test',
+      text_feature='text',     # column/feature holding the text
+      label_feature='label',   # classify: column/feature holding the label
+      prompt_feature='prompt',   # prompt task: the prompt column
+      response_feature='response',  # prompt task: the response column (the only tokens with loss)
+      labels=(),               # classify: label names in class order; () = sorted labels of the train set
+      max_train_examples=0,    # 0 = all
+      max_eval_examples=0,     # 0 = all
+      pooling='last',          # classify: last (last real token) | mean (over real tokens)
+      head_learning_rate=0.0,  # classify: peak learning rate of the head; 0 = optim.learning_rate
+      freeze_embeddings=False,  # freeze the token (and position) embeddings
+      freeze_layers=0,         # freeze the first N blocks
+      lora_rank=0,             # > 0: train LoRA adapters only (plus the head)
+      lora_alpha=16.0,         # LoRA scale is alpha / rank
+      lora_targets=('q', 'k', 'v', 'o', 'wi_0', 'wi_1', 'wi', 'wo'),  # projections that get adapters
+      best_metric='macro_f1',  # metric that picks the best checkpoint (classify: accuracy, macro_f1, ...; lm: loss)
+      best_mode='max',         # max | min
+      demo_packages=('asyncio', 'email', 'tkinter', 'multiprocessing'),  # stdlib_packages: the classes
+      demo_per_class=300,      # stdlib_packages: train snippets per class (eval: a quarter of it)
+  ))
+
+
 def base_config() -> ml_collections.ConfigDict:
   """The full schema with defaults. Config files start here."""
   c = ml_collections.ConfigDict()
@@ -134,6 +169,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.progress_bar = True
   c.cpu_peak_flops = 0.0       # 0 = measure with a matmul micro-benchmark
   c.workdir = ''
+  c.finetune = finetune_defaults()
   return c
 
 

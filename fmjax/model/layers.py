@@ -68,7 +68,9 @@ class Projection(nn.Module):
   """A linear map contracting the last `len(in_shape)` axes into `out_shape`, with logical axes.
 
   `kernel` has shape in_shape + out_shape and axes in_axes + out_axes; the optional bias has
-  shape out_shape.
+  shape out_shape. LoRA hook: when the parent module's `cfg` has a `lora` section (see
+  fmjax/model/lora.py) naming this projection, low-rank adapters `lora_a`, `lora_b` are added;
+  without it the parameters and numerics are exactly the plain projection's.
   """
   in_shape: tuple
   out_shape: tuple
@@ -90,6 +92,10 @@ class Projection(nn.Module):
       bias = param_with_axes(self, 'bias', nn.initializers.zeros, self.out_shape,
                              tuple('norm' if a == 'embed' else a for a in self.out_axes), self.param_dtype)
       y = y + bias.astype(self.dtype)
+    lora = getattr(getattr(self.parent, 'cfg', None), 'lora', None)
+    if lora is not None and lora.rank > 0 and self.name in lora.targets:
+      from fmjax.model.lora import adapter  # pylint: disable=import-outside-toplevel
+      y = y + adapter(self, x, lora).astype(y.dtype)
     return y
 
 
