@@ -173,8 +173,7 @@ def compile_decoder(decoder: Decoder, params, mesh, rules, batch: int, width: in
   with shd.activate(mesh, rules):
     pre = jax.jit(prefill, in_shardings=(param_sh, row, row, row), out_shardings=(vec, cache_sh))
     pre = pre.lower(params, tok, tok, tok).compile()
-    lp = jax.jit(decoder.loop, in_shardings=(param_sh, cache_sh, vec, vec, rep), out_shardings=(row, vec, rep),
-                 donate_argnums=(1,))
+    lp = jax.jit(decoder.loop, in_shardings=(param_sh, cache_sh, vec, vec, rep), out_shardings=(row, vec, rep))
     abstract_logits = jax.ShapeDtypeStruct((batch, decoder.model.cfg.vocab_size), jnp.float32, sharding=vec)
     lp = lp.lower(params, jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                        abstract_cache, cache_sh),

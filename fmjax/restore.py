@@ -1,0 +1,138 @@
+"""Load a trained workdir: its config, checkpoint metadata, tokenizer and parameters onto a mesh.
+
+    WORKDIR/config.json                       the resolved run config (fmjax.train writes it)
+    WORKDIR/checkpoints/<step>/{state,meta}   Orbax checkpoints; meta records the model config
+    WORKDIR/tokenizer.model                   copy of a SentencePiece tokenizer (meta names it)
+
+The model section comes from the checkpoint metadata (what the parameters were made with);
+`--config.*` overrides (e.g. the mesh or data) apply on top, and only the parameters are read,
+straight into the shardings the mesh and logical-axis rules give them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+
+from fmjax import config as config_lib
+from fmjax.checkpoint import CheckpointError
+
+
+@dataclass
+class Restored:
+  """A trained model ready to run: config, tokenizer, model, sharded params, the Run they fit."""
+  cfg: Any
+  meta: dict
+  step: int
+  tokenizer: Any
+  run: Any                 # fmjax.build.Run (uncompiled): mesh, rules, model, shardings
+  params: Any
+
+  @property
+  def model(self):
+    return self.run.model
+
+  @property
+  def mesh(self):
+    return self.run.mesh
+
+  @property
+  def context_length(self) -> int:
+    """The longest sequence the model was made for: max_seq_len (learned positions) or seq_len."""
+    m = self.cfg.model
+    return int(m.max_seq_len) if m.positions == 'learned' else int(self.meta.get('seq_len', self.cfg.seq_len))
+
+
+def mesh_overrides(spec: str | None) -> list[str]:
+  """`--mesh data,fsdp,tensor` (e.g. '1,-1,1') as config overrides."""
+  if not spec:
+    return []
+  parts = spec.split(',')
+  try:
+    dims = [int(p) for p in parts]
+  except ValueError:
+    dims = []
+  if len(dims) != 3:
+    raise config_lib.ConfigError(f'--mesh {spec!r} must be three integers data,fsdp,tensor (e.g. 1,-1,1)')
+  return [f'mesh.{a}={d}' for a, d in zip(('data', 'fsdp', 'tensor'), dims)]
+
+
+def load_config(workdir: str, meta: dict | None = None, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """The run config of `workdir` (config.json), with the model from `meta` and overrides applied."""
+  path = os.path.join(workdir, 'config.json')
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except OSError:
+    raise CheckpointError(f'no config.json in {workdir}: is it a workdir made by fmjax.train?') from None
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f'{path} is not valid JSON ({e.msg}, line {e.lineno})') from None
+  saved['logical_axis_rules'] = config_lib._to_tuples(saved.get('logical_axis_rules',  # pylint: disable=protected-access
+                                                                  config_lib.logical_axis_rules_default()))
+  cfg = config_lib.base_config()
+  config_lib.check_schema(ml_collections.ConfigDict(saved), cfg)
+  cfg.update(saved)
+  if meta and 'model' in meta:
+    cfg.model.update(meta['model'])
+  cfg = config_lib.apply_overrides(cfg, list(overrides))
+  return config_lib.validate(cfg)
+
+
+def latest_checkpoint(workdir: str, step: int | None = None):
+  """(Checkpointer, step) of the newest (or the given) finalised checkpoint; one-line errors."""
+  from fmjax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  if not os.path.isdir(workdir):
+    raise CheckpointError(f'workdir {workdir} does not exist')
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    raise CheckpointError(f'no checkpoint in {workdir} (no checkpoints/ directory): train first with fmjax.train')
+  ckpt = Checkpointer(directory, async_save=False)
+  steps = ckpt.manager.all_steps()
+  if not steps:
+    ckpt.close()
+    raise CheckpointError(f'no complete checkpoint in {directory}: train first with fmjax.train')
+  if step is None:
+    step = max(steps)
+  elif step not in steps:
+    ckpt.close()
+    raise CheckpointError(f'no checkpoint for step {step} in {directory}; available: {sorted(steps)}')
+  return ckpt, step
+
+
+def load_tokenizer(workdir: str, spec: str):
+  """'byte' or a tokenizer file named relative to the workdir (absolute paths work too)."""
+  from fmjax.data import tokenizers  # pylint: disable=import-outside-toplevel
+  if spec == 'byte':
+    return tokenizers.ByteTokenizer()
+  return tokenizers.load_tokenizer(os.path.join(workdir, os.path.expanduser(spec)))
+
+
+def restore(workdir: str, overrides: Sequence[str] = (), step: int | None = None) -> Restored:
+  """Load the newest (or given) checkpoint's parameters of `workdir` onto the configured mesh."""
+  from fmjax import build  # pylint: disable=import-outside-toplevel
+  from fmjax import sharding as shd  # pylint: disable=import-outside-toplevel
+  from fmjax.data import tokenizers  # pylint: disable=import-outside-toplevel
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  ckpt, step = latest_checkpoint(workdir, step)
+  try:
+    meta = ckpt.read_metadata(step)
+    cfg = load_config(workdir, meta, overrides)
+    if 'scan_layers' in meta:
+      cfg.model.scan_layers = bool(meta['scan_layers'])
+    tokenizer = load_tokenizer(workdir, meta.get('tokenizer', cfg.data.tokenizer))
+    tokenizers.check_vocab(tokenizer, cfg.model.vocab_size)
+    run = build.build_lm_run(cfg, shd.make_mesh(cfg.mesh), compile_step=False)
+    params = ckpt.restore(step, run.state.abstract.params, params_only=True)
+  finally:
+    ckpt.close()
+  return Restored(cfg=cfg, meta=meta, step=step, tokenizer=tokenizer, run=run, params=params)
+
+
+def random_params(restored: Restored, seed: int = 0):
+  """Freshly initialised parameters of the same model and shardings (a baseline to compare with)."""
+  return restored.run.init(jax.random.PRNGKey(seed)).params
