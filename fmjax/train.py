@@ -68,7 +68,7 @@ def train(cfg) -> 'loop.LoopResult':
   import jax
   from fmjax import build, checkpoint, loop, metric_writers
   from fmjax import sharding as shd
-  from fmjax.data import pipeline, tokenizers
+  from fmjax.data import pipeline, stream_set, tokenizers
 
   workdir = cfg.workdir
   os.makedirs(workdir, exist_ok=True)
@@ -78,6 +78,10 @@ def train(cfg) -> 'loop.LoopResult':
   tokenizers.check_vocab(tokenizer, cfg.model.vocab_size)
   mesh = shd.make_mesh(cfg.mesh)
   distributed.check_devices()
+  local_batch = cfg.global_batch_size // jax.process_count()
+  batches = pipeline.make_train_iterator(cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=local_batch,
+                                         seed=cfg.seed, process_index=jax.process_index(),
+                                         process_count=jax.process_count())
   writer = metric_writers.MetricWriter(workdir, cfg.steps, progress_bar=cfg.progress_bar)
   writer.log(f'fmjax: {distributed.describe()}; mesh {shd.describe(mesh)}')
 
@@ -96,14 +100,11 @@ def train(cfg) -> 'loop.LoopResult':
     writer.log(f'per-device memory: arguments {memory.argument_size_in_bytes / 2**20:.1f} MiB, '
                f'temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB')
 
-  local_batch = cfg.global_batch_size // jax.process_count()
-  batches = pipeline.make_train_iterator(cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=local_batch,
-                                         seed=cfg.seed, process_index=jax.process_index(),
-                                         process_count=jax.process_count())
   meta = checkpoint.make_metadata(cfg, place_tokenizer(tokenizer, workdir))
 
   if latest is not None:
-    state = ckpt.restore(latest, run.state.abstract, data_arg=pipeline.checkpoint_restore_arg(batches))
+    state = ckpt.restore(latest, run.state.abstract)
+    batches.set_state(stream_set.read_saved_state(os.path.join(ckpt.directory, str(latest), 'data')))
     writer.log(f'resumed from {ckpt.directory}/{latest}')
     start = latest
   else:

@@ -115,7 +115,7 @@ def test_resume_from_state(corpus, packing):
   it = _train(cfg)
   for k in (0, 1, 4):
     _take(it, k)
-    state = json.loads(json.dumps(it.get_state()))
+    state = json.loads(it.get_state())
     expected = _take(it, 3)
     fresh = _train(cfg)
     fresh.set_state(state)
@@ -193,3 +193,23 @@ def test_empty_and_bad_streams(corpus, monkeypatch, tmp_path):
     next(it)
   with pytest.raises(DataError, match='no text'):
     pipeline.make_eval_batches(cfg, TOK, seq_len=SEQ, batch_size=BATCH, num_batches=1)
+
+
+def test_global_batches_do_not_depend_on_the_process_count(corpus):
+  """With a fixed num_streams, 2 processes' local batches, stacked, equal the 1-process batch."""
+  cfg = _cfg(corpus)
+  cfg.num_streams = 2
+  tok = load_tokenizer('byte')
+  make = lambda p, n, b: pipeline.make_train_iterator(cfg, tok, seq_len=16, batch_size=b, seed=3,
+                                                     process_index=p, process_count=n)
+  single, first, second = make(0, 1, 4), make(0, 2, 2), make(1, 2, 2)
+  for _ in range(5):
+    whole, a, b = next(single), next(first), next(second)
+    for k in whole:
+      np.testing.assert_array_equal(whole[k], np.concatenate([a[k], b[k]]))
+  # the state saved by two processes restores a one-process iterator exactly
+  merged = {'num_streams': 2, 'streams': {**json.loads(first.get_state())['streams'],
+                                          **json.loads(second.get_state())['streams']}}
+  resumed = make(0, 1, 4)
+  resumed.set_state(merged)
+  np.testing.assert_array_equal(next(resumed)['inputs'], next(single)['inputs'])

@@ -23,7 +23,7 @@ def test_two_workers_match_in_process(tmp_path):
     if state is not None:
       it.set_state(state)
     out = [next(it) for _ in range(n)]
-    state = json.loads(json.dumps(it.get_state()))
+    state = json.loads(it.get_state())
     if hasattr(it, 'close'):
       it.close()
     return out, state

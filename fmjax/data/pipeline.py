@@ -23,6 +23,7 @@ from fmjax.data import batches as batches_lib
 from fmjax.data.builders import open_split
 from fmjax.data.errors import DataError
 from fmjax.data.packing import PackIterDataset
+from fmjax.data.stream_set import StreamSetIterator, owned_streams
 from fmjax.data.streams import CountedStream
 
 # Documents are read from local ArrayRecord files: a few threads are enough and avoid GIL churn.
@@ -111,15 +112,28 @@ def _mark_absl_flags_parsed() -> None:
 
 
 def make_train_iterator(data_cfg, tokenizer, *, seq_len: int, batch_size: int, seed: int,
-                        process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
+                        process_index: int = 0, process_count: int = 1) -> StreamSetIterator:
   """An endless iterator of this process's train batches [batch_size, seq_len] (see batches.py).
 
-  With data_cfg.worker_count > 0 the calling script needs an `if __name__ == '__main__':` guard
+  The split is read as `data_cfg.num_streams` document streams (0 = one per process), each
+  filling a fixed block of rows of the global batch (see stream_set.py). With
+  data_cfg.worker_count > 0 the calling script needs an `if __name__ == '__main__':` guard
   (workers are started processes); close the iterator (`it.close()`) to stop them early.
   """
   if batch_size <= 0:
     raise DataError(f'batch_size={batch_size} must be positive')
-  docs = _shard_documents(data_cfg, data_cfg.train_split, process_index, process_count)
+  num_streams = data_cfg.get('num_streams', 0) or process_count
+  streams = owned_streams(num_streams, process_index, process_count)
+  source = _open(data_cfg, data_cfg.train_split)
+  make = lambda s, rows: _stream_iterator(data_cfg, tokenizer, source, s, num_streams, seq_len=seq_len,
+                                          batch_size=rows, seed=seed)
+  return StreamSetIterator(make, streams, num_streams, batch_size)
+
+
+def _stream_iterator(data_cfg, tokenizer, source, stream: int, num_streams: int, *, seq_len: int,
+                     batch_size: int, seed: int) -> grain.DatasetIterator:
+  """Batches of one document stream (documents stream, stream + num_streams, ...)."""
+  docs = _shard(source, data_cfg.train_split, stream, num_streams)
   ds = docs.shuffle(seed % 2**32).repeat(None).map(Tokenize(tokenizer, data_cfg.add_bos, data_cfg.add_eos))
   tokens = ds.to_iter_dataset(_READ_OPTIONS)
   if data_cfg.worker_count > 0:
