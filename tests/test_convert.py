@@ -1,0 +1,150 @@
+"""Checkpoint conversion: HF <-> fmjax logits agree, exact round trips, params-only, clear errors."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+import pytest
+
+pytest.importorskip('safetensors')
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from fmjax import checkpoint  # noqa: E402
+from fmjax.convert import ConversionError, driver, source, verify  # noqa: E402
+from fmjax.convert.cli import main as cli_main  # noqa: E402
+from fmjax.model import Transformer  # noqa: E402
+from helpers import tiny_config  # noqa: E402
+
+LLAMA = dict(vocab_size=96, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64, max_seq_len=32,
+             rope_theta=500.0, norm_eps=1e-6)
+GPT2 = dict(vocab_size=96, d_model=32, num_layers=2, num_heads=4, num_kv_heads=0, mlp_dim=64, max_seq_len=32,
+            activation='gelu', norm='layernorm', positions='learned', use_bias=True, tie_embeddings=True)
+
+
+def _hf_model(kind, path):
+  """A seeded tiny transformers model with every weight perturbed (norms and biases too), saved as safetensors."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  torch.manual_seed(0)
+  if kind == 'llama':
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, rope_theta=500.0,
+                                   max_position_embeddings=32, tie_word_embeddings=False, rms_norm_eps=1e-6)
+    model = transformers.LlamaForCausalLM(cfg)
+  else:
+    cfg = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=1,
+                                  eos_token_id=2)
+    model = transformers.GPT2LMHeadModel(cfg)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  model.eval()
+  model.save_pretrained(path, safe_serialization=True)
+  return model
+
+
+def _hf_logits(model, tokens):
+  import torch
+  with torch.no_grad():
+    return model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
+
+
+def _fmjax_workdir(tmp_path, overrides, scan_layers=True, seed=1):
+  """A params-only fmjax checkpoint of a random model (norms and biases perturbed), as a workdir."""
+  cfg = tiny_config(**overrides, scan_layers=scan_layers)
+  params = nn.unbox(Transformer(cfg.model).init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))['params'])
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+  params = treedef.unflatten([x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  workdir = str(tmp_path / f'fm_{seed}_{int(scan_layers)}')
+  driver.save_params(workdir, 3, params, checkpoint.make_metadata(cfg))
+  return workdir, params, cfg.model
+
+
+def _assert_same_tree(a, b):
+  fa, fb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+  assert [p for p, _ in fa] == [p for p, _ in fb]
+  for (path, x), (_, y) in zip(fa, fb):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape, path
+    assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize('kind,scan', [('llama', True), ('gpt2', False)])
+def test_import_from_hf_matches_logits(tmp_path, kind, scan):
+  model = _hf_model(kind, tmp_path / 'hf')
+  out = driver.from_hf(str(tmp_path / 'hf'), str(tmp_path / 'fm'), scan_layers=scan)
+  tokens = verify.sample_tokens(96, 32)
+  diff = np.abs(verify.fmjax_logits(out['params'], out['model'], tokens) - _hf_logits(model, tokens)).max()
+  print(f'{kind} HF -> fmjax: max abs logits diff {diff:.3g}, {out["seconds"]:.2f}s')
+  assert diff < 1e-4
+  # The written checkpoint restores through fmjax's Checkpointer and metadata alone.
+  src = source.open_source(str(tmp_path / 'fm'))
+  assert src.step == 0 and src.model.scan_layers == scan and src.meta['params_only']
+  _assert_same_tree(source.restore_params(src), out['params'])
+
+
+@pytest.mark.parametrize('overrides,scan', [(LLAMA, True), (LLAMA, False), (GPT2, True)])
+def test_export_to_hf_and_back(tmp_path, overrides, scan):
+  transformers = pytest.importorskip('transformers')
+  workdir, params, model_cfg = _fmjax_workdir(tmp_path, overrides, scan)
+  src = source.open_source(workdir)
+  out = driver.to_hf(src, str(tmp_path / 'hf'), max_shard_bytes=20_000)
+  assert os.path.isfile(tmp_path / 'hf' / 'model.safetensors.index.json')  # split into shards
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'hf'), use_safetensors=True)
+  hf.eval()
+  assert type(hf).__name__ == out['family'].ARCHITECTURE
+  tokens = verify.sample_tokens(96, 32)
+  diff = np.abs(verify.fmjax_logits(params, model_cfg, tokens) - _hf_logits(hf, tokens)).max()
+  print(f'{out["family"].NAME} fmjax -> HF: max abs logits diff {diff:.3g}, {out["seconds"]:.2f}s')
+  assert diff < 1e-4
+  back = driver.from_hf(str(tmp_path / 'hf'), str(tmp_path / 'back'), scan_layers=scan)
+  _assert_same_tree(back['params'], params)
+
+
+def test_export_bf16_verifies_through_cli(tmp_path, capsys):
+  pytest.importorskip('transformers')
+  workdir, _, _ = _fmjax_workdir(tmp_path, LLAMA)
+  assert cli_main(['to-hf', workdir, '--out', str(tmp_path / 'hf'), '--dtype', 'bfloat16', '--verify']) == 0
+  assert 'verify: max abs logits diff' in capsys.readouterr().out
+  assert load_file(str(tmp_path / 'hf' / 'model.safetensors'))['lm_head.weight'].dtype.name == 'bfloat16'
+
+
+def _rewrite(path, edit):
+  tensors = load_file(path)
+  edit(tensors)
+  save_file(tensors, path, metadata={'format': 'pt'})
+
+
+def test_missing_or_misshapen_tensor_is_named(tmp_path):
+  workdir, _, _ = _fmjax_workdir(tmp_path, LLAMA)
+  hf_dir = str(tmp_path / 'hf')
+  driver.to_hf(source.open_source(workdir), hf_dir)
+  weights = os.path.join(hf_dir, 'model.safetensors')
+  _rewrite(weights, lambda t: t.__setitem__('model.layers.1.self_attn.k_proj.weight', np.zeros((8, 32), np.float32)))
+  with pytest.raises(ConversionError, match=r'model\.layers\.1\.self_attn\.k_proj\.weight has shape \[8, 32\]'):
+    driver.from_hf(hf_dir, str(tmp_path / 'a'))
+  _rewrite(weights, lambda t: t.pop('model.layers.1.self_attn.k_proj.weight'))
+  with pytest.raises(ConversionError, match=r'tensor model\.layers\.1\.self_attn\.k_proj\.weight is missing'):
+    driver.from_hf(hf_dir, str(tmp_path / 'b'))
+  _rewrite(weights, lambda t: t.__setitem__('model.layers.0.self_attn.q_proj.bias', np.zeros(32, np.float32)))
+  with pytest.raises(ConversionError, match='k_proj.weight is missing'):  # missing is reported first
+    driver.from_hf(hf_dir, str(tmp_path / 'c'))
+  os.remove(weights)
+  open(os.path.join(hf_dir, 'pytorch_model.bin'), 'wb').close()
+  with pytest.raises(ConversionError, match='pytorch_model.bin are pickles and are never read'):
+    driver.from_hf(hf_dir, str(tmp_path / 'd'))
+
+
+def test_flags_contradicting_metadata_are_errors(tmp_path, capsys):
+  workdir, _, _ = _fmjax_workdir(tmp_path, LLAMA, scan_layers=True)
+  with pytest.raises(ConversionError, match='--source-layout=False contradicts'):
+    source.open_source(workdir, scanned=False)
+  with pytest.raises(ConversionError, match="--tokenizer=.*contradicts"):
+    source.open_source(workdir, tokenizer=str(tmp_path / 'other.model'))
+  with pytest.raises(ConversionError, match='--family gpt2 contradicts .*model.norm'):
+    driver.pick_family(source.open_source(workdir).model, 'gpt2')
+  assert cli_main(['to-hf', workdir, '--step', '7', '--out', str(tmp_path / 'x')]) == 2
+  assert 'has no step 7' in capsys.readouterr().err
