@@ -20,7 +20,8 @@ def fmjax_logits(params, model_cfg, tokens) -> np.ndarray:
   cfg = model_cfg.copy_and_resolve_references()
   cfg.dtype, cfg.param_dtype, cfg.attention, cfg.remat = 'float32', 'float32', 'xla', 'none'
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-  return np.asarray(Transformer(cfg).apply({'params': params}, jnp.asarray(tokens)), np.float32)
+  apply = jax.jit(lambda p, t: Transformer(cfg).apply({'params': p}, t))
+  return np.asarray(apply(params, jnp.asarray(tokens)), np.float32)
 
 
 def hf_logits(hf_dir: str, tokens) -> np.ndarray:
