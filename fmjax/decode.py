@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
+from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fmjax.model.transformer import init_cache
@@ -25,16 +26,19 @@ class DecodeError(ValueError):
   """A decoding request that cannot be served (shown to the user as one line)."""
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class Sampling:
-  """How the next token is chosen: greedy (temperature 0) or sampled with top-k / top-p."""
-  temperature: float = 1.0
-  top_k: int = 0        # 0 = off
-  top_p: float = 1.0    # 1 = off
+  """How the next token is chosen: greedy (temperature 0) or sampled with top-k / top-p.
 
-  @property
-  def greedy(self) -> bool:
-    return self.temperature == 0.0
+  The fields may be traced arrays: one compiled decoder serves every setting.
+  """
+  temperature: Any = 1.0   # 0 = greedy
+  top_k: Any = 0           # 0 = off
+  top_p: Any = 1.0         # 1 = off
+
+  def as_arrays(self) -> 'Sampling':
+    return Sampling(jnp.asarray(self.temperature, jnp.float32), jnp.asarray(self.top_k, jnp.int32),
+                    jnp.asarray(self.top_p, jnp.float32))
 
 
 def sampling_options(**options) -> Sampling:
@@ -54,21 +58,20 @@ def sampling_options(**options) -> Sampling:
 
 
 def sample_logits(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
-  """Next tokens (B,) from logits (B, V)."""
+  """Next tokens (B,) from logits (B, V): argmax at temperature 0, else top-k, then top-p, then sample."""
   logits = logits.astype(jnp.float32)
-  if sampling.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / sampling.temperature
-  if sampling.top_k:
-    kth = jax.lax.top_k(logits, min(int(sampling.top_k), logits.shape[-1]))[0][:, -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if sampling.top_p < 1.0:
-    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(ordered, axis=-1)
-    keep = jnp.cumsum(probs, axis=-1) - probs < sampling.top_p   # the smallest set reaching top_p
-    threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < threshold, -jnp.inf, logits)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  s = sampling.as_arrays()
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  scaled = logits / jnp.where(s.temperature > 0, s.temperature, 1.0)
+  ordered = jnp.sort(scaled, axis=-1)[:, ::-1]                                  # descending
+  kth = jnp.where(s.top_k > 0, ordered[:, jnp.clip(s.top_k - 1, 0, logits.shape[-1] - 1)], -jnp.inf)
+  ordered = jnp.where(ordered < kth[:, None], -jnp.inf, ordered)
+  probs = jax.nn.softmax(ordered, axis=-1)
+  keep = (jnp.cumsum(probs, axis=-1) - probs < s.top_p) | (s.top_p >= 1.0)      # smallest set reaching top_p
+  threshold = jnp.maximum(kth, jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1))
+  scaled = jnp.where(scaled < threshold[:, None], -jnp.inf, scaled)
+  sampled = jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+  return jnp.where(s.temperature > 0, sampled, greedy)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, rows: int | None = None) -> dict[str, np.ndarray]:
@@ -102,10 +105,9 @@ def cache_shardings(cache, mesh, rules):
 
 @dataclasses.dataclass
 class Decoder:
-  """Jitted prefill + decode loop for one model, batch size, prompt width and sampling."""
+  """Prefill + decode loop for one model and number of new tokens."""
   model: nn.Module
   max_new_tokens: int
-  sampling: Sampling
   eos_id: int
   pad_id: int = 0
 
@@ -122,7 +124,7 @@ class Decoder:
                                        ones, decode=True, mutable=['cache'])
     return logits[:, 0].astype(jnp.float32), mutated['cache']
 
-  def loop(self, params, cache, logits, positions, rng):
+  def loop(self, params, cache, logits, positions, rng, sampling: Sampling):
     """Sample up to max_new_tokens per row. Returns (tokens (B, N), lengths (B,), steps)."""
     b, n = logits.shape[0], self.max_new_tokens
     out = jnp.full((b, n), self.pad_id, jnp.int32)
@@ -135,7 +137,7 @@ class Decoder:
 
     def body(carry):
       i, cache, logits, out, done, lengths, pos = carry
-      token = sample_logits(logits, jax.random.fold_in(rng, i), self.sampling)
+      token = sample_logits(logits, jax.random.fold_in(rng, i), sampling)
       token = jnp.where(done, self.pad_id, token)
       out = out.at[:, i].set(token)
       lengths = lengths + (~done).astype(jnp.int32)
@@ -152,7 +154,7 @@ def compile_decoder(decoder: Decoder, params, mesh, rules, batch: int, width: in
   """AOT-compiled (prefill, loop) for (batch, width) prompts, sharded on `mesh` like training.
 
   Returns `prefill(params, tokens, positions, segment_ids) -> (logits, cache)` and
-  `loop(params, cache, logits, next_positions, rng) -> (tokens, lengths, steps)`.
+  `loop(params, cache, logits, next_positions, rng, sampling) -> (tokens, lengths, steps)`.
   """
   from fmjax import sharding as shd  # pylint: disable=import-outside-toplevel
   length = width + decoder.max_new_tokens
@@ -173,10 +175,12 @@ def compile_decoder(decoder: Decoder, params, mesh, rules, batch: int, width: in
   with shd.activate(mesh, rules):
     pre = jax.jit(prefill, in_shardings=(param_sh, row, row, row), out_shardings=(vec, cache_sh))
     pre = pre.lower(params, tok, tok, tok).compile()
-    lp = jax.jit(decoder.loop, in_shardings=(param_sh, cache_sh, vec, vec, rep), out_shardings=(row, vec, rep))
+    lp = jax.jit(decoder.loop, in_shardings=(param_sh, cache_sh, vec, vec, rep, rep), out_shardings=(row, vec, rep))
     abstract_logits = jax.ShapeDtypeStruct((batch, decoder.model.cfg.vocab_size), jnp.float32, sharding=vec)
     lp = lp.lower(params, jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                        abstract_cache, cache_sh),
                   abstract_logits, jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=vec),
-                  jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)).compile()
+                  jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
+                  jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                               Sampling().as_arrays())).compile()
   return pre, lp

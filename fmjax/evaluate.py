@@ -79,8 +79,9 @@ def token_losses(restored, token_rows: Sequence[Sequence[int]], params=None) -> 
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
+  fn = restored.compiled.setdefault('token_losses', jax.jit(losses))
   with shd.activate(restored.mesh, restored.run.rules):
-    out = np.asarray(jax.jit(losses)(params, tokens, positions, segs))
+    out = np.asarray(fn(params, tokens, positions, segs))
   return [out[i, :len(r) - 1] for i, r in enumerate(token_rows)]
 
 

@@ -124,9 +124,13 @@ def generate(restored, prompts: Sequence[str], max_new_tokens: int = 64, samplin
   new = min(max_new_tokens, restored.context_length - width)   # positions must stay in the context
   rows = batch_rows(restored, len(ids))
   batch = decode_lib.left_pad(ids, tok.pad_id, rows)
-  decoder = decode_lib.Decoder(restored.model, new, sampling, eos_id=tok.eos_id, pad_id=tok.pad_id)
   start = time.perf_counter()
-  prefill, loop = decode_lib.compile_decoder(decoder, params, restored.mesh, restored.run.rules, rows, width)
+  key = ('decoder', rows, width, new)
+  if key not in restored.compiled:  # one compiled decoder per shape serves every sampling setting
+    decoder = decode_lib.Decoder(restored.model, new, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    restored.compiled[key] = decode_lib.compile_decoder(decoder, params, restored.mesh, restored.run.rules, rows,
+                                                        width)
+  prefill, loop = restored.compiled[key]
   compiled = time.perf_counter() - start
 
   start = time.perf_counter()
@@ -134,7 +138,7 @@ def generate(restored, prompts: Sequence[str], max_new_tokens: int = 64, samplin
   jax.block_until_ready(logits)
   prefilled = time.perf_counter()
   next_pos = (batch['positions'][:, -1] + 1).astype(np.int32)
-  out, lengths, steps = loop(params, cache, logits, next_pos, jax.random.PRNGKey(seed))
+  out, lengths, steps = loop(params, cache, logits, next_pos, jax.random.PRNGKey(seed), sampling.as_arrays())
   out, lengths, steps = jax.device_get((out, lengths, steps))
   done = time.perf_counter()
 

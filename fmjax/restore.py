@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import jax
@@ -32,6 +32,7 @@ class Restored:
   tokenizer: Any
   run: Any                 # fmjax.build.Run (uncompiled): mesh, rules, model, shardings
   params: Any
+  compiled: dict = field(default_factory=dict)   # compiled functions by shape, reused across calls
 
   @property
   def model(self):
