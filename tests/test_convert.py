@@ -10,6 +10,7 @@ pytest.importorskip('safetensors')
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from fmjax import checkpoint  # noqa: E402
+from fmjax.model import layout  # noqa: E402
 from fmjax.convert import ConversionError, driver, source, verify  # noqa: E402
 from fmjax.convert.cli import main as cli_main  # noqa: E402
 from helpers import tiny_config  # noqa: E402
@@ -144,3 +145,48 @@ def test_flags_contradicting_metadata_are_errors(tmp_path, capsys):
     driver.pick_family(source.open_source(workdir).model, 'gpt2')
   assert cli_main(['to-hf', workdir, '--step', '7', '--out', str(tmp_path / 'x')]) == 2
   assert 'has no step 7' in capsys.readouterr().err
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A real training checkpoint (params + Adam moments + data state) made on a (2, 2, 2) mesh."""
+  from fmjax import train
+  root = tmp_path_factory.mktemp('train')
+  (root / 'corpus').mkdir()
+  for i in range(6):
+    (root / 'corpus' / f'{i}.txt').write_text(f'document {i}: ' + 'the quick brown fox jumps. ' * (20 + i))
+  cfg = tiny_config(vocab_size=260, d_model=64, mlp_dim=128)  # 260: the byte vocab, divisible by tensor=2
+  cfg.mesh.update(data=2, fsdp=2, tensor=2)
+  cfg.data.update(source='text', files=str(root / 'corpus' / '*.txt'), cache_dir=str(root / 'cache'),
+                  validation_fraction=0.0)
+  cfg.update(steps=1, checkpoint_every=0, async_checkpoints=False, log_every=1, cpu_peak_flops=1e9,
+             workdir=str(root / 'run'))
+  train.train(cfg)
+  return cfg
+
+
+def _disk_bytes(path):
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def test_training_checkpoint_to_params_only(trained, tmp_path):
+  src = source.open_source(trained.workdir)
+  assert src.step == 1 and src.model.scan_layers and src.tokenizer == 'byte'
+  reference = source.restore_params(src, source.mesh_of('2,2,2'))  # as trained, fp32, sharded
+
+  bf16 = driver.params_only(src, str(tmp_path / 'bf16'), dtype='bfloat16')
+  dst = source.open_source(str(tmp_path / 'bf16'))  # metadata alone describes it
+  assert dst.meta['params_only'] and dst.model.param_dtype == 'bfloat16' and dst.tokenizer == 'byte'
+  restored = source.restore_params(dst)
+  assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(restored))  # on one device
+  _assert_same_tree(restored, jax.tree.map(lambda x: np.asarray(x).astype(jax.numpy.bfloat16), reference))
+
+  fp32 = driver.params_only(src, str(tmp_path / 'fp32'), scan_layers=False, mesh_spec='1,2,1')
+  unrolled = source.restore_params(source.open_source(str(tmp_path / 'fp32')))
+  _assert_same_tree(unrolled, layout.scanned_to_unrolled(jax.device_get(reference), trained.model.num_layers))
+
+  train_size = _disk_bytes(os.path.join(trained.workdir, 'checkpoints', '1'))
+  ratios = {k: _disk_bytes(out['path']) / train_size for k, out in (('bf16', bf16), ('fp32', fp32))}
+  print(f'params-only / training checkpoint size: {ratios}; bf16 in {bf16["seconds"]:.2f}s')
+  assert 0.25 < ratios['fp32'] < 0.42    # params without the two Adam moments: about a third
+  assert 0.10 < ratios['bf16'] < 0.25    # and half of that again in bf16
