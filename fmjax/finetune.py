@@ -181,7 +181,7 @@ def trainable_summary(params, cfg) -> str:
 class Parts:
   """What `finetune` needs beyond the shared loop: the Run, data, loading, evaluation hooks."""
 
-  def __init__(self, cfg, mesh, tokenizer):
+  def __init__(self, cfg, mesh, tokenizer, compile_step: bool = True):
     self.cfg, self.tokenizer, ft = cfg, tokenizer, cfg.finetune
     self.class_names, self.classifier, self.eval_rows, self._grain = (), None, None, None
     self._load_data()
@@ -203,8 +203,9 @@ class Parts:
     sharded, init = state_lib.sharded_state(model, tx, mesh, rules, cfg.seq_len, init_fn=init_fn)
     self.run = build.Run(cfg=cfg, mesh=mesh, rules=rules, model=model, tx=tx, schedule=schedule, state=sharded,
                          init=init, batch_sharding=shd.batch_sharding(mesh, rules))
-    self.run.compile_train_step(step_lib.make_train_step(
-        loss, tx, schedule, microbatches=cfg.microbatches, dropout=cfg.model.dropout > 0, seed=cfg.seed))
+    if compile_step:
+      self.run.compile_train_step(step_lib.make_train_step(
+          loss, tx, schedule, microbatches=cfg.microbatches, dropout=cfg.model.dropout > 0, seed=cfg.seed))
     self.trainable_summary = trainable_summary(sharded.abstract.params, cfg)
 
   def _load_data(self):
@@ -272,8 +273,8 @@ def _overlay(full, part):
   return part
 
 
-def make_parts(cfg, mesh, tokenizer) -> Parts:
-  return Parts(cfg, mesh, tokenizer)
+def make_parts(cfg, mesh, tokenizer, compile_step: bool = True) -> Parts:
+  return Parts(cfg, mesh, tokenizer, compile_step)
 
 
 class BestTracker:

@@ -1,0 +1,182 @@
+"""Fine-tuning: exact loading, learning a separable task on a (2,2,2) mesh, freezing, bad inputs."""
+
+import csv
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmjax import finetune, train
+from fmjax import sharding as shd
+from fmjax.checkpoint import CheckpointError
+from fmjax.classify import HEAD
+from fmjax.data import labeled
+from fmjax.data.errors import DataError
+from fmjax.data.tokenizers import ByteTokenizer
+from fmjax.model import Transformer
+from helpers import tiny_config
+
+CLASSES = {'red': 'a', 'green': 'm', 'blue': 'x'}
+
+
+def _pretrain_cfg(tmp):
+  cfg = tiny_config(vocab_size=260)  # >= 259 byte tokens, even for tensor=2
+  cfg.data.source = 'text'
+  cfg.data.files = str(tmp / 'corpus' / '*.txt')
+  cfg.data.cache_dir = str(tmp)
+  cfg.workdir = str(tmp / 'pre')
+  cfg.steps = 4
+  cfg.checkpoint_every = 0
+  cfg.async_checkpoints = False
+  return cfg
+
+
+_PRETRAINED = {}
+
+
+@pytest.fixture(scope='session')
+def pretrained(tmp_path_factory):
+  """(config, final params) of a tiny model pretrained in-process for 4 steps (once per session,
+  also when test_lora imports this fixture)."""
+  if not _PRETRAINED:
+    _PRETRAINED['run'] = _pretrain(tmp_path_factory.mktemp('pretrain'))
+  return _PRETRAINED['run']
+
+
+def _pretrain(tmp):
+  os.makedirs(tmp / 'corpus')
+  for i in range(20):
+    (tmp / 'corpus' / f'{i}.txt').write_text(f'the quick brown fox {i} jumps over the lazy dog\n' * 8)
+  cfg = _pretrain_cfg(tmp)
+  result = train.train(cfg)
+  return cfg, result.state.params
+
+
+def _write_csv(path, rows, header=('text', 'label')):
+  with open(path, 'w', newline='') as f:
+    w = csv.writer(f)
+    w.writerow(header)
+    w.writerows(rows)
+  return str(path)
+
+
+def separable_rows(n, seed):
+  rng = np.random.default_rng(seed)
+  names = sorted(CLASSES)
+  rows = []
+  for i in range(n):
+    label = names[i % len(names)]
+    noise = ''.join(rng.choice(list('0123456789 '), size=6))
+    rows.append((CLASSES[label] * int(rng.integers(3, 8)) + noise, label))
+  return rows
+
+
+def ft_config(pretrained, tmp, **finetune_overrides):
+  pre_cfg, _ = pretrained
+  cfg = pre_cfg.copy_and_resolve_references()
+  cfg.workdir = str(tmp / 'ft')
+  cfg.finetune.init_from = pre_cfg.workdir
+  cfg.finetune.train_files = _write_csv(tmp / 'train.csv', separable_rows(48, 0))
+  cfg.finetune.eval_files = _write_csv(tmp / 'eval.csv', separable_rows(24, 1))
+  cfg.finetune.update(finetune_overrides)
+  cfg.steps = 30
+  cfg.eval_every = 15
+  cfg.log_every = 10
+  cfg.optim.learning_rate = 3e-3
+  cfg.optim.weight_decay = 0.0
+  return cfg
+
+
+def _parts(cfg):
+  mesh = shd.make_mesh(cfg.mesh)
+  tokenizer = finetune.load_tokenizer(cfg, {'tokenizer': 'byte'}, None)
+  parts = finetune.make_parts(cfg, mesh, tokenizer, compile_step=False)
+  state = parts.run.init(jax.random.PRNGKey(cfg.seed))
+  src, step, _ = finetune.find_checkpoint(cfg.finetune.init_from)
+  return parts, state.replace(params=parts.load_pretrained(state.params, src, step))
+
+
+@pytest.mark.parametrize('lora_rank', [0, 4])
+def test_loaded_model_gives_the_pretrained_logits(pretrained, tmp_path, lora_rank):
+  pre_cfg, pre_params = pretrained
+  cfg = ft_config(pretrained, tmp_path, lora_rank=lora_rank)
+  parts, state = _parts(cfg)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(3, 259, size=(8, 16)), jnp.int32)
+  with shd.activate(parts.run.mesh, parts.run.rules):
+    want = Transformer(pre_cfg.model).apply({'params': pre_params}, tokens)
+    lm_params = {k: v for k, v in state.params.items() if k != HEAD}
+    got = parts.run.model.apply({'params': lm_params}, tokens)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert HEAD in state.params
+
+
+def test_learns_separable_task_on_a_2x2x2_mesh(pretrained, tmp_path):
+  cfg = ft_config(pretrained, tmp_path, head_learning_rate=1e-2)
+  cfg.mesh.update(dict(data=2, fsdp=2, tensor=2))
+  out = finetune.finetune(cfg)
+  assert out['report']['accuracy'] >= 0.95, out['report']
+  q = out['state'].params['layers']['attn']['q']['kernel']
+  assert q.addressable_shards[0].data.shape[1:3] == (16, 2)    # embed over fsdp, heads over tensor
+  work = tmp_path / 'ft'
+  for name in ('best.json', 'eval/step_30.json', 'config.json', 'checkpoints', 'best', 'tensorboard'):
+    assert (work / name).exists(), name
+  assert out['best']['macro_f1'] >= out['report']['macro_f1'] - 1e-9
+
+
+def test_freezing_keeps_embeddings_and_first_blocks(pretrained, tmp_path):
+  cfg = ft_config(pretrained, tmp_path, freeze_embeddings=True, freeze_layers=1, pooling='mean')
+  cfg.steps, cfg.eval_every = 3, 3
+  out = finetune.finetune(cfg)
+  _, before = pretrained
+  after = out['state'].params
+  np.testing.assert_array_equal(after['embedding'], before['embedding'])
+  for path, leaf in jax.tree_util.tree_flatten_with_path(after['layers'])[0]:
+    old = dict(jax.tree_util.tree_flatten_with_path(before['layers'])[0])[path]
+    np.testing.assert_array_equal(leaf[0], old[0])
+    assert not np.array_equal(leaf[1], old[1]) or 'scale' in jax.tree_util.keystr(path), path
+
+
+def test_mismatched_checkpoint_is_a_clear_error(pretrained, tmp_path, capsys):
+  cfg = ft_config(pretrained, tmp_path)
+  cfg.model.d_model = 64
+  with pytest.raises(CheckpointError, match='d_model=32'):
+    finetune.finetune(cfg)
+  code = finetune.main(['--config', os.path.join(os.path.dirname(__file__), '..', 'configs', 'finetune_stdlib.py'),
+                        f'--config.init_from={cfg.finetune.init_from}', '--workdir', str(tmp_path / 'x')])
+  assert code == 2
+  assert 'model.vocab_size=260' in capsys.readouterr().err
+
+
+def test_bad_labelled_data_errors(pretrained, tmp_path):
+  cfg = ft_config(pretrained, tmp_path)
+  ft = cfg.finetune
+  ft.eval_files = _write_csv(tmp_path / 'bad.csv', [('aaa', 'red'), ('zzz', 'purple')])
+  data = labeled.load_split(ft, 'eval', ('text', 'label'))
+  with pytest.raises(DataError, match="label 'purple'.*not in the label set"):
+    labeled.label_ids(data['label'], ('blue', 'green', 'red'), 'eval')
+  ft.train_files = _write_csv(tmp_path / 'empty.csv', [])
+  with pytest.raises(DataError, match='no examples'):
+    labeled.load_split(ft, 'train', ('text', 'label'))
+  with pytest.raises(DataError, match="no column 'body'"):
+    labeled.load_split(ft, 'eval', ('body', 'label'))
+  (tmp_path / 'x.jsonl').write_text('{"text": "a"}\n')
+  ft.source, ft.train_files = 'jsonl', str(tmp_path / 'x.jsonl')
+  with pytest.raises(DataError, match="no field 'label'"):
+    labeled.load_split(ft, 'train', ('text', 'label'))
+
+
+def test_encodings():
+  tok = ByteTokenizer()
+  b = labeled.encode_classification(['ab', 'abcdefghijklmnop'], np.array([1, 0]), tok, 8)
+  assert b['inputs'][0, :4].tolist() == [tok.bos_id, 3 + 97, 3 + 98, tok.eos_id]
+  assert b['weights'][0].tolist() == [0, 0, 0, 1, 0, 0, 0, 0]
+  assert b['weights'][1].tolist() == [0] * 7 + [1]
+  assert b['targets'][:, 0].tolist() == [1, 0]
+  p = labeled.encode_prompt_response(['ab'], ['cd'], tok, 8)
+  # row: bos a b c d eos; targets a b c d eos: weight only on c, d, eos
+  assert p['weights'][0].tolist() == [0, 0, 1, 1, 1, 0, 0, 0]
+  it = labeled.EpochBatches(b, 2, seed=0)
+  first = [next(it)['targets'][:, 0].tolist() for _ in range(3)]
+  assert [next(labeled.EpochBatches(b, 2, seed=0).start(2))['targets'][:, 0].tolist()] == first[2:]
