@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='param dtype to store')
   p.add_argument('--mesh', default=None, help='data,fsdp,tensor to shard onto (default: one device)')
   p.add_argument('--step', type=int, default=0, help='step number of the written checkpoint')
+  p.add_argument('--tokenizer', default=None, help="'byte' or a SentencePiece .model to record, when the HF "
+                 'directory has no tokenizer.model')
   _verify_flags(p)
 
   p = sub.add_parser('params-only', help='training checkpoint -> params-only (cast, relayout, reshard)')
@@ -70,7 +72,7 @@ def run(args) -> None:
 
   if args.command == 'from-hf':
     out = driver.from_hf(args.hf_dir, args.out, scan_layers=args.layout, dtype=args.dtype, mesh_spec=args.mesh,
-                         step=args.step)
+                         step=args.step, tokenizer=args.tokenizer)
     if args.verify:
       verify.verify(out['params'], out['model'], args.hf_dir, args.max_diff, args.max_kl)
     return

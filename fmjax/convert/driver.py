@@ -209,8 +209,22 @@ def run_config(model_cfg, seq_len: int | None = None, mesh=None):
     raise ConversionError(f'the converted model config is invalid: {e}') from None
 
 
+def _tokenizer_spec(found: str | None, flag: str | None, out_workdir: str, hf_dir: str) -> str | None:
+  """The HF dir's tokenizer.model, else --tokenizer ('byte' or a .model copied in); both: an error."""
+  if flag is None:
+    return found
+  if found is not None:
+    raise ConversionError(f'--tokenizer={flag!r} contradicts the tokenizer.model in {hf_dir}')
+  if flag == 'byte':
+    return flag
+  if not os.path.isfile(flag):
+    raise ConversionError(f"--tokenizer={flag!r}: not 'byte' or an existing SentencePiece .model file")
+  shutil.copyfile(flag, os.path.join(out_workdir, 'tokenizer.model'))
+  return 'tokenizer.model'
+
+
 def from_hf(hf_dir: str, out_workdir: str, scan_layers: bool = True, dtype: str = 'float32', mesh_spec=None,
-            step: int = 0, log=print) -> dict:
+            step: int = 0, tokenizer: str | None = None, log=print) -> dict:
   """Import a HF Llama/Mistral/GPT-2 directory as a params-only fmjax checkpoint."""
   start = time.perf_counter()
   hf_config = hf_io.read_config(hf_dir)
@@ -222,7 +236,10 @@ def from_hf(hf_dir: str, out_workdir: str, scan_layers: bool = True, dtype: str 
   abstract = source.abstract_params(m, mesh)
   params = to_device(_nest(read_hf_params(hf_dir, m, fam, abstract)), abstract)
   os.makedirs(out_workdir, exist_ok=True)
-  spec = hf_tokenizer.import_tokenizer(hf_dir, out_workdir)
+  spec = _tokenizer_spec(hf_tokenizer.import_tokenizer(hf_dir, out_workdir), tokenizer, out_workdir, hf_dir)
+  if spec is None:
+    log(f'note: {hf_dir} has no SentencePiece tokenizer.model; its tokenizer files are kept in '
+        f'{hf_tokenizer.KEPT_DIR}/ but fmjax cannot run them (pass --tokenizer to record one)')
   meta = make_metadata(cfg, spec, extra=dict(tokenizer=spec, params_only=True, converted_from=os.path.abspath(hf_dir),
                                              hf_architecture=fam.ARCHITECTURE))
   config_lib.save(cfg, os.path.join(out_workdir, 'config.json'))

@@ -6,10 +6,14 @@ import json
 import os
 
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from fmjax.convert.mapping import ConversionError
+
+try:
+  from safetensors import safe_open
+  from safetensors.numpy import save_file
+except ImportError:  # only the Hugging Face conversions need it
+  safe_open = save_file = None
 
 INDEX = 'model.safetensors.index.json'
 SINGLE = 'model.safetensors'
@@ -23,10 +27,16 @@ def read_config(hf_dir: str) -> dict:
     return json.load(f)
 
 
+def _need_safetensors() -> None:
+  if safe_open is None:
+    raise ConversionError('Hugging Face conversion needs safetensors: pip install "fmjax[hf]"')
+
+
 class SafetensorsReader:
   """Tensors of a HF model directory by name, read one at a time (memory-mapped) as NumPy arrays."""
 
   def __init__(self, hf_dir: str):
+    _need_safetensors()
     self.dir = hf_dir
     index = os.path.join(hf_dir, INDEX)
     if os.path.isfile(index):
@@ -82,6 +92,7 @@ def write_shards(out_dir: str, shards: list[list[str]], produce, metadata: dict 
 
   One shard -> model.safetensors; more -> model-0000k-of-0000n.safetensors plus the index.
   """
+  _need_safetensors()
   n = len(shards)
   files = [SINGLE] if n == 1 else [f'model-{k + 1:05d}-of-{n:05d}.safetensors' for k in range(n)]
   weight_map, total = {}, 0
