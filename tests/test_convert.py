@@ -1,6 +1,7 @@
 """Checkpoint conversion: HF <-> fmjax logits agree, exact round trips, params-only, clear errors."""
 
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -31,6 +32,11 @@ def _hf_model(kind, path):
                                    num_attention_heads=4, num_key_value_heads=2, rope_theta=500.0,
                                    max_position_embeddings=32, tie_word_embeddings=False, rms_norm_eps=1e-6)
     model = transformers.LlamaForCausalLM(cfg)
+  elif kind == 'mistral':  # same layout as Llama when there is no sliding window
+    cfg = transformers.MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=1, rope_theta=2000.0,
+                                     max_position_embeddings=32, sliding_window=None)
+    model = transformers.MistralForCausalLM(cfg)
   else:
     cfg = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=1,
                                   eos_token_id=2)
@@ -49,14 +55,17 @@ def _hf_logits(model, tokens):
     return model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
 
 
-def _fmjax_workdir(tmp_path, overrides, scan_layers=True, seed=1):
+def _fmjax_workdir(tmp_path, overrides, scan_layers=True, seed=1, tokenizer=None):
   """A params-only fmjax checkpoint of a random model (norms and biases perturbed), as a workdir."""
   cfg = tiny_config(**overrides, scan_layers=scan_layers)
   rng = np.random.default_rng(seed)  # NumPy values on the model's shapes: nothing to compile
   params = jax.tree.map(lambda a: (1.0 if a.ndim == 1 else 0.0) + 0.1 * rng.standard_normal(a.shape, np.float32),
                         source.abstract_params(cfg.model))
   workdir = str(tmp_path / f'fm_{seed}_{int(scan_layers)}')
-  driver.save_params(workdir, 3, params, checkpoint.make_metadata(cfg))
+  if tokenizer:  # as fmjax.train places it: copied into the workdir, recorded by name
+    os.makedirs(workdir, exist_ok=True)
+    shutil.copyfile(tokenizer, os.path.join(workdir, 'tokenizer.model'))
+  driver.save_params(workdir, 3, params, checkpoint.make_metadata(cfg, 'tokenizer.model' if tokenizer else 'byte'))
   return workdir, params, cfg.model
 
 
@@ -69,7 +78,7 @@ def _assert_same_tree(a, b):
     assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), jax.tree_util.keystr(path)
 
 
-@pytest.mark.parametrize('kind,scan', [('llama', True), ('gpt2', False)])
+@pytest.mark.parametrize('kind,scan', [('llama', True), ('gpt2', False), ('mistral', True)])
 def test_import_from_hf_matches_logits(tmp_path, kind, scan):
   model = _hf_model(kind, tmp_path / 'hf')
   out = driver.from_hf(str(tmp_path / 'hf'), str(tmp_path / 'fm'), scan_layers=scan)
@@ -109,6 +118,26 @@ def test_export_bf16_verifies_through_cli(tmp_path, capsys):
   assert load_file(str(tmp_path / 'hf' / 'model.safetensors'))['lm_head.weight'].dtype.name == 'bfloat16'
 
 
+def test_sentencepiece_tokenizer_exports_for_transformers(tmp_path):
+  transformers = pytest.importorskip('transformers')
+  from fmjax.data import tokenizers
+  texts = ['def foo(x):\n    return x + 1  # hi\n', 'The quick brown fox. ' * 3, 'naïve café 日本語 😀'] * 20
+  model_file = tokenizers.train_sentencepiece(iter(texts), 320, output=str(tmp_path / 'sp.model'))
+  workdir, _, _ = _fmjax_workdir(tmp_path, dict(LLAMA, vocab_size=320), tokenizer=model_file)
+  driver.to_hf(source.open_source(workdir), str(tmp_path / 'hf'))
+  hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'hf'))
+  fm_tok = tokenizers.load_tokenizer(model_file)
+  for text in ['  def foo(x):\n\treturn  x', 'Hello world  café 😀', ' leading space']:
+    ids = hf_tok(text)['input_ids']
+    assert ids == [fm_tok.bos_id] + fm_tok.encode(text).tolist()
+    assert hf_tok.decode(ids, skip_special_tokens=True) == text
+  # Imported back, the workdir's tokenizer is the same SentencePiece model.
+  driver.from_hf(str(tmp_path / 'hf'), str(tmp_path / 'back'))
+  assert source.open_source(str(tmp_path / 'back')).tokenizer == str(tmp_path / 'back' / 'tokenizer.model')
+  with open(tmp_path / 'back' / 'tokenizer.model', 'rb') as a, open(model_file, 'rb') as b:
+    assert a.read() == b.read()
+
+
 def _rewrite(path, edit):
   tensors = load_file(path)
   edit(tensors)
@@ -133,6 +162,21 @@ def test_missing_or_misshapen_tensor_is_named(tmp_path):
   open(os.path.join(hf_dir, 'pytorch_model.bin'), 'wb').close()
   with pytest.raises(ConversionError, match='pytorch_model.bin are pickles and are never read'):
     driver.from_hf(hf_dir, str(tmp_path / 'd'))
+
+
+def test_unsupported_hf_configs_are_named():
+  from fmjax.convert import gpt2, llama
+  base = dict(model_type='mistral', hidden_size=32, num_attention_heads=4, num_hidden_layers=2, vocab_size=96,
+              intermediate_size=64, hidden_act='silu', max_position_embeddings=4096)
+  with pytest.raises(ConversionError, match='sliding_window=1024'):
+    llama.from_hf_config(dict(base, sliding_window=1024))
+  with pytest.raises(ConversionError, match="rope scaling 'llama3'"):
+    llama.from_hf_config(dict(base, rope_parameters=dict(rope_type='llama3', rope_theta=5e5)))
+  with pytest.raises(ConversionError, match='activation_function=.relu.'):
+    gpt2.from_hf_config(dict(n_embd=32, n_head=4, n_layer=2, vocab_size=96, n_positions=32,
+                             activation_function='relu'))
+  with pytest.raises(ConversionError, match="model_type='bert'"):
+    driver.family_for({'model_type': 'bert'})
 
 
 def test_flags_contradicting_metadata_are_errors(tmp_path, capsys):
