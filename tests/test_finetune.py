@@ -180,3 +180,19 @@ def test_encodings():
   it = labeled.EpochBatches(b, 2, seed=0)
   first = [next(it)['targets'][:, 0].tolist() for _ in range(3)]
   assert [next(labeled.EpochBatches(b, 2, seed=0).start(2))['targets'][:, 0].tolist()] == first[2:]
+
+
+@pytest.mark.slow
+def test_demo_command_prints_both_tables(pretrained, tmp_path, capsys):
+  pre_cfg, _ = pretrained
+  model = [f'--config.model.{k}={v}' for k, v in pre_cfg.model.items() if k in ('vocab_size', 'd_model', 'num_layers',
+                                                                               'num_heads', 'num_kv_heads', 'mlp_dim',
+                                                                               'max_seq_len')]
+  code = finetune.main(['--demo', f'--config.init_from={pre_cfg.workdir}', '--workdir', str(tmp_path / 'demo'),
+                        '--config.steps=6', '--config.eval_every=6', '--config.seq_len=16',
+                        '--config.global_batch_size=8', '--config.finetune.demo_per_class=8',
+                        '--config.progress_bar=false', *model])
+  assert code == 0
+  out = capsys.readouterr().out
+  assert 'pretrained' in out and 'random init' in out and 'macro_f1' in out
+  assert (tmp_path / 'demo' / 'demo.json').exists()

@@ -134,12 +134,13 @@ def _snippets(text: str, size: int) -> list[str]:
 def _stdlib_packages(ft, split: str, size: int) -> dict[str, list[str]]:
   per_class = ft.demo_per_class if split == 'train' else max(ft.demo_per_class // 4, 1)
   texts, labels = [], []
+  from fmjax.data.corpora import stdlib_dir  # pylint: disable=import-outside-toplevel
   for package, files in stdlib_package_files(ft.demo_packages).items():
+    # A stable quarter of each package's files (at least one) is eval-only; the rest is train-only.
+    ranked = sorted(files, key=lambda p: zlib.crc32(os.path.relpath(p, stdlib_dir()).encode()))
+    n_eval = max(len(files) // 4, 1)
     pool = []
-    for path in files:
-      in_eval = zlib.crc32(os.path.relpath(path).encode()) % 4 == 0
-      if in_eval != (split != 'train'):
-        continue
+    for path in (ranked[n_eval:] if split == 'train' else ranked[:n_eval]):
       with open(path, encoding='utf-8', errors='replace') as f:
         pool.extend(_snippets(f.read(), size))
     rng = np.random.default_rng(zlib.crc32(f'{package}/{split}'.encode()))
