@@ -8,6 +8,8 @@ FMJAX_NUM_CPU_DEVICES sets the CPU device count per process (multi-process tests
 from __future__ import annotations
 
 import os
+import sys
+import threading
 
 import jax
 
@@ -24,6 +26,13 @@ def _env_int(name: str) -> int | None:
     return int(value)
   except ValueError:
     raise TopologyError(f'{name}={value!r} must be an integer') from None
+
+
+def _join_timeout(pid: int, num: int, coordinator: str, timeout: int) -> None:
+  print(f'fmjax: error: process {pid} of {num} could not form the run at {coordinator} within {timeout}s; '
+        f'check that all {num} processes were started with the same FMJAX_COORDINATOR and '
+        'FMJAX_NUM_PROCESSES', file=sys.stderr, flush=True)
+  os._exit(2)
 
 
 def initialize() -> None:
@@ -43,13 +52,18 @@ def initialize() -> None:
       raise TopologyError(f'FMJAX_PROCESS_ID={pid} must be in [0, FMJAX_NUM_PROCESSES={num})')
     if num == 1:
       return
+    print(f'fmjax: process {pid} of {num} joining the coordinator at {coordinator} (timeout {timeout}s)',
+          file=sys.stderr, flush=True)
+    # JAX aborts the process with a stack trace when the coordinator is not reached in time; a
+    # watchdog that fires first turns that into one line naming what to check.
+    watchdog = threading.Timer(timeout, _join_timeout, (pid, num, coordinator, timeout))
+    watchdog.daemon = True
+    watchdog.start()
     try:
       jax.distributed.initialize(coordinator, num_processes=num, process_id=pid,
-                                 initialization_timeout=timeout)
-    except Exception as e:  # noqa: BLE001 - one line naming what to check
-      raise TopologyError(f'process {pid} of {num} could not join the coordinator at {coordinator} within '
-                          f'{timeout}s ({type(e).__name__}); check that all {num} processes started with the same '
-                          'FMJAX_COORDINATOR and FMJAX_NUM_PROCESSES') from e
+                                 initialization_timeout=timeout + 30)
+    finally:
+      watchdog.cancel()
     return
   slurm_tasks = _env_int('SLURM_NTASKS')
   tpu_hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')

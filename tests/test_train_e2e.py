@@ -1,0 +1,179 @@
+"""End to end through `python -m fmjax.train`: kills, preemption, multi-process runs on CPU."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import write_corpus
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny.py')
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def base_env(devices: int, **extra) -> dict:
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS',)}
+  env.update(JAX_PLATFORMS='cpu', FMJAX_NUM_CPU_DEVICES=str(devices), PYTHONUNBUFFERED='1')
+  env.update({k: str(v) for k, v in extra.items()})
+  return env
+
+
+def command(workdir, data, *overrides):
+  return [sys.executable, '-m', 'fmjax.train', '--config', TINY, '--workdir', str(workdir),
+          f'--config.data.files={data["files"]}', f'--config.data.cache_dir={data["cache"]}', *overrides]
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+  root = tmp_path_factory.mktemp('e2e')
+  return {'files': write_corpus(root / 'corpus', n_files=24), 'cache': str(root / 'cache')}
+
+
+def train_cli(workdir, data, *overrides, processes=1, devices=8, timeout=240, env=None):
+  """Run the CLI in `processes` processes (localhost coordinator); return their exit codes."""
+  if processes == 1:
+    procs = [subprocess.Popen(command(workdir, data, *overrides), env=base_env(devices, **(env or {})),
+                              cwd=ROOT)]
+  else:
+    port = free_port()
+    procs = [subprocess.Popen(command(workdir, data, *overrides), cwd=ROOT, env=base_env(
+        devices, FMJAX_COORDINATOR=f'127.0.0.1:{port}', FMJAX_NUM_PROCESSES=processes, FMJAX_PROCESS_ID=i))
+        for i in range(processes)]
+  try:
+    return [p.wait(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+
+
+def logged_losses(workdir) -> dict:
+  """{step: loss} from metrics.jsonl; a step logged twice (after a resume) keeps the last value."""
+  out = {}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      rec = json.loads(line)
+      if rec['split'] == 'train':
+        out[rec['step']] = rec['loss']
+  return out
+
+
+def checkpoints(workdir) -> list:
+  d = os.path.join(workdir, 'checkpoints')
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def test_two_processes_match_one_and_checkpoints_cross_process_counts(tmp_path, data):
+  ref = tmp_path / 'ref'
+  assert train_cli(ref, data) == [0]
+  two = tmp_path / 'two'
+  assert train_cli(two, data, '--config.steps=4', processes=2, devices=4) == [0, 0]
+  assert train_cli(two, data) == [0]                       # 2-process checkpoint resumed by 1 process
+  one = tmp_path / 'one'
+  assert train_cli(one, data, '--config.steps=4') == [0]
+  assert train_cli(one, data, processes=2, devices=4) == [0, 0]  # and the reverse
+  want = logged_losses(ref)
+  assert sorted(want) == list(range(1, 9))
+  for run in (two, one):
+    got = logged_losses(run)
+    for step in range(1, 9):
+      assert got[step] == pytest.approx(want[step], rel=1e-5), (run.name, step)
+
+
+def _wait_for(predicate, timeout, proc):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if predicate():
+      return True
+    if proc.poll() is not None:
+      return False
+    time.sleep(0.02)
+  return False
+
+
+# XLA's multi-threaded CPU kernels may split reductions differently from run to run when the
+# machine is busy; one thread makes every run bit-reproducible, so equality tests resume exactly.
+SERIAL = {'XLA_FLAGS': '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'}
+
+
+def _slow_run(*extra):
+  # a model big enough that a step takes long enough to act between steps
+  return ('--config.model.d_model=128', '--config.model.mlp_dim=512', '--config.seq_len=32',
+          '--config.global_batch_size=32', '--config.steps=40', '--config.checkpoint_every=10',
+          '--config.async_checkpoints=false', '--config.optim.decay_steps=40', *extra)
+
+
+def test_sigkill_after_a_checkpoint_resumes_bit_identically(tmp_path, data):
+  ref = tmp_path / 'ref'
+  assert train_cli(ref, data, *_slow_run(), devices=1, env=SERIAL) == [0]
+  run = tmp_path / 'run'
+  proc = subprocess.Popen(command(run, data, *_slow_run()), env=base_env(1, **SERIAL), cwd=ROOT)
+  try:
+    assert _wait_for(lambda: 10 in checkpoints(run), 180, proc), 'no checkpoint at step 10'
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert checkpoints(run)[-1] < 40
+  killed_at = max(logged_losses(run))
+  assert train_cli(run, data, *_slow_run(), devices=1, env=SERIAL) == [0]
+  want, got = logged_losses(ref), logged_losses(run)
+  assert killed_at < 40 and set(range(11, 41)) <= set(got)
+  for step in range(11, 41):
+    assert got[step] == want[step], step                    # bit-identical (fp32, CPU)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, data):
+  ref = tmp_path / 'ref'
+  assert train_cli(ref, data, *_slow_run(), devices=1, env=SERIAL) == [0]
+  run = tmp_path / 'run'
+  proc = subprocess.Popen(command(run, data, *_slow_run('--config.checkpoint_every=0')), env=base_env(1, **SERIAL),
+                          cwd=ROOT)
+  try:
+    assert _wait_for(lambda: os.path.exists(run / 'metrics.jsonl') and len(logged_losses(run)) >= 3, 180, proc)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    took = time.time() - sent
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  saved = checkpoints(run)
+  assert len(saved) == 1 and 3 <= saved[0] < 40, saved
+  assert took < 20, took
+  assert train_cli(run, data, *_slow_run('--config.checkpoint_every=0'), devices=1, env=SERIAL) == [0]
+  want, got = logged_losses(ref), logged_losses(run)
+  for step in range(saved[0] + 1, 41):
+    assert got[step] == want[step], step
+
+
+def test_wrong_process_count_fails_fast_with_one_line(tmp_path, data):
+  port = free_port()
+  procs = [subprocess.Popen(command(tmp_path / 'w', data), cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            env=base_env(4, FMJAX_COORDINATOR=f'127.0.0.1:{port}', FMJAX_NUM_PROCESSES=3,
+                                         FMJAX_PROCESS_ID=i, FMJAX_INIT_TIMEOUT=5))
+           for i in range(2)]
+  start = time.time()
+  try:
+    for p in procs:
+      _, err = p.communicate(timeout=60)
+      assert p.returncode == 2
+      assert 'could not form the run' in err and 'FMJAX_NUM_PROCESSES' in err
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert time.time() - start < 30
