@@ -1,0 +1,24 @@
+"""LLaMA-7B shape (32 layers, width 4096, MHA) in bf16 at sequence 2048 with full remat.
+
+Needs a multi-GPU node or a TPU slice: FSDP over all devices by default; add tensor
+parallelism with --config.mesh.tensor=N. Set the data and tokenizer as in gpt2_124m.py.
+"""
+
+from fmjax.config import base_config
+
+
+def get_config():
+  cfg = base_config()
+  cfg.model.update(dict(
+      vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, mlp_dim=11008, max_seq_len=2048,
+      rope_theta=10000.0, dtype='bfloat16', remat='full', attention='cudnn'))
+  cfg.data.source = 'tfds'
+  cfg.data.tfds_name = 'c4/en:3.1.0'
+  cfg.seq_len = 2048
+  cfg.global_batch_size = 1024
+  cfg.steps = 250_000
+  cfg.optim.update(dict(learning_rate=3e-4, end_learning_rate=3e-5, warmup_steps=2000))
+  cfg.log_every = 10
+  cfg.eval_every = 1000
+  cfg.checkpoint_every = 500
+  return cfg
