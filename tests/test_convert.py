@@ -181,7 +181,7 @@ def test_unsupported_hf_configs_are_named():
 
 def test_flags_contradicting_metadata_are_errors(tmp_path, capsys):
   workdir, _, _ = _fmjax_workdir(tmp_path, LLAMA, scan_layers=True)
-  with pytest.raises(ConversionError, match='--source-layout=False contradicts'):
+  with pytest.raises(ConversionError, match=r"--source-layout='unrolled' contradicts .*\('scanned'\)"):
     source.open_source(workdir, scanned=False)
   with pytest.raises(ConversionError, match="--tokenizer=.*contradicts"):
     source.open_source(workdir, tokenizer=str(tmp_path / 'other.model'))

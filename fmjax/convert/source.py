@@ -96,8 +96,9 @@ def open_source(path: str, step: int | None = None, model_json: str | None = Non
   if not saved_model:
     raise ConversionError(f'{where} has no model config in its metadata; pass --model-config CONFIG.json')
   model = model_config(saved_model)
-  layout = _check_flag('--source-layout', scanned, meta.get('scan_layers'), where)
-  model.scan_layers = bool(saved_model.get('scan_layers', True) if layout is None else layout)
+  name = lambda flag: None if flag is None else ('scanned' if flag else 'unrolled')
+  layout = _check_flag('--source-layout', name(scanned), name(meta.get('scan_layers')), where)
+  model.scan_layers = bool(saved_model.get('scan_layers', True)) if layout is None else layout == 'scanned'
 
   saved_tok = meta.get('tokenizer')
   if saved_tok and saved_tok != 'byte' and not os.path.isabs(saved_tok):
