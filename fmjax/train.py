@@ -7,7 +7,6 @@ Rerunning with the same workdir resumes from its latest complete checkpoint.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import sys
@@ -67,6 +66,7 @@ def train(cfg) -> 'loop.LoopResult':
   """Pretrain per `cfg` (resolved); returns the loop result (final state, logged history)."""
   import jax
   from fmjax import build, checkpoint, loop, metric_writers
+  from fmjax import evaluate as evaluate_lib
   from fmjax import sharding as shd
   from fmjax.data import pipeline, stream_set, tokenizers
 
@@ -121,18 +121,10 @@ def train(cfg) -> 'loop.LoopResult':
     eval_batches = pipeline.make_eval_batches(cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=local_batch,
                                               num_batches=cfg.eval_batches, process_index=jax.process_index(),
                                               process_count=jax.process_count())
-    eval_step = run.jit_eval_step(jax.numpy.asarray(tokenizer.token_byte_lengths()))
+    evaluator = evaluate_lib.make_evaluator(run, tokenizer.token_byte_lengths())
 
     def evaluate(state, step):
-      totals = {}
-      for b in eval_batches:
-        out = jax.device_get(eval_step(state.params, loop.to_global(b, run.batch_sharding)))
-        for k, v in out.items():
-          totals[k] = totals.get(k, 0.0) + float(v)
-      result = {'loss': totals['loss_sum'] / max(totals['weight'], 1.0)}
-      if totals.get('bytes'):
-        result['bits_per_byte'] = totals['loss_sum'] / (math.log(2) * totals['bytes'])
-      return result
+      return evaluator(state.params, eval_batches)
 
   def save(step, state, wait):
     ckpt.save(step, state, meta, data_arg=pipeline.checkpoint_save_arg(batches), force=True)

@@ -1,0 +1,139 @@
+"""Benchmark the train step: `python -m fmjax.bench --config CONFIG [--config.x=y ...]`.
+
+Runs the real compiled train step on synthetic tokens and reports compile time, median step
+time, tokens/s, TFLOP/s per device, MFU against the device peak (a measured matmul peak on
+CPU) and peak memory, as a table and as JSON. `--sweep "a=1,b=2;a=3"` compares several sets
+of overrides in one run; `--torch-reference PATH` runs a PyTorch baseline script at the same
+shape, alternating with fmjax, and reports the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+from fmjax import config as config_lib
+
+USAGE = """python -m fmjax.bench --config CONFIG.py [--config.KEY=VALUE ...] [--steps N] [--sweep "k=v,k=v;k=v"]
+                          [--torch-reference PATH --text FILE] [--json OUT] [--repeats R]"""
+
+
+def bench_config(cfg, steps: int = 10, warmup: int = 2) -> dict:
+  """Time `steps` train steps of cfg on synthetic tokens; returns the measurements."""
+  import jax
+  import numpy as np
+  from fmjax import build, metrics
+
+  run = build.build_lm_run(cfg)
+  state = run.init(jax.random.PRNGKey(cfg.seed))
+  rng = np.random.default_rng(0)
+  b, t = cfg.global_batch_size, cfg.seq_len
+  tokens = rng.integers(0, cfg.model.vocab_size, (b, t + 1)).astype(np.int32)
+  host = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'segment_ids': np.ones((b, t), np.int32),
+          'positions': np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+          'weights': np.ones((b, t), np.float32)}
+  batch = {k: jax.device_put(v, run.batch_sharding) for k, v in host.items()}
+  times = []
+  for i in range(warmup + steps):
+    start = time.perf_counter()
+    state, out = run.train_step(state, batch)
+    jax.block_until_ready(out)
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+  step_time = statistics.median(times)
+  device = jax.devices()[0]
+  peak = metrics.device_peak_flops(device, cfg.cpu_peak_flops)
+  flop_devices = jax.process_count() if device.platform == 'cpu' else jax.device_count()
+  result = {
+      'compile_s': run.compile_seconds,
+      'step_ms': step_time * 1e3,
+      'loss': float(out['loss']),
+      'peak_tflops_per_device': peak / 1e12,
+      **metrics.throughput(cfg.model, t, b * t, step_time, flop_devices, peak),
+  }
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  if stats and 'peak_bytes_in_use' in stats:
+    result['peak_memory_gib'] = stats['peak_bytes_in_use'] / 2**30
+  else:
+    mem = run.train_step.memory_analysis()
+    if mem is not None:
+      result['peak_memory_gib'] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                   + mem.temp_size_in_bytes - mem.alias_size_in_bytes) / 2**30
+  return result
+
+
+def torch_reference(script: str, text: str, cfg, steps: int) -> dict:
+  """Run the PyTorch baseline at cfg's shape; returns its JSON line."""
+  m = cfg.model
+  cmd = [sys.executable, script, '--text', text, '--n-layer', str(m.num_layers), '--n-head', str(m.num_heads),
+         '--n-embd', str(m.d_model), '--block-size', str(cfg.seq_len), '--batch-size',
+         str(cfg.global_batch_size), '--steps', str(steps)]
+  out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def parse_sweep(text: str) -> list[list[str]]:
+  """'a=1,b=2;a=3' -> [['a=1', 'b=2'], ['a=3']]."""
+  return [[kv.strip() for kv in group.split(',') if kv.strip()] for group in text.split(';') if group.strip()]
+
+
+def format_table(rows: list[dict]) -> str:
+  cols = ['name', 'compile_s', 'step_ms', 'tokens_per_s', 'tflops_per_device', 'mfu', 'peak_memory_gib']
+  cols += sorted({k for r in rows for k in r} - set(cols) - {'loss', 'peak_tflops_per_device'})
+  fmt = lambda v: f'{v:,.4g}' if isinstance(v, float) else str(v)
+  cells = [[fmt(r.get(c, '')) for c in cols] for r in rows]
+  widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+  line = lambda vals: '  '.join(v.rjust(w) for v, w in zip(vals, widths))
+  return '\n'.join([line(cols)] + [line(r) for r in cells])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  from fmjax.train import parse_args, user_errors
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = argparse.ArgumentParser(prog='fmjax.bench', usage=USAGE, add_help=False)
+  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--repeats', type=int, default=1, help='alternate fmjax/reference runs this many times')
+  parser.add_argument('--sweep', default='')
+  parser.add_argument('--torch-reference', default='')
+  parser.add_argument('--text', default='')
+  parser.add_argument('--json', default='')
+  own, rest = parser.parse_known_args(argv)
+  try:
+    config_path, _, overrides = parse_args(rest, 'fmjax.bench', USAGE)
+    groups = parse_sweep(own.sweep) or [[]]
+    rows = []
+    for _ in range(own.repeats):
+      for group in groups:
+        cfg = config_lib.resolve(config_path, overrides + [f'--config.{kv}' if not kv.startswith('--') else kv
+                                                           for kv in group])
+        row = {'name': ','.join(group) or 'fmjax', **bench_config(cfg, own.steps)}
+        rows.append(row)
+        print(format_table([row]).splitlines()[-1], file=sys.stderr, flush=True)
+      if own.torch_reference:
+        if not os.path.isfile(own.torch_reference) or not os.path.isfile(own.text):
+          raise config_lib.ConfigError('--torch-reference and --text must name existing files')
+        ref = torch_reference(own.torch_reference, own.text, cfg, max(own.steps, 20))
+        rows.append({'name': 'torch-reference', 'tokens_per_s': ref['tokens_per_s'], 'step_ms': ref['step_ms']})
+  except user_errors() as e:
+    print(f'fmjax.bench: error: {e}', file=sys.stderr)
+    return 2
+  print(format_table(rows))
+  if own.torch_reference:
+    ours = statistics.median(r['tokens_per_s'] for r in rows if r['name'] != 'torch-reference')
+    theirs = statistics.median(r['tokens_per_s'] for r in rows if r['name'] == 'torch-reference')
+    print(f'fmjax / torch-reference tokens/s: {ours / theirs:.2f}x')
+  print(json.dumps(rows))
+  if own.json:
+    with open(own.json, 'w') as f:
+      json.dump(rows, f, indent=2)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

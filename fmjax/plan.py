@@ -1,0 +1,191 @@
+"""Plan a run before paying for it: `python -m fmjax.plan --config CONFIG [--topology NAME]`.
+
+Lowers and compiles the real train step ahead of time for the target devices and prints, per
+device: parameter, optimizer-state and activation (XLA temporaries) memory, the total against
+the device memory, FLOPs per step, and the step time predicted at a stated MFU.
+
+With libtpu installed, `--topology v5p-32` compiles for that TPU topology
+(`jax.experimental.topologies`). Without it the step is compiled for fake CPU devices of the
+same count, which checks the shardings and gives XLA's memory estimate for those shardings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+from typing import Sequence
+
+USAGE = """python -m fmjax.plan --config CONFIG.py [--config.KEY=VALUE ...] [--topology NAME | --devices N]
+                         [--memory-gib G] [--mfu 0.5]"""
+
+# Per-chip HBM (GiB) and dense bf16 peak FLOP/s of known accelerators.
+DEVICE_SPECS = {
+    'v4': (32, 275e12), 'v5e': (16, 197e12), 'v5p': (95, 459e12), 'v6e': (32, 918e12),
+    'a100': (80, 312e12), 'h100': (80, 989e12), 'h200': (141, 989e12),
+}
+
+
+# Chip layouts (libtpu topology names) of common slices; others via --tpu-topology-name.
+TPU_TOPOLOGIES = {
+    'v4-8': 'v4:2x2x1', 'v4-16': 'v4:2x2x2', 'v4-32': 'v4:2x2x4', 'v4-64': 'v4:2x4x4',
+    'v5p-8': 'v5p:2x2x1', 'v5p-16': 'v5p:2x2x2', 'v5p-32': 'v5p:2x2x4', 'v5p-64': 'v5p:2x4x4',
+    'v5e-4': 'v5e:2x2', 'v5e-8': 'v5e:2x4', 'v5e-16': 'v5e:4x4', 'v5e-32': 'v5e:4x8', 'v5e-64': 'v5e:8x8',
+    'v6e-4': 'v6e:2x2', 'v6e-8': 'v6e:2x4', 'v6e-16': 'v6e:4x4', 'v6e-32': 'v6e:4x8', 'v6e-64': 'v6e:8x8',
+}
+
+
+class PlanError(ValueError):
+  """The plan does not fit, or its inputs are wrong."""
+
+
+def parse_topology(name: str) -> tuple[str, int]:
+  """'v5p-32' -> ('v5p', 16 chips); 'h100-8' -> ('h100', 8). TPU v2-v5p names count cores."""
+  m = re.fullmatch(r'(v4|v5e|v5p|v6e|a100|h100|h200)-(\d+)', name.lower())
+  if not m:
+    raise PlanError(f'unknown topology {name!r}; use e.g. v5p-32, v6e-16, v4-8, h100-8 or h200-8')
+  kind, n = m.group(1), int(m.group(2))
+  chips = n // 2 if kind in ('v4', 'v5p') else n
+  return kind, max(chips, 1)
+
+
+def per_device_bytes(abstract_tree) -> int:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
+  total = 0
+  for leaf in __import__('jax').tree_util.tree_leaves(abstract_tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += math.prod(shape) * leaf.dtype.itemsize
+  return total
+
+
+def tpu_devices(topology: str, topology_name: str = ''):
+  """Compile-only devices of a TPU topology (needs libtpu)."""
+  from jax.experimental import topologies
+  name = topology_name or TPU_TOPOLOGIES.get(topology.lower())
+  if not name:
+    raise PlanError(f'no chip layout known for {topology!r}; pass --tpu-topology-name e.g. v5p:2x2x4')
+  return topologies.get_topology_desc(topology_name=name, platform='tpu').devices
+
+
+def plan(cfg, memory_gib: float | None = None, mfu: float = 0.5, peak_flops: float | None = None,
+         devices=None) -> dict:
+  """Compile cfg's train step for `devices` (default: all) and estimate memory and time per device."""
+  from fmjax import build, metrics
+  from fmjax import sharding as shd
+
+  mesh = shd.make_mesh(cfg.mesh, devices)
+  run = build.build_lm_run(cfg, mesh)
+  mem = run.train_step.memory_analysis()
+  params = per_device_bytes(run.state.abstract.params)
+  optimizer = per_device_bytes(run.state.abstract.opt_state)
+  activations = mem.temp_size_in_bytes if mem is not None else 0
+  batch = per_device_bytes(run.abstract_batch())
+  total = params + optimizer + activations + batch
+  tokens = cfg.global_batch_size * cfg.seq_len
+  flops = metrics.flops_per_token(cfg.model, cfg.seq_len) * tokens
+  n = mesh.size
+  out = {
+      'devices': n, 'mesh': dict(run.mesh.shape), 'param_bytes': params, 'optimizer_bytes': optimizer,
+      'activation_bytes': activations, 'batch_bytes': batch, 'total_bytes': total,
+      'flops_per_step': flops, 'compile_s': run.compile_seconds,
+  }
+  if peak_flops:
+    out['predicted_step_s'] = flops / n / (peak_flops * mfu)
+    out['predicted_tokens_per_s'] = tokens / out['predicted_step_s']
+  if memory_gib:
+    out['memory_bytes'] = int(memory_gib * 2**30)
+    out['fits'] = total <= out['memory_bytes']
+  return out
+
+
+def report(p: dict, mfu: float) -> str:
+  gib = lambda b: f'{b / 2**30:,.3f} GiB'
+  lines = [f'devices: {p["devices"]}  mesh: {p["mesh"]}  (compiled in {p["compile_s"]:.1f}s)',
+           'per device:',
+           f'  parameters        {gib(p["param_bytes"])}',
+           f'  optimizer state   {gib(p["optimizer_bytes"])}',
+           f'  activations       {gib(p["activation_bytes"])}  (XLA temporaries of the step)',
+           f'  batch             {gib(p["batch_bytes"])}',
+           f'  total             {gib(p["total_bytes"])}'
+           + (f' of {gib(p["memory_bytes"])} ({"fits" if p["fits"] else "DOES NOT FIT"})' if 'memory_bytes' in p
+              else ''),
+           f'FLOPs per step: {p["flops_per_step"]:.3e}']
+  if 'predicted_step_s' in p:
+    lines.append(f'predicted at {mfu:.0%} MFU: {p["predicted_step_s"] * 1e3:,.1f} ms/step, '
+                 f'{p["predicted_tokens_per_s"]:,.0f} tokens/s')
+  return '\n'.join(lines)
+
+
+def _use_devices(kind: str | None, chips: int) -> None:
+  """Select the devices to compile for; must run before jax is imported."""
+  if 'jax' in sys.modules:
+    return
+  if kind and kind.startswith('v'):
+    try:
+      import libtpu  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
+      return  # a real TPU topology is compiled against below
+    except ImportError:
+      pass
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+  flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '', os.environ.get('XLA_FLAGS', ''))
+  os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={chips}'.strip()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = argparse.ArgumentParser(prog='fmjax.plan', usage=USAGE, add_help=False)
+  parser.add_argument('--topology', default='')
+  parser.add_argument('--devices', type=int, default=0)
+  parser.add_argument('--memory-gib', type=float, default=0.0)
+  parser.add_argument('--mfu', type=float, default=0.5)
+  parser.add_argument('--tpu-topology-name', default='')
+  own, rest = parser.parse_known_args(argv)
+  try:
+    kind, chips = parse_topology(own.topology) if own.topology else (None, own.devices or 0)
+  except PlanError as e:
+    print(f'fmjax.plan: error: {e}', file=sys.stderr)
+    return 2
+  if chips:
+    _use_devices(kind, chips)  # before anything imports jax
+  from fmjax import config as config_lib
+  from fmjax.train import parse_args
+  try:
+    config_path, _, overrides = parse_args(rest, 'fmjax.plan', USAGE)
+    cfg = config_lib.resolve(config_path, overrides)
+    memory, peak = own.memory_gib or None, None
+    if kind:
+      memory = memory or DEVICE_SPECS[kind][0]
+      peak = DEVICE_SPECS[kind][1]
+    import jax
+    if peak is None and jax.devices()[0].platform != 'cpu':
+      from fmjax import metrics
+      peak = metrics.device_peak_flops(jax.devices()[0]) or None
+    devices = None
+    if kind and kind.startswith('v') and jax.devices()[0].platform != 'cpu' or 'libtpu' in sys.modules:
+      devices = tpu_devices(own.topology, own.tpu_topology_name)
+    elif chips and chips != jax.device_count():
+      raise PlanError(f'{chips} devices were asked for but {jax.device_count()} exist; run fmjax.plan in a fresh '
+                      'process (it must set the device count before jax starts)')
+    result = plan(cfg, memory, own.mfu, peak, devices)
+  except (PlanError, config_lib.ConfigError) as e:
+    print(f'fmjax.plan: error: {e}', file=sys.stderr)
+    return 2
+  except Exception as e:  # noqa: BLE001 - user errors from the shared set
+    from fmjax.train import user_errors
+    if isinstance(e, user_errors()):
+      print(f'fmjax.plan: error: {e}', file=sys.stderr)
+      return 2
+    raise
+  print(report(result, own.mfu))
+  if result.get('fits') is False:
+    print(f'fmjax.plan: error: needs {result["total_bytes"] / 2**30:.2f} GiB per device but the limit is '
+          f'{result["memory_bytes"] / 2**30:.2f} GiB; add devices, shard more (--config.mesh.*), use remat or '
+          'a smaller batch', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
