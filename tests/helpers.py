@@ -60,6 +60,11 @@ def text_run_config(tmp_path, **top):
   cfg.workdir = str(tmp_path / 'workdir')
   cfg.log_every = 1
   cfg.async_checkpoints = False
+  return with_fields(cfg, **top)
+
+
+def with_fields(cfg, **top):
+  """Set top-level fields of cfg; a dict value updates that section."""
   for k, v in top.items():
     if isinstance(v, dict):
       cfg[k].update(v)

@@ -9,17 +9,11 @@ from fmjax import build, optim, step as step_lib
 from fmjax import sharding as shd
 from fmjax.model import layout
 from fmjax.state import TrainState
-from helpers import synthetic_batch, tiny_config
+from helpers import synthetic_batch, tiny_config, with_fields
 
 
 def _cfg(**top):
-  cfg = tiny_config(num_heads=8, num_kv_heads=8, d_model=64)
-  for k, v in top.items():
-    if isinstance(v, dict):
-      cfg[k].update(v)
-    else:
-      cfg[k] = v
-  return cfg
+  return with_fields(tiny_config(num_heads=8, num_kv_heads=8, d_model=64), **top)
 
 
 def train_losses(cfg, steps=3, return_state=False):
