@@ -19,6 +19,7 @@ import time
 from typing import Sequence
 
 from fmjax import config as config_lib
+from fmjax import hugepages
 
 USAGE = """python -m fmjax.bench --config CONFIG.py [--config.KEY=VALUE ...] [--steps N] [--sweep "k=v,k=v;k=v"]
                           [--torch-reference PATH --text FILE] [--json OUT] [--repeats R]"""
@@ -74,7 +75,7 @@ def torch_reference(script: str, text: str, cfg, steps: int) -> dict:
   cmd = [sys.executable, script, '--text', text, '--n-layer', str(m.num_layers), '--n-head', str(m.num_heads),
          '--n-embd', str(m.d_model), '--block-size', str(cfg.seq_len), '--batch-size',
          str(cfg.global_batch_size), '--steps', str(steps)]
-  out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+  out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=hugepages.original_environment())
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -94,6 +95,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  if argv is None:  # the command line, not a call from Python
+    hugepages.reexec_with_hugepages()
   from fmjax.train import parse_args, user_errors
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = argparse.ArgumentParser(prog='fmjax.bench', usage=USAGE, add_help=False)

@@ -74,7 +74,7 @@ def build_lm_run(cfg, mesh: jax.sharding.Mesh | None = None, compile_step: bool 
   run = Run(cfg=cfg, mesh=mesh, rules=rules, model=model, tx=tx, schedule=schedule, state=sharded, init=init,
             batch_sharding=shd.batch_sharding(mesh, rules))
   if compile_step:
-    loss = step_lib.lm_loss_fn(model, cfg.z_loss)
+    loss = step_lib.lm_loss_fn(model, cfg.z_loss, cfg.model.loss_vocab_chunk)
     run.compile_train_step(step_lib.make_train_step(
         loss, tx, schedule, microbatches=cfg.microbatches, dropout=cfg.model.dropout > 0, seed=cfg.seed))
   return run

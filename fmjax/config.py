@@ -41,9 +41,11 @@ def model_defaults() -> ml_collections.ConfigDict:
       param_dtype='float32',
       dtype='float32',         # compute dtype: float32 | bfloat16
       scan_layers=True,        # one compiled block for any depth
-      remat='none',            # none | full | dots
-      attention='xla',         # xla | cudnn (jax.nn.dot_product_attention) | chunked
+      remat='none',            # none | full | dots | names (save only `remat_names`)
+      remat_names='qkv,attn_out',  # with remat='names': comma list of qkv, attn_out, mlp_hidden, block_mid
+      attention='auto',        # auto | xla | dense | cudnn | splash | chunked (see fmjax/model/attention.py)
       attention_chunk=128,     # query/key block for the chunked attention
+      loss_vocab_chunk=0,      # > 0: fused output projection + cross-entropy over vocab chunks this size
       init_std=0.02,
   ))
 
@@ -266,8 +268,8 @@ _CHOICES = {
     'model.activation': ('swiglu', 'gelu'),
     'model.norm': ('rmsnorm', 'layernorm'),
     'model.positions': ('rope', 'learned'),
-    'model.remat': ('none', 'full', 'dots'),
-    'model.attention': ('xla', 'cudnn', 'chunked'),
+    'model.remat': ('none', 'full', 'dots', 'names'),
+    'model.attention': ('auto', 'xla', 'dense', 'cudnn', 'splash', 'chunked'),
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.dtype': ('float32', 'bfloat16'),
     'data.source': ('stdlib', 'text', 'jsonl', 'tfds'),
@@ -291,6 +293,13 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if not m.head_dim and m.d_model % m.num_heads:
     raise ConfigError(f'model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; '
                       'set model.head_dim')
+  if m.loss_vocab_chunk < 0:
+    raise ConfigError(f'model.loss_vocab_chunk must be >= 0 (0 = off), got {m.loss_vocab_chunk}')
+  if m.remat == 'names':
+    from fmjax.model.transformer import REMAT_NAMES  # pylint: disable=import-outside-toplevel
+    unknown = [n for n in m.remat_names.split(',') if n.strip() not in REMAT_NAMES]
+    if unknown:
+      raise ConfigError(f'model.remat_names: unknown {", ".join(unknown)}; choose from {", ".join(REMAT_NAMES)}')
   if m.positions == 'learned' and cfg.seq_len > m.max_seq_len:
     raise ConfigError(f'seq_len={cfg.seq_len} exceeds model.max_seq_len={m.max_seq_len} (learned positions)')
   if cfg.microbatches <= 0 or cfg.global_batch_size % cfg.microbatches:

@@ -26,6 +26,7 @@ import optax
 
 from fmjax import build, checkpoint, loop, metric_writers, optim, task_metrics
 from fmjax import config as config_lib
+from fmjax import hugepages
 from fmjax import distributed
 from fmjax import sharding as shd
 from fmjax import state as state_lib
@@ -193,7 +194,7 @@ class Parts:
       params_fn, loss = (lambda rng: self.classifier.init(rng, cfg.seq_len)), loss_fn(self.classifier)
     else:
       params_fn = lambda rng: model.init({'params': rng, 'dropout': rng}, state_lib.dummy_tokens(1, cfg.seq_len))['params']
-      loss = step_lib.lm_loss_fn(model, cfg.z_loss)
+      loss = step_lib.lm_loss_fn(model, cfg.z_loss, cfg.model.loss_vocab_chunk)
 
     def init_fn(rng):
       params = params_fn(rng)
@@ -436,6 +437,8 @@ def demo(cfg) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  if argv is None:  # the command line, not a call from Python
+    hugepages.reexec_with_hugepages()
   argv = sys.argv[1:] if argv is None else argv
   prog = 'fmjax.finetune'
   try:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import optax
 
+from fmjax.chunked_loss import chunked_cross_entropy
 from fmjax.state import TrainState
 
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
@@ -30,13 +31,23 @@ def cross_entropy(logits, targets, weights, z_loss: float = 0.0):
   return ce.sum(), z.sum(), weights.sum()
 
 
-def lm_loss_fn(model: nn.Module, z_loss: float) -> Callable:
-  """`loss(params, batch, rng) -> (objective_sum, (ce_sum, weight_sum))` for next-token prediction."""
+def lm_loss_fn(model: nn.Module, z_loss: float, vocab_chunk: int = 0) -> Callable:
+  """`loss(params, batch, rng) -> (objective_sum, (ce_sum, weight_sum))` for next-token prediction.
+
+  With `vocab_chunk` > 0 the output projection and the loss are fused and taken over vocab
+  chunks (fmjax/chunked_loss.py): the (tokens, vocab) fp32 logits never exist.
+  """
   def loss(params, batch, rng):
     deterministic = rng is None
-    logits = model.apply({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'],
-                         deterministic=deterministic, rngs=None if deterministic else {'dropout': rng})
-    ce, z, w = cross_entropy(logits, batch['targets'], batch['weights'], z_loss)
+    out = model.apply({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'],
+                      deterministic=deterministic, rngs=None if deterministic else {'dropout': rng},
+                      head=not vocab_chunk)
+    if vocab_chunk:
+      hidden, matrix, transposed = out
+      ce, z, w = chunked_cross_entropy(hidden, matrix.astype(hidden.dtype), batch['targets'], batch['weights'],
+                                       z_loss, vocab_chunk, transposed)
+    else:
+      ce, z, w = cross_entropy(out, batch['targets'], batch['weights'], z_loss)
     return ce + z, (ce, w)
   return loss
 

@@ -13,6 +13,7 @@ import sys
 from typing import Sequence
 
 from fmjax import config as config_lib
+from fmjax import hugepages
 from fmjax import distributed
 
 USAGE = """python -m fmjax.train --config CONFIG.py --workdir DIR [--config.KEY=VALUE ...]
@@ -154,6 +155,8 @@ def user_errors() -> tuple:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  if argv is None:  # the command line, not a call from Python
+    hugepages.reexec_with_hugepages()
   argv = sys.argv[1:] if argv is None else argv
   prog = 'fmjax.train'
   try:

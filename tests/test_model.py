@@ -35,7 +35,7 @@ def numpy_attention(q, k, v, seg):
   return out
 
 
-@pytest.mark.parametrize('impl', ['xla', 'cudnn', 'chunked'])
+@pytest.mark.parametrize('impl', ['xla', 'dense', 'auto', 'cudnn', 'chunked'])
 def test_attention_implementations_match_numpy(impl):
   q, k, v = _qkv()
   seg = np.ones((2, 24), np.int32)
@@ -45,14 +45,51 @@ def test_attention_implementations_match_numpy(impl):
   np.testing.assert_allclose(np.asarray(out), numpy_attention(q, k, v, seg), atol=2e-5, rtol=1e-4)
 
 
-def test_chunked_attention_gradients_match_reference():
-  q, k, v = _qkv(t=20)
-  seg = jnp.ones((2, 20), jnp.int32)
-  loss = lambda f: (lambda q, k, v: (f(q, k, v) ** 2).sum())
+@pytest.mark.parametrize('impl', ['dense', 'chunked'])
+@pytest.mark.parametrize('kh', [4, 2, 1])  # MHA, GQA, MQA
+def test_attention_gradients_match_autodiff_reference(impl, kh):
+  q, k, v = _qkv(t=20, kh=kh)
+  seg = np.ones((2, 20), np.int32)
+  seg[0, 7:] = 2
+  seg[1, 16:] = 0
+  seg = jnp.asarray(seg)
+  w = jax.random.normal(jax.random.PRNGKey(9), q.shape)
+  loss = lambda f: (lambda q, k, v: (f(q, k, v) * w).sum() + (f(q, k, v) ** 2).sum())
   ref = jax.grad(loss(lambda q, k, v: attn.xla_attention(q, k, v, seg, seg)), argnums=(0, 1, 2))(q, k, v)
-  got = jax.grad(loss(lambda q, k, v: attn.chunked_attention(q, k, v, seg, seg, 8)), argnums=(0, 1, 2))(q, k, v)
+  got = jax.grad(loss(lambda q, k, v: attn.attend(impl, q, k, v, seg, seg, chunk=8)), argnums=(0, 1, 2))(q, k, v)
   for r, g in zip(ref, got):
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-4, rtol=1e-4)
+
+
+def test_auto_attention_picks_per_backend():
+  assert [attn.resolve_implementation('auto', b) for b in ('cpu', 'gpu', 'tpu')] == ['dense', 'cudnn', 'splash']
+  assert attn.resolve_implementation('xla', 'tpu') == 'xla'
+
+
+@pytest.mark.parametrize('kh, activation', [(4, 'swiglu'), (2, 'swiglu'), (4, 'gelu')])
+def test_fused_projections_equal_separate_matmuls(kh, activation):
+  """q/k/v (and SwiGLU's two up-projections) run as one matmul: same numbers as one each."""
+  import flax.linen as nn
+  from fmjax.model.layers import MLP, Projection
+  cfg = tiny_config(num_kv_heads=kh, activation=activation, use_bias=True).model
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 8, cfg.d_model))
+  block = attn.Attention(cfg)
+  params = block.init(jax.random.PRNGKey(0), x, jnp.broadcast_to(jnp.arange(8), (2, 8)), jnp.ones((2, 8), jnp.int32))
+  p = nn.unbox(params['params'])
+  d = cfg.d_model // cfg.num_heads
+  for name, heads in (('q', cfg.num_heads), ('k', kh), ('v', kh)):
+    proj = Projection((cfg.d_model,), (heads, d), ('embed',), ('heads', 'kv'), use_bias=True)
+    got = proj.apply({'params': p[name]}, x)
+    want = jnp.einsum('btd,dhk->bthk', x, p[name]['kernel']) + p[name]['bias']
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  mlp = MLP(cfg)
+  mp = nn.unbox(mlp.init(jax.random.PRNGKey(1), x)['params'])
+  if activation == 'swiglu':
+    h = jax.nn.silu(x @ mp['wi_0']['kernel'] + mp['wi_0']['bias']) * (x @ mp['wi_1']['kernel'] + mp['wi_1']['bias'])
+  else:
+    h = jax.nn.gelu(x @ mp['wi']['kernel'] + mp['wi']['bias'], approximate=True)
+  want = h @ mp['wo']['kernel'] + mp['wo']['bias']
+  np.testing.assert_allclose(np.asarray(mlp.apply({'params': mp}, x)), np.asarray(want), atol=1e-5)
 
 
 def test_rope_matches_numpy_rotation():
@@ -77,7 +114,7 @@ def _logits(cfg, tokens, positions=None, segments=None, params=None):
   return model.apply({'params': params}, tokens, positions, segments), params
 
 
-@pytest.mark.parametrize('attention', ['xla', 'chunked'])
+@pytest.mark.parametrize('attention', ['xla', 'dense', 'chunked'])
 def test_packed_document_logits_equal_document_alone(attention):
   """With segment ids, a document's logits do not change when another is packed before it."""
   cfg = tiny_config(attention=attention, attention_chunk=8)

@@ -4,6 +4,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from fmjax import bench, build, metrics, plan
 from helpers import tiny_config
@@ -55,3 +56,18 @@ def test_bench_reports_a_table_and_json(capsys, tmp_path):
     assert r['tokens_per_s'] > 0 and 0 < r['mfu'] and r['step_ms'] > 0 and r['compile_s'] > 0
   assert rows[0]['loss'] == rows[1]['loss']           # remat changes memory, not the numbers
   assert 'tokens_per_s' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_scanned_compile_time_does_not_grow_with_depth():
+  """48 scanned layers compile in at most 1.5x the time of 2 (issue target)."""
+  from fmjax import build
+  from helpers import tiny_config
+
+  def compile_seconds(layers):
+    cfg = tiny_config(num_layers=layers, scan_layers=True)
+    return build.build_lm_run(cfg).compile_seconds
+
+  compile_seconds(2)  # warm the tracing caches
+  two, many = min(compile_seconds(2) for _ in range(2)), compile_seconds(48)
+  assert many <= 1.5 * two, (two, many)

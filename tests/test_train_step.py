@@ -61,11 +61,29 @@ def test_gradient_accumulation_equals_full_batch():
 
 
 @pytest.mark.parametrize('model', [dict(scan_layers=False), dict(remat='full'), dict(remat='dots'),
+                                   dict(remat='names', remat_names='qkv,mlp_hidden'),
                                    dict(scan_layers=False, remat='full'), dict(attention='chunked',
-                                                                               attention_chunk=8)])
+                                                                               attention_chunk=8),
+                                   dict(attention='xla')])
 def test_layouts_and_remat_give_the_same_loss(model):
-  ref = train_losses(_cfg())
+  ref = train_losses(_cfg())  # attention 'auto' = 'dense' on CPU
   np.testing.assert_allclose(train_losses(_cfg(model=model)), ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize('tie', [False, True])
+def test_vocab_chunked_loss_trains_like_full_logits_on_a_mesh(tie):
+  mesh = dict(data=2, fsdp=2, tensor=2)
+  ref = train_losses(_cfg(mesh=mesh, model=dict(tie_embeddings=tie)))
+  got = train_losses(_cfg(mesh=mesh, z_loss=0.5, model=dict(tie_embeddings=tie, loss_vocab_chunk=24)))
+  ref_z = train_losses(_cfg(mesh=mesh, z_loss=0.5, model=dict(tie_embeddings=tie)))
+  np.testing.assert_allclose(got, ref_z, rtol=1e-5)
+  assert not np.allclose(ref, ref_z, rtol=1e-7)  # the z-loss reaches the chunked path's gradients
+
+
+def test_unknown_remat_name_is_one_clear_line():
+  from fmjax import config as config_lib
+  with pytest.raises(config_lib.ConfigError, match='remat_names: unknown nope'):
+    config_lib.validate(with_fields(tiny_config(remat='names', remat_names='qkv,nope')))
 
 
 def test_cross_entropy_matches_numpy_with_mask_and_z_loss():

@@ -2,7 +2,13 @@
 
 Shapes: q (B, T, H, D); k, v (B, S, K, D) with H a multiple of K (MHA, GQA, MQA).
 Every implementation masks the future (by index in the row) and never attends across
-documents packed into one row (segment ids must match; 0 marks padding).
+documents packed into one row (segment ids must match; 0 marks padding). Implementations
+(`model.attention`): `xla`, the reference (full scores, autodiff); `dense`, the same scores with
+a hand-written backward pass (the flash identity rowsum(P dP) = rowsum(dO O), no softmax
+reduction over keys, and batch-major layouts: the fastest on CPU); `cudnn`,
+`jax.nn.dot_product_attention` (cuDNN flash attention on NVIDIA GPUs); `splash`, the Pallas
+splash kernel on TPU; `chunked`, online softmax over key blocks for long sequences on any
+backend; `auto` picks cudnn on GPU, splash on TPU and dense elsewhere.
 
 Decoding (`Attention(decode=True)`) keeps keys, values and their segment ids in the 'cache'
 collection: each call writes its T new tokens at the cache index and attends over the whole
@@ -12,13 +18,15 @@ is mutable the attention probabilities are sown (for `fmjax.inspect`); training 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
-from fmjax.model.layers import Projection, apply_rope, dtype_of
+from fmjax.model.layers import Projection, apply_rope, dtype_of, fused_projections
 
 _NEG = -1e30
 
@@ -48,6 +56,54 @@ def xla_attention(q, k, v, q_seg, kv_seg, q_index=None, kv_index=None):
   probs = attention_probs(q, k, q_seg, kv_seg, q_index, kv_index).astype(v.dtype)
   out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
   return out.reshape(b, t, h, d)
+
+
+def _dense_forward(q, k, v, mask, scale):
+  """q (B, K, G, T, D), k/v (B, K, S, D), mask (B, 1, 1, T, S) -> (out, fp32 probs)."""
+  scores = jnp.einsum('bkgtd,bksd->bkgts', q * jnp.asarray(scale, q.dtype), k,
+                      preferred_element_type=jnp.float32)
+  probs = jax.nn.softmax(jnp.where(mask, scores, _NEG), axis=-1)
+  out = jnp.einsum('bkgts,bksd->bkgtd', probs.astype(v.dtype), v)
+  return out, probs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _dense_core(q, k, v, mask, scale):
+  return _dense_forward(q, k, v, mask, scale)[0]
+
+
+def _dense_fwd(q, k, v, mask, scale):
+  out, probs = _dense_forward(q, k, v, mask, scale)
+  return out, (q, k, v, mask, probs, out)
+
+
+def _dense_bwd(scale, res, g):
+  """dS = P * (dP - rowsum(dO * O)): the flash identity avoids a reduction over the (T, S) rows."""
+  q, k, v, mask, probs, out = res
+  g32 = g.astype(jnp.float32)
+  dv = jnp.einsum('bkgts,bkgtd->bksd', probs.astype(g.dtype), g)
+  dp = jnp.einsum('bkgtd,bksd->bkgts', g, v, preferred_element_type=jnp.float32)
+  delta = jnp.sum(g32 * out.astype(jnp.float32), axis=-1, keepdims=True)
+  ds = (probs * (dp - delta)).astype(q.dtype)
+  scale = jnp.asarray(scale, q.dtype)
+  dq = jnp.einsum('bkgts,bksd->bkgtd', ds, k) * scale
+  dk = jnp.einsum('bkgts,bkgtd->bksd', ds, q * scale)
+  return dq, dk, dv.astype(v.dtype), None
+
+
+_dense_core.defvjp(_dense_fwd, _dense_bwd)
+
+
+def dense_attention(q, k, v, q_seg, kv_seg, q_index=None, kv_index=None):
+  """Full-score attention with a hand-written backward pass (fewer, larger XLA ops than autodiff)."""
+  b, t, h, d = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  q_index = jnp.arange(t) if q_index is None else q_index
+  kv_index = jnp.arange(s) if kv_index is None else kv_index
+  mask = _mask(q_index, kv_index, q_seg, kv_seg)[:, None, None]
+  qg = q.reshape(b, t, kh, h // kh, d).transpose(0, 2, 3, 1, 4)       # (B, K, G, T, D)
+  out = _dense_core(qg, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, d ** -0.5)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def cudnn_attention(q, k, v, q_seg, kv_seg):
@@ -118,14 +174,35 @@ def chunked_attention(q, k, v, q_seg, kv_seg, chunk: int = 128):
   return out[:, :t]
 
 
+def resolve_implementation(impl: str, backend: str | None = None) -> str:
+  """'auto' -> cudnn on GPU, splash on TPU, dense elsewhere; other names unchanged."""
+  if impl != 'auto':
+    return impl
+  backend = backend or jax.default_backend()
+  return {'gpu': 'cudnn', 'tpu': 'splash'}.get(backend, 'dense')
+
+
+def _splash_block(t: int) -> int:
+  """The largest of 512, 256, 128 dividing t (the splash kernel's tile), or 0 if none does."""
+  return next((blk for blk in (512, 256, 128) if t % blk == 0), 0)
+
+
 def attend(impl: str, q, k, v, q_seg, kv_seg, chunk: int = 128):
   """Dispatch to the configured implementation."""
+  if impl == 'auto' and resolve_implementation(impl) == 'splash' and not _splash_block(q.shape[1]):
+    impl = 'dense'  # the kernel tiles by multiples of 128 tokens
+  impl = resolve_implementation(impl)
   if impl == 'xla':
     return xla_attention(q, k, v, q_seg, kv_seg)
+  if impl == 'dense':
+    return dense_attention(q, k, v, q_seg, kv_seg)
   if impl == 'cudnn':
     return cudnn_attention(q, k, v, q_seg, kv_seg)
   if impl == 'chunked':
     return chunked_attention(q, k, v, q_seg, kv_seg, chunk)
+  if impl == 'splash':
+    from fmjax.model.splash import sharded_splash_attention  # pylint: disable=import-outside-toplevel
+    return sharded_splash_attention(q, k, v, q_seg, kv_seg, block=_splash_block(q.shape[1]) or 512)
   raise ValueError(f'unknown attention implementation {impl!r}')
 
 
@@ -141,13 +218,19 @@ class Attention(nn.Module):
     d = cfg.head_dim or cfg.d_model // cfg.num_heads
     kw = dict(use_bias=cfg.use_bias, init_std=cfg.init_std, dtype=dtype_of(cfg.dtype),
               param_dtype=dtype_of(cfg.param_dtype))
-    q = Projection((cfg.d_model,), (h, d), ('embed',), ('heads', 'kv'), name='q', **kw)(x)
-    k = Projection((cfg.d_model,), (kh, d), ('embed',), ('kv_heads', 'kv'), name='k', **kw)(x)
-    v = Projection((cfg.d_model,), (kh, d), ('embed',), ('kv_heads', 'kv'), name='v', **kw)(x)
+    def proj(name, heads, axis, **extra):
+      return Projection((cfg.d_model,), (heads, d), ('embed',), (axis, 'kv'), name=name, **kw, **extra)
+
+    if kh == h:  # one matmul for q, k and v
+      q, k, v = fused_projections(x, [proj(n, h, 'heads', weights_only=True) for n in 'qkv'], kw['dtype'])
+    else:
+      q = proj('q', h, 'heads')(x)
+      k, v = fused_projections(x, [proj(n, kh, 'kv_heads', weights_only=True) for n in 'kv'], kw['dtype'])
     if cfg.positions == 'rope':
       q = apply_rope(q, positions, cfg.rope_theta)
       k = apply_rope(k, positions, cfg.rope_theta)
     q = nn.with_logical_constraint(q, ('batch', 'activation_length', 'activation_heads', 'activation_kv'))
+    q, k, v = (checkpoint_name(a, 'qkv') for a in (q, k, v))
     if self.decode and self.has_variable('cache', 'index'):
       k, v, kv_seg, q_index = self._update_cache(k, v, segment_ids)
       out = xla_attention(q, k, v, segment_ids, kv_seg, q_index)
@@ -160,6 +243,7 @@ class Attention(nn.Module):
       probs = attention_probs(q, k, segment_ids, segment_ids if kv_seg is None else kv_seg, q_index)
       self.sow('intermediates', 'attention', probs.reshape(probs.shape[0], h, *probs.shape[3:]))  # (B, H, T, S)
     out = nn.with_logical_constraint(out, ('batch', 'activation_length', 'activation_heads', 'activation_kv'))
+    out = checkpoint_name(out, 'attn_out')
     out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
     return Projection((h, d), (cfg.d_model,), ('heads', 'kv'), ('embed',), name='o',
                       **{**kw, 'init_std': out_std})(out)

@@ -6,11 +6,13 @@ mesh mapping lives in config (`logical_axis_rules`), never here.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 
@@ -81,22 +83,62 @@ class Projection(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
+  weights_only: bool = False  # return (kernel, bias or None) instead of applying them (fusion)
+
   @nn.compact
   def __call__(self, x):
     kernel = param_with_axes(self, 'kernel', nn.initializers.normal(self.init_std),
                              self.in_shape + self.out_shape, self.in_axes + self.out_axes, self.param_dtype)
+    if self.weights_only:  # for fused_projections: the weights, and the LoRA term of x if any
+      delta = self._adapter(x) if Projection.has_adapter(self.parent, self.name) else None
+      return kernel, (self._bias() if self.use_bias else None), delta
     n_in = len(self.in_shape)
-    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    lead = x.shape[:x.ndim - n_in]
+    # One 2-D matmul (tokens, in) @ (in, out): its gradients are plain 2-D matmuls too, which
+    # XLA CPU runs without the transposed copies that N-D contractions over (B, T) force.
+    w = kernel.astype(self.dtype).reshape(math.prod(self.in_shape), math.prod(self.out_shape))
+    y = jnp.dot(x.astype(self.dtype).reshape(math.prod(lead), w.shape[0]), w)
+    y = y.reshape(lead + tuple(self.out_shape))
     if self.use_bias:
-      bias = param_with_axes(self, 'bias', nn.initializers.zeros, self.out_shape,
-                             tuple('norm' if a == 'embed' else a for a in self.out_axes), self.param_dtype)
-      y = y + bias.astype(self.dtype)
-    lora = getattr(getattr(self.parent, 'cfg', None), 'lora', None)
-    if lora is not None and lora.rank > 0 and self.name in lora.targets:
-      from fmjax.model.lora import adapter  # pylint: disable=import-outside-toplevel
-      y = y + adapter(self, x, lora).astype(y.dtype)
+      y = y + self._bias().astype(self.dtype)
+    if Projection.has_adapter(self.parent, self.name):
+      y = y + self._adapter(x).astype(y.dtype)
     return y
+
+  def _adapter(self, x):
+    from fmjax.model.lora import adapter  # pylint: disable=import-outside-toplevel
+    return adapter(self, x, self.parent.cfg.lora)
+
+
+  def _bias(self):
+    return param_with_axes(self, 'bias', nn.initializers.zeros, self.out_shape,
+                           tuple('norm' if a == 'embed' else a for a in self.out_axes), self.param_dtype)
+
+  @staticmethod
+  def has_adapter(module: nn.Module, name: str) -> bool:
+    """Whether the LoRA config of `module` (the parent) adds adapters to its projection `name`."""
+    lora = getattr(getattr(module, 'cfg', None), 'lora', None)
+    return lora is not None and lora.rank > 0 and name in lora.targets
+
+
+def fused_projections(x, projections: Sequence[Projection], dtype: Dtype):
+  """Apply several same-shaped projections of `x` as one matmul; returns their outputs in order.
+
+  `projections` are Projection modules made with `weights_only=True`; LoRA adapters, where
+  configured, are added to their own projection's output.
+
+  The kernels (in, *out) are stacked on a new axis after `in` (sharded axes keep their place),
+  so the activations are read once and the backward pass has one input-gradient matmul.
+  """
+  weights = [p(x) for p in projections]  # each: (kernel, bias or None, LoRA term or None)
+  kernel = jnp.stack([w.astype(dtype) for w, _, _ in weights], axis=1)    # (D, n, *out)
+  lead = x.shape[:-1]
+  y = jax.lax.dot_general(x.astype(dtype).reshape(math.prod(lead), x.shape[-1]), kernel,
+                          (((1,), (0,)), ((), ())))                       # (N, n, *out)
+  if weights[0][1] is not None:
+    y = y + jnp.stack([b.astype(dtype) for _, b, _ in weights], axis=0)
+  outs = [y[:, i].reshape(lead + y.shape[2:]) for i in range(len(projections))]
+  return [o if delta is None else o + delta.astype(o.dtype) for o, (_, _, delta) in zip(outs, weights)]
 
 
 class MLP(nn.Module):
@@ -108,11 +150,15 @@ class MLP(nn.Module):
     cfg = self.cfg
     kw = dict(use_bias=cfg.use_bias, init_std=cfg.init_std, dtype=dtype_of(cfg.dtype),
               param_dtype=dtype_of(cfg.param_dtype))
-    up = lambda name: Projection((cfg.d_model,), (cfg.mlp_dim,), ('embed',), ('mlp',), name=name, **kw)
-    if cfg.activation == 'swiglu':
-      h = nn.silu(up('wi_0')(x)) * up('wi_1')(x)
+    up = lambda name, **extra: Projection((cfg.d_model,), (cfg.mlp_dim,), ('embed',), ('mlp',), name=name, **kw,
+                                          **extra)
+    if cfg.activation == 'swiglu':  # one matmul for both up-projections
+      gate, lin = fused_projections(x, [up('wi_0', weights_only=True), up('wi_1', weights_only=True)],
+                                    kw['dtype'])
+      h = nn.silu(gate) * lin
     else:
       h = nn.gelu(up('wi')(x), approximate=True)
+    h = checkpoint_name(h, 'mlp_hidden')
     h = nn.with_logical_constraint(h, ('batch', 'activation_length', 'activation_mlp'))
     out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
     return Projection((cfg.mlp_dim,), (cfg.d_model,), ('mlp',), ('embed',), name='wo',

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from fmjax.model.attention import Attention
 from fmjax.model.layers import MLP, Projection, dtype_of, make_norm, param_with_axes
@@ -28,6 +29,19 @@ REMAT_POLICIES = {
     'full': None,  # save nothing: recompute the whole block
     'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+# Activations tagged with `checkpoint_name`, for remat='names' (save these, recompute the rest):
+# qkv: projected (and rotated) queries, keys, values; attn_out: attention output before the
+# out-projection; block_mid: the residual stream between attention and MLP; mlp_hidden: the
+# activated MLP hidden layer (the largest).
+REMAT_NAMES = ('qkv', 'attn_out', 'block_mid', 'mlp_hidden')
+
+
+def remat_policy(cfg):
+  """The jax.checkpoint policy for cfg.remat (None = save nothing)."""
+  if cfg.remat == 'names':
+    names = [n.strip() for n in cfg.remat_names.split(',') if n.strip()]
+    return jax.checkpoint_policies.save_only_these_names(*names)
+  return REMAT_POLICIES[cfg.remat]
 
 _RESIDUAL_AXES = ('batch', 'activation_length', 'activation_embed')
 
@@ -44,7 +58,7 @@ class Block(nn.Module):
     x = nn.with_logical_constraint(x, _RESIDUAL_AXES)
     drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
     attn = Attention(cfg, self.decode, name='attn')
-    h = x + drop(attn(make_norm(cfg, 'attn_norm')(x), positions, segment_ids))
+    h = checkpoint_name(x + drop(attn(make_norm(cfg, 'attn_norm')(x), positions, segment_ids)), 'block_mid')
     h = h + drop(MLP(cfg, name='mlp')(make_norm(cfg, 'mlp_norm')(h)))
     self.sow('intermediates', 'residual', h)
     return nn.with_logical_constraint(h, _RESIDUAL_AXES), None
@@ -54,7 +68,7 @@ def block_class(cfg, decode: bool = False):
   """Block, wrapped in remat when configured (never when decoding)."""
   if cfg.remat == 'none' or decode:
     return Block
-  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+  return nn.remat(Block, policy=remat_policy(cfg), prevent_cse=not cfg.scan_layers)
 
 
 class Transformer(nn.Module):
@@ -63,7 +77,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True,
-               return_hidden: bool = False, decode: bool = False):
+               return_hidden: bool = False, decode: bool = False, head: bool = True):
     cfg = self.cfg
     dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     b, t = tokens.shape
@@ -96,8 +110,17 @@ class Transformer(nn.Module):
         x, _ = block(cfg, deterministic, decode, name=f'layers_{i}')(x, positions, segment_ids)
 
     hidden = make_norm(cfg, 'final_norm')(x)
+    if not head:  # for a fused loss: (hidden, output matrix, whether it is (vocab, embed))
+      if Projection.has_adapter(self, 'lm_head'):
+        raise ValueError('model.loss_vocab_chunk > 0 cannot be combined with LoRA on lm_head')
+      if cfg.tie_embeddings:
+        return hidden, embedding, True
+      kernel, _, _ = Projection((cfg.d_model,), (cfg.vocab_size,), ('embed',), ('vocab',), name='lm_head',
+                             init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype, weights_only=True)(None)
+      return hidden, kernel, False
     if cfg.tie_embeddings:
-      logits = jnp.einsum('btd,vd->btv', hidden, embedding.astype(dtype))
+      flat = hidden.reshape(b * t, cfg.d_model)  # 2-D matmuls, forward and backward
+      logits = jax.lax.dot_general(flat, embedding.astype(dtype), (((1,), (1,)), ((), ()))).reshape(b, t, -1)
     else:
       logits = Projection((cfg.d_model,), (cfg.vocab_size,), ('embed',), ('vocab',), name='lm_head',
                           init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype)(hidden)
