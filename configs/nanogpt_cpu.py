@@ -12,7 +12,8 @@ def get_config():
   cfg = base_config()
   cfg.model.update(dict(
       vocab_size=65, d_model=128, num_layers=4, num_heads=4, mlp_dim=512, max_seq_len=64,
-      activation='gelu', norm='layernorm', positions='learned', use_bias=True, tie_embeddings=True))
+      activation='gelu', norm='layernorm', positions='learned', use_bias=True, tie_embeddings=True,
+      scan_layers=False))  # 4 layers compile fast unrolled, and run ~15 % faster on CPU than scanned
   cfg.seq_len = 64
   cfg.global_batch_size = 12
   cfg.steps = 2000
