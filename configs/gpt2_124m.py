@@ -13,7 +13,7 @@ def get_config():
   cfg.model.update(dict(
       vocab_size=50304, d_model=768, num_layers=12, num_heads=12, mlp_dim=3072, max_seq_len=1024,
       activation='gelu', norm='layernorm', positions='learned', use_bias=True, tie_embeddings=True,
-      dropout=0.0, dtype='bfloat16', attention='cudnn'))
+      dropout=0.0, dtype='bfloat16', attention='auto'))
   cfg.data.source = 'tfds'
   cfg.data.tfds_name = 'openwebtext'
   cfg.seq_len = 1024

@@ -12,7 +12,7 @@ def get_config():
   cfg.model.update(dict(
       vocab_size=32000, d_model=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
       mlp_dim=8192, max_seq_len=2048, rope_theta=500000.0, dtype='bfloat16', remat='dots',
-      attention='cudnn'))
+      attention='auto'))
   cfg.data.source = 'tfds'
   cfg.data.tfds_name = 'c4/en:3.1.0'
   cfg.seq_len = 2048

@@ -11,7 +11,7 @@ def get_config():
   cfg = base_config()
   cfg.model.update(dict(
       vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, mlp_dim=11008, max_seq_len=2048,
-      rope_theta=10000.0, dtype='bfloat16', remat='full', attention='cudnn'))
+      rope_theta=10000.0, dtype='bfloat16', remat='full', attention='auto'))
   cfg.data.source = 'tfds'
   cfg.data.tfds_name = 'c4/en:3.1.0'
   cfg.seq_len = 2048

@@ -49,7 +49,7 @@ def bench_config(cfg, steps: int = 10, warmup: int = 2) -> dict:
       times.append(time.perf_counter() - start)
   step_time = statistics.median(times)
   device = jax.devices()[0]
-  peak = metrics.device_peak_flops(device, cfg.cpu_peak_flops)
+  peak = metrics.device_peak_flops(device, cfg.cpu_peak_flops, cfg.model.dtype)
   flop_devices = jax.process_count() if device.platform == 'cpu' else jax.device_count()
   result = {
       'compile_s': run.compile_seconds,

@@ -404,7 +404,8 @@ def finetune(cfg) -> dict:
           start_step=start, total_steps=cfg.steps, writer=writer, model_cfg=cfg.model, seq_len=cfg.seq_len,
           tokens_per_step=cfg.global_batch_size * cfg.seq_len, log_every=cfg.log_every,
           checkpoint_every=cfg.checkpoint_every, save=save, evaluate=evaluate,
-          eval_every=cfg.eval_every or cfg.steps, cpu_peak_flops=cfg.cpu_peak_flops)
+          eval_every=cfg.eval_every or cfg.steps, cpu_peak_flops=cfg.cpu_peak_flops,
+          compute_dtype=cfg.model.dtype)
     else:
       writer.log(f'nothing to do: the checkpoint is at step {start} and steps={cfg.steps}')
     if ft.lora_rank and distributed.is_leader():

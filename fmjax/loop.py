@@ -68,12 +68,12 @@ def run_loop(*, train_step: Callable, state, batches: Iterator[dict], batch_shar
              total_steps: int, writer, model_cfg, seq_len: int, tokens_per_step: int, log_every: int,
              checkpoint_every: int = 0, save: Callable[[int, Any, bool], None] | None = None,
              evaluate: Callable[[Any, int], dict] | None = None, eval_every: int = 0,
-             cpu_peak_flops: float = 0.0) -> LoopResult:
+             cpu_peak_flops: float = 0.0, compute_dtype: str = 'float32') -> LoopResult:
   """Run steps `start_step+1 .. total_steps`. `save(step, state, wait)` writes a checkpoint."""
   platform = jax.devices()[0].platform
   # On CPU the (possibly forced) devices of a process share one processor: count hosts.
   flop_devices = jax.process_count() if platform == 'cpu' else jax.device_count()
-  peak = metrics_lib.device_peak_flops(jax.devices()[0], cpu_peak_flops)
+  peak = metrics_lib.device_peak_flops(jax.devices()[0], cpu_peak_flops, compute_dtype)
   watch = PreemptionWatch()
   result = LoopResult(state=state, last_step=start_step)
   pending = None                       # (step, device metrics) of the step before the current one

@@ -138,7 +138,8 @@ def train(cfg) -> 'loop.LoopResult':
         start_step=start, total_steps=cfg.steps, writer=writer, model_cfg=cfg.model, seq_len=cfg.seq_len,
         tokens_per_step=cfg.global_batch_size * cfg.seq_len, log_every=cfg.log_every,
         checkpoint_every=cfg.checkpoint_every, save=save, evaluate=evaluate, eval_every=cfg.eval_every,
-        cpu_peak_flops=cfg.cpu_peak_flops)
+        cpu_peak_flops=cfg.cpu_peak_flops,
+        compute_dtype=cfg.model.dtype)
   finally:
     ckpt.close()
     writer.close()

@@ -71,3 +71,12 @@ def test_scanned_compile_time_does_not_grow_with_depth():
   compile_seconds(2)  # warm the tracing caches
   two, many = min(compile_seconds(2) for _ in range(2)), compile_seconds(48)
   assert many <= 1.5 * two, (two, many)
+
+
+def test_cpu_peak_is_measured_in_the_compute_dtype():
+  """A bf16 run's MFU is taken against a bf16 matmul peak, not the (lower, here) fp32 one."""
+  fp32 = metrics.measure_cpu_peak_flops(n=256, seconds=0.1)
+  bf16 = metrics.measure_cpu_peak_flops(n=256, seconds=0.1, dtype='bfloat16')
+  assert fp32 > 0 and bf16 > 0
+  assert metrics.device_peak_flops(jax.devices()[0], 0.0, 'bfloat16') == metrics.measure_cpu_peak_flops(
+      dtype='bfloat16')
