@@ -70,6 +70,12 @@ def test_layouts_and_remat_give_the_same_loss(model):
   np.testing.assert_allclose(train_losses(_cfg(model=model)), ref, rtol=1e-5)
 
 
+def test_dense_attention_with_causal_blocks_trains_like_xla_on_a_mesh():
+  long = dict(mesh=dict(data=2, fsdp=2, tensor=2), seq_len=128, global_batch_size=4)
+  ref = train_losses(_cfg(model=dict(attention='xla', max_seq_len=128), **long))
+  np.testing.assert_allclose(train_losses(_cfg(model=dict(max_seq_len=128), **long)), ref, rtol=1e-5)
+
+
 @pytest.mark.parametrize('tie', [False, True])
 def test_vocab_chunked_loss_trains_like_full_logits_on_a_mesh(tie):
   mesh = dict(data=2, fsdp=2, tensor=2)

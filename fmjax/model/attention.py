@@ -94,15 +94,29 @@ def _dense_bwd(scale, res, g):
 _dense_core.defvjp(_dense_fwd, _dense_bwd)
 
 
-def dense_attention(q, k, v, q_seg, kv_seg, q_index=None, kv_index=None):
-  """Full-score attention with a hand-written backward pass (fewer, larger XLA ops than autodiff)."""
+def dense_attention(q, k, v, q_seg, kv_seg, q_index=None, kv_index=None, block: int = 64):
+  """Full-score attention with a hand-written backward pass (fewer, larger XLA ops than autodiff).
+
+  Self-attention of at least two `block`s of queries skips the key blocks wholly in the causal
+  future: query block i attends keys [0, (i + 1) * block) only (3/4 of the work at 2 blocks).
+  """
   b, t, h, d = q.shape
   s, kh = k.shape[1], k.shape[2]
+  causal_blocks = q_index is None and kv_index is None and t == s and t % block == 0 and t >= 2 * block
   q_index = jnp.arange(t) if q_index is None else q_index
   kv_index = jnp.arange(s) if kv_index is None else kv_index
-  mask = _mask(q_index, kv_index, q_seg, kv_seg)[:, None, None]
+  mask = _mask(q_index, kv_index, q_seg, kv_seg)[:, None, None]        # (B, 1, 1, T, S)
   qg = q.reshape(b, t, kh, h // kh, d).transpose(0, 2, 3, 1, 4)       # (B, K, G, T, D)
-  out = _dense_core(qg, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, d ** -0.5)
+  kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)           # (B, K, S, D)
+  if causal_blocks:
+    outs = []
+    for i in range(t // block):
+      rows, keys = slice(i * block, (i + 1) * block), slice(0, (i + 1) * block)
+      outs.append(_dense_core(qg[:, :, :, rows], kt[:, :, keys], vt[:, :, keys], mask[..., rows, keys],
+                              d ** -0.5))
+    out = jnp.concatenate(outs, axis=3)
+  else:
+    out = _dense_core(qg, kt, vt, mask, d ** -0.5)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
