@@ -5,7 +5,8 @@ Every implementation masks the future (by index in the row) and never attends ac
 documents packed into one row (segment ids must match; 0 marks padding). Implementations
 (`model.attention`): `xla`, the reference (full scores, autodiff); `dense`, the same scores with
 a hand-written backward pass (the flash identity rowsum(P dP) = rowsum(dO O), no softmax
-reduction over keys, and batch-major layouts: the fastest on CPU); `cudnn`,
+reduction over keys, batch-major layouts, and key blocks in the causal future skipped: the
+fastest on CPU); `cudnn`,
 `jax.nn.dot_product_attention` (cuDNN flash attention on NVIDIA GPUs); `splash`, the Pallas
 splash kernel on TPU; `chunked`, online softmax over key blocks for long sequences on any
 backend; `auto` picks cudnn on GPU, splash on TPU and dense elsewhere.

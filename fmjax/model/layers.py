@@ -83,7 +83,7 @@ class Projection(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  weights_only: bool = False  # return (kernel, bias or None) instead of applying them (fusion)
+  weights_only: bool = False  # return (kernel, bias, LoRA term of x) instead (fused_projections)
 
   @nn.compact
   def __call__(self, x):
@@ -108,7 +108,6 @@ class Projection(nn.Module):
   def _adapter(self, x):
     from fmjax.model.lora import adapter  # pylint: disable=import-outside-toplevel
     return adapter(self, x, self.parent.cfg.lora)
-
 
   def _bias(self):
     return param_with_axes(self, 'bias', nn.initializers.zeros, self.out_shape,

@@ -116,7 +116,7 @@ class Transformer(nn.Module):
       if cfg.tie_embeddings:
         return hidden, embedding, True
       kernel, _, _ = Projection((cfg.d_model,), (cfg.vocab_size,), ('embed',), ('vocab',), name='lm_head',
-                             init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype, weights_only=True)(None)
+                                init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype, weights_only=True)(None)
       return hidden, kernel, False
     if cfg.tie_embeddings:
       flat = hidden.reshape(b * t, cfg.d_model)  # 2-D matmuls, forward and backward
