@@ -22,8 +22,9 @@ def confusion_matrix(labels, predictions, num_classes: int) -> np.ndarray:
 
 
 def _ratio(num, den):
+  """num / den elementwise, 0 where den is 0 (sklearn's zero_division=0)."""
   num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
-  return np.where(den > 0, num / np.maximum(den, 1), 0.0)
+  return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
 
 
 def report(confusion, class_names: Sequence[str]) -> dict:

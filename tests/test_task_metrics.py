@@ -44,3 +44,81 @@ def test_outputs(tmp_path):
   pytest.importorskip('matplotlib')
   assert task_metrics.plot_confusion(rep, str(tmp_path / 'cm.png'))
   assert (tmp_path / 'cm.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def _labels_from_confusion(cm):
+  """(y_true, y_pred) lists whose confusion matrix is cm."""
+  true, pred = [], []
+  for i, row in enumerate(cm):
+    for j, n in enumerate(row):
+      true += [i] * int(n)
+      pred += [j] * int(n)
+  return np.array(true), np.array(pred)
+
+
+def _assert_matches_sklearn(cm):
+  from sklearn import metrics  # the test extra installs it: never skip the reference
+  k = cm.shape[0]
+  names = [f'c{i}' for i in range(k)]
+  rep = task_metrics.report(cm, names)
+  y_true, y_pred = _labels_from_confusion(cm)
+  labels = list(range(k))
+  p, r, f, s = metrics.precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+  for i, name in enumerate(names):
+    got = rep['per_class'][name]
+    assert abs(got['precision'] - p[i]) <= 1e-12 and abs(got['recall'] - r[i]) <= 1e-12
+    assert abs(got['f1'] - f[i]) <= 1e-12, (cm.tolist(), name, got['f1'], f[i])
+    assert got['support'] == s[i]
+  mp, mr, mf, _ = metrics.precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0,
+                                                          average='macro')
+  assert abs(rep['macro_precision'] - mp) <= 1e-12
+  assert abs(rep['macro_recall'] - mr) <= 1e-12
+  assert abs(rep['macro_f1'] - mf) <= 1e-12
+  assert abs(rep['accuracy'] - metrics.accuracy_score(y_true, y_pred)) <= 1e-12
+
+
+def test_f1_when_precision_plus_recall_is_below_one():
+  # The issue's example: class a has precision 1/3 and recall 1/2; F1 = 2 * (1/6) / (5/6) = 0.4.
+  rep = task_metrics.report(task_metrics.confusion_matrix([0, 0, 1, 1], [0, 1, 0, 0], 2), 'ab')
+  assert rep['per_class']['a']['f1'] == pytest.approx(0.4, abs=1e-15)
+  _assert_matches_sklearn(np.asarray(rep['confusion']))
+
+
+def test_agrees_with_sklearn_on_random_confusion_matrices():
+  rng = np.random.default_rng(0)
+  for trial in range(600):
+    k = int(rng.integers(2, 7))
+    cm = rng.integers(0, 6, size=(k, k))
+    if trial % 3 == 0:   # empty classes: no examples of a class
+      cm[rng.integers(0, k)] = 0
+    if trial % 4 == 0:   # a class that is never predicted
+      cm[:, rng.integers(0, k)] = 0
+    if trial % 7 == 0:   # sparse, mostly-wrong matrices: precision + recall < 1 is common
+      cm = cm * (rng.random((k, k)) < 0.3)
+    if cm.sum() == 0:
+      cm[0, 1] = 1
+    _assert_matches_sklearn(cm)
+
+
+def test_edge_cases_agree_with_sklearn():
+  for cm in ([[0, 0], [0, 5]], [[0, 3], [0, 0]], [[2, 0, 0], [0, 0, 0], [1, 0, 0]], [[1, 9], [9, 1]]):
+    _assert_matches_sklearn(np.array(cm))
+
+
+def test_best_checkpoint_follows_sklearn_macro_f1(tmp_path):
+  """The fine-tune tracker keeps the eval whose (sklearn) macro-F1 is highest."""
+  from sklearn import metrics  # the test extra installs it: never skip the reference
+  import jax.numpy as jnp
+  from fmjax.finetune import BestTracker
+  rng = np.random.default_rng(1)
+  tracker = BestTracker(str(tmp_path), 'macro_f1', 'max', {'note': 'test'})
+  expected = []
+  for step in range(1, 9):
+    cm = rng.integers(0, 5, size=(3, 3))
+    y_true, y_pred = _labels_from_confusion(cm)
+    expected.append((metrics.f1_score(y_true, y_pred, labels=[0, 1, 2], average='macro', zero_division=0), step))
+    tracker.update(step, task_metrics.report(cm, 'xyz'), {'w': jnp.full((2,), float(step))})
+  tracker.close()
+  best_f1, best_step = max(expected, key=lambda e: (e[0], -e[1]))
+  assert tracker.best['step'] == best_step
+  assert tracker.best['macro_f1'] == pytest.approx(best_f1, abs=1e-12)
