@@ -9,7 +9,6 @@ shape, alternating with fmjax, and reports the ratio.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -18,11 +17,12 @@ import sys
 import time
 from typing import Sequence
 
+from fmjax import cli
 from fmjax import config as config_lib
 from fmjax import hugepages
 
 USAGE = """python -m fmjax.bench --config CONFIG.py [--config.KEY=VALUE ...] [--steps N] [--sweep "k=v,k=v;k=v"]
-                          [--torch-reference PATH --text FILE] [--json OUT] [--repeats R]"""
+                          [--torch-reference PATH --text FILE] [--out FILE] [--repeats R]"""
 
 
 def bench_config(cfg, steps: int = 10, warmup: int = 2) -> dict:
@@ -94,48 +94,44 @@ def format_table(rows: list[dict]) -> str:
   return '\n'.join([line(cols)] + [line(r) for r in cells])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  if argv is None:  # the command line, not a call from Python
-    hugepages.reexec_with_hugepages()
-  from fmjax.train import parse_args, user_errors
-  argv = list(sys.argv[1:] if argv is None else argv)
-  parser = argparse.ArgumentParser(prog='fmjax.bench', usage=USAGE, add_help=False)
-  parser.add_argument('--steps', type=int, default=10)
+def _bench_command(argv: Sequence[str]) -> int:
+  parser = cli.ArgumentParser(prog='fmjax.bench', usage=USAGE, description=__doc__.splitlines()[0])
+  cli.add_config_flags(parser)
+  parser.add_argument('--steps', type=int, default=10, help='timed train steps per run')
   parser.add_argument('--repeats', type=int, default=1, help='alternate fmjax/reference runs this many times')
-  parser.add_argument('--sweep', default='')
-  parser.add_argument('--torch-reference', default='')
-  parser.add_argument('--text', default='')
-  parser.add_argument('--json', default='')
-  own, rest = parser.parse_known_args(argv)
-  try:
-    config_path, _, overrides = parse_args(rest, 'fmjax.bench', USAGE)
-    groups = parse_sweep(own.sweep) or [[]]
-    rows = []
-    for _ in range(own.repeats):
-      for group in groups:
-        cfg = config_lib.resolve(config_path, overrides + [f'--config.{kv}' if not kv.startswith('--') else kv
-                                                           for kv in group])
-        row = {'name': ','.join(group) or 'fmjax', **bench_config(cfg, own.steps)}
-        rows.append(row)
-        print(format_table([row]).splitlines()[-1], file=sys.stderr, flush=True)
-      if own.torch_reference:
-        if not os.path.isfile(own.torch_reference) or not os.path.isfile(own.text):
-          raise config_lib.ConfigError('--torch-reference and --text must name existing files')
-        ref = torch_reference(own.torch_reference, own.text, cfg, max(own.steps, 20))
-        rows.append({'name': 'torch-reference', 'tokens_per_s': ref['tokens_per_s'], 'step_ms': ref['step_ms']})
-  except user_errors() as e:
-    print(f'fmjax.bench: error: {e}', file=sys.stderr)
-    return 2
+  parser.add_argument('--sweep', default='', help='override sets to compare, e.g. "a=1,b=2;a=3"')
+  parser.add_argument('--torch-reference', default='', metavar='PATH', help='a PyTorch baseline script')
+  parser.add_argument('--text', default='', metavar='FILE', help='training text for the PyTorch baseline')
+  parser.add_argument('--out', default='', metavar='FILE', help='also write the rows as JSON to FILE')
+  args, overrides = cli.parse(parser, argv)
+  config_path = cli.config_path(args.config)
+  if args.torch_reference and (not os.path.isfile(args.torch_reference) or not os.path.isfile(args.text)):
+    raise config_lib.ConfigError('--torch-reference and --text must name existing files')
+  groups = parse_sweep(args.sweep) or [[]]
+  rows = []
+  for _ in range(args.repeats):
+    for group in groups:
+      cfg = config_lib.resolve(config_path, overrides + list(group))
+      row = {'name': ','.join(group) or 'fmjax', **bench_config(cfg, args.steps)}
+      rows.append(row)
+      print(format_table([row]).splitlines()[-1], file=sys.stderr, flush=True)
+    if args.torch_reference:
+      ref = torch_reference(args.torch_reference, args.text, cfg, max(args.steps, 20))
+      rows.append({'name': 'torch-reference', 'tokens_per_s': ref['tokens_per_s'], 'step_ms': ref['step_ms']})
   print(format_table(rows))
-  if own.torch_reference:
+  if args.torch_reference:
     ours = statistics.median(r['tokens_per_s'] for r in rows if r['name'] != 'torch-reference')
     theirs = statistics.median(r['tokens_per_s'] for r in rows if r['name'] == 'torch-reference')
     print(f'fmjax / torch-reference tokens/s: {ours / theirs:.2f}x')
   print(json.dumps(rows))
-  if own.json:
-    with open(own.json, 'w') as f:
+  if args.out:
+    with open(args.out, 'w') as f:
       json.dump(rows, f, indent=2)
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return cli.run('fmjax.bench', _bench_command, argv)
 
 
 if __name__ == '__main__':

@@ -13,8 +13,10 @@ import threading
 
 import jax
 
+from fmjax.errors import UserError
 
-class TopologyError(RuntimeError):
+
+class TopologyError(UserError, RuntimeError):
   """The processes or devices are not what the run expects."""
 
 

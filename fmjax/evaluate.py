@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fmjax import cli
 from fmjax import step as step_lib
 
 
@@ -100,35 +101,32 @@ Loss, perplexity and bits per byte of the newest checkpoint in DIR on a split of
 (default: data.eval_split of the saved config), sharded like training."""
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _evaluate_command(argv: Sequence[str]) -> int:
   from fmjax import restore  # pylint: disable=import-outside-toplevel
-  from fmjax import generate  # pylint: disable=import-outside-toplevel
   from fmjax.data import pipeline  # pylint: disable=import-outside-toplevel
-  argv = sys.argv[1:] if argv is None else argv
-  prog = 'fmjax.evaluate'
-  parser = generate.ArgumentParser(prog=prog, usage=USAGE)
-  generate.common_arguments(parser)
+  parser = cli.ArgumentParser(prog='fmjax.evaluate', usage=USAGE, description=__doc__.splitlines()[0])
+  cli.add_workdir_flags(parser)
   parser.add_argument('--split', default=None, help='the split to evaluate (default: data.eval_split)')
   parser.add_argument('--batches', type=int, default=None, help='number of batches (default: eval_batches)')
-  try:
-    args, overrides = generate.split_overrides(parser, argv)
-    if args.split:
-      overrides.append(f'data.eval_split={args.split}')
-    restored = restore.restore(args.workdir, restore.mesh_overrides(args.mesh) + overrides, args.step)
-    cfg = restored.cfg
-    n = args.batches if args.batches is not None else cfg.eval_batches
-    local_batch = cfg.global_batch_size // jax.process_count()
-    batches = pipeline.make_eval_batches(cfg.data, restored.tokenizer, seq_len=cfg.seq_len, batch_size=local_batch,
-                                         num_batches=n, process_index=jax.process_index(),
-                                         process_count=jax.process_count())
-    result = evaluate_params(restored.run, restored.params, batches, restored.tokenizer.token_byte_lengths())
-  except generate.user_errors() as e:
-    print(f'{prog}: error: {e}', file=sys.stderr)
-    return 2
+  args, overrides = cli.parse(parser, argv)
+  if args.split:
+    overrides.append(f'data.eval_split={args.split}')
+  restored = restore.restore(args.workdir, restore.mesh_overrides(args.mesh) + overrides, args.step)
+  cfg = restored.cfg
+  n = args.batches if args.batches is not None else cfg.eval_batches
+  local_batch = cfg.global_batch_size // jax.process_count()
+  batches = pipeline.make_eval_batches(cfg.data, restored.tokenizer, seq_len=cfg.seq_len, batch_size=local_batch,
+                                       num_batches=n, process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+  result = evaluate_params(restored.run, restored.params, batches, restored.tokenizer.token_byte_lengths())
   metrics = ' '.join(f'{k}={v:.4f}' if k not in ('tokens', 'bytes') else f'{k}={v:g}'
                      for k, v in result.items())
   print(f'{metrics} (split {cfg.data.eval_split!r}, {len(batches)} batches, checkpoint step {restored.step})')
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return cli.run('fmjax.evaluate', _evaluate_command, argv)
 
 
 if __name__ == '__main__':

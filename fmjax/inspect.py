@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fmjax import cli
 from fmjax.model.layers import LayerNorm, Projection, RMSNorm, dtype_of
 
 USAGE = """python -m fmjax.inspect --workdir DIR --prompt TEXT --out OUT [--top-k K] [--step N] [--mesh d,f,t]
@@ -167,28 +168,22 @@ def write_plots(result: dict, out: str, tokenizer) -> list[str]:
   return paths
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  from fmjax import generate, restore  # pylint: disable=import-outside-toplevel
-  argv = sys.argv[1:] if argv is None else argv
-  prog = 'fmjax.inspect'
-  parser = generate.ArgumentParser(prog=prog, usage=USAGE)
-  generate.common_arguments(parser)
+def _inspect_command(argv: Sequence[str]) -> int:
+  from fmjax import restore  # pylint: disable=import-outside-toplevel
+  parser = cli.ArgumentParser(prog='fmjax.inspect', usage=USAGE, description=__doc__.splitlines()[0])
+  cli.add_workdir_flags(parser)
   parser.add_argument('--prompt', required=True, help='the text to inspect')
   parser.add_argument('--out', required=True, help='directory for the PNG and JSON files')
   parser.add_argument('--top-k', type=int, default=5, help='tokens per position in the logit lens')
+  args, overrides = cli.parse(parser, argv)
+  if args.top_k <= 0:
+    raise cli.UsageError(f'--top-k {args.top_k} must be positive')
   try:
-    args, overrides = generate.split_overrides(parser, argv)
-    if args.top_k <= 0:
-      raise generate.UsageError(f'--top-k {args.top_k} must be positive')
-    try:
-      import matplotlib  # pylint: disable=import-outside-toplevel,unused-import
-    except ImportError:
-      raise generate.UsageError('fmjax.inspect needs matplotlib: pip install "matplotlib>=3.8"') from None
-    restored = restore.restore(args.workdir, restore.mesh_overrides(args.mesh) + overrides, args.step)
-    result = analyse(restored, args.prompt, min(args.top_k, restored.cfg.model.vocab_size))
-  except generate.user_errors() as e:
-    print(f'{prog}: error: {e}', file=sys.stderr)
-    return 2
+    import matplotlib  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    raise cli.UsageError('fmjax.inspect needs matplotlib: pip install "matplotlib>=3.8"') from None
+  restored = restore.restore(args.workdir, restore.mesh_overrides(args.mesh) + overrides, args.step)
+  result = analyse(restored, args.prompt, min(args.top_k, restored.cfg.model.vocab_size))
   os.makedirs(args.out, exist_ok=True)
   paths = write_plots(result, args.out, restored.tokenizer)
   paths.append(os.path.join(args.out, 'inspect.json'))
@@ -197,6 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f'mean loss {float(np.mean(result["token_loss"])):.3f} nats over {len(result["token_loss"])} tokens; '
         f'wrote {", ".join(os.path.basename(p) for p in paths)} to {args.out}')
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return cli.run('fmjax.inspect', _inspect_command, argv)
 
 
 if __name__ == '__main__':

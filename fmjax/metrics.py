@@ -9,23 +9,35 @@ from __future__ import annotations
 
 import functools
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-# Dense bf16 peak FLOP/s per device (chip), from vendor data sheets.
-PEAK_FLOPS = {
-    'tpu v4': 275e12,
-    'tpu v5 lite': 197e12,   # v5e
-    'tpu v5e': 197e12,
-    'tpu v5p': 459e12,
-    'tpu v5': 459e12,
-    'tpu v6 lite': 918e12,   # v6e (Trillium)
-    'tpu v6e': 918e12,
-    'a100': 312e12,
-    'h100': 989e12,
-    'h200': 989e12,
+class Accelerator(NamedTuple):
+  """One chip: memory, dense bf16 peak, and the `device_kind` strings JAX reports for it."""
+  hbm_gib: float
+  peak_flops: float
+  device_kinds: tuple
+
+
+# The one table of accelerator specs (vendor data sheets), keyed by the names topologies use.
+ACCELERATORS = {
+    'v4': Accelerator(32, 275e12, ('tpu v4',)),
+    'v5e': Accelerator(16, 197e12, ('tpu v5 lite', 'tpu v5e')),
+    'v5p': Accelerator(95, 459e12, ('tpu v5p', 'tpu v5')),
+    'v6e': Accelerator(32, 918e12, ('tpu v6 lite', 'tpu v6e')),
+    'a100': Accelerator(80, 312e12, ('a100',)),
+    'h100': Accelerator(80, 989e12, ('h100',)),
+    'h200': Accelerator(141, 989e12, ('h200',)),
 }
+
+
+def accelerator_of(device_kind: str) -> Accelerator | None:
+  """The table entry whose device-kind string occurs in `device_kind` (longest match), or None."""
+  kind = device_kind.lower()
+  matches = [(len(k), acc) for acc in ACCELERATORS.values() for k in acc.device_kinds if k in kind]
+  return max(matches, key=lambda m: m[0])[1] if matches else None
 
 
 def matmul_params(model_cfg) -> int:
@@ -74,11 +86,8 @@ def device_peak_flops(device: jax.Device | None = None, cpu_peak: float = 0.0, d
   device = device or jax.devices()[0]
   if device.platform == 'cpu':
     return cpu_peak or measure_cpu_peak_flops(dtype=dtype)
-  kind = device.device_kind.lower()
-  for name in sorted(PEAK_FLOPS, key=len, reverse=True):
-    if name in kind:
-      return PEAK_FLOPS[name]
-  return 0.0
+  acc = accelerator_of(device.device_kind)
+  return acc.peak_flops if acc else 0.0
 
 
 def throughput(model_cfg, seq_len: int, tokens: float, seconds: float, num_devices: int, peak: float) -> dict:

@@ -11,22 +11,17 @@ same count, which checks the shardings and gives XLA's memory estimate for those
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
 import sys
 from typing import Sequence
 
+from fmjax import cli
+from fmjax.errors import UserError
+
 USAGE = """python -m fmjax.plan --config CONFIG.py [--config.KEY=VALUE ...] [--topology NAME | --devices N]
                          [--memory-gib G] [--mfu 0.5]"""
-
-# Per-chip HBM (GiB) and dense bf16 peak FLOP/s of known accelerators.
-DEVICE_SPECS = {
-    'v4': (32, 275e12), 'v5e': (16, 197e12), 'v5p': (95, 459e12), 'v6e': (32, 918e12),
-    'a100': (80, 312e12), 'h100': (80, 989e12), 'h200': (141, 989e12),
-}
-
 
 # Chip layouts (libtpu topology names) of common slices; others via --tpu-topology-name.
 TPU_TOPOLOGIES = {
@@ -37,7 +32,7 @@ TPU_TOPOLOGIES = {
 }
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
   """The plan does not fit, or its inputs are wrong."""
 
 
@@ -133,58 +128,45 @@ def _use_devices(kind: str | None, chips: int) -> None:
   os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={chips}'.strip()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  parser = argparse.ArgumentParser(prog='fmjax.plan', usage=USAGE, add_help=False)
-  parser.add_argument('--topology', default='')
-  parser.add_argument('--devices', type=int, default=0)
-  parser.add_argument('--memory-gib', type=float, default=0.0)
-  parser.add_argument('--mfu', type=float, default=0.5)
-  parser.add_argument('--tpu-topology-name', default='')
-  own, rest = parser.parse_known_args(argv)
-  try:
-    kind, chips = parse_topology(own.topology) if own.topology else (None, own.devices or 0)
-  except PlanError as e:
-    print(f'fmjax.plan: error: {e}', file=sys.stderr)
-    return 2
+def _plan_command(argv: Sequence[str]) -> int:
+  parser = cli.ArgumentParser(prog='fmjax.plan', usage=USAGE, description=__doc__.splitlines()[0])
+  cli.add_config_flags(parser)
+  parser.add_argument('--topology', default='', help='e.g. v5p-32, v6e-16, v4-8, h100-8 (default: this machine)')
+  parser.add_argument('--devices', type=int, default=0, help='plan for N devices of this platform')
+  parser.add_argument('--memory-gib', type=float, default=0.0, help='device memory limit (default: the chip\'s)')
+  parser.add_argument('--mfu', type=float, default=0.5, help='MFU assumed for the predicted step time')
+  parser.add_argument('--tpu-topology-name', default='', help='libtpu chip layout, e.g. v5p:2x2x4')
+  args, overrides = cli.parse(parser, argv)
+  kind, chips = parse_topology(args.topology) if args.topology else (None, args.devices or 0)
   if chips:
     _use_devices(kind, chips)  # before anything imports jax
   from fmjax import config as config_lib
-  from fmjax.train import parse_args
-  try:
-    config_path, _, overrides = parse_args(rest, 'fmjax.plan', USAGE)
-    cfg = config_lib.resolve(config_path, overrides)
-    memory, peak = own.memory_gib or None, None
-    if kind:
-      memory = memory or DEVICE_SPECS[kind][0]
-      peak = DEVICE_SPECS[kind][1]
-    import jax
-    if peak is None and jax.devices()[0].platform != 'cpu':
-      from fmjax import metrics
-      peak = metrics.device_peak_flops(jax.devices()[0]) or None
-    devices = None
-    if kind and kind.startswith('v') and jax.devices()[0].platform != 'cpu' or 'libtpu' in sys.modules:
-      devices = tpu_devices(own.topology, own.tpu_topology_name)
-    elif chips and chips != jax.device_count():
-      raise PlanError(f'{chips} devices were asked for but {jax.device_count()} exist; run fmjax.plan in a fresh '
-                      'process (it must set the device count before jax starts)')
-    result = plan(cfg, memory, own.mfu, peak, devices)
-  except (PlanError, config_lib.ConfigError) as e:
-    print(f'fmjax.plan: error: {e}', file=sys.stderr)
-    return 2
-  except Exception as e:  # noqa: BLE001 - user errors from the shared set
-    from fmjax.train import user_errors
-    if isinstance(e, user_errors()):
-      print(f'fmjax.plan: error: {e}', file=sys.stderr)
-      return 2
-    raise
-  print(report(result, own.mfu))
+  cfg = config_lib.resolve(cli.config_path(args.config), overrides)
+  import jax
+  from fmjax import metrics
+  memory, peak = args.memory_gib or None, None
+  if kind:
+    memory = memory or metrics.ACCELERATORS[kind].hbm_gib
+    peak = metrics.ACCELERATORS[kind].peak_flops
+  if peak is None and jax.devices()[0].platform != 'cpu':
+    peak = metrics.device_peak_flops(jax.devices()[0]) or None
+  devices = None
+  if kind and kind.startswith('v') and jax.devices()[0].platform != 'cpu' or 'libtpu' in sys.modules:
+    devices = tpu_devices(args.topology, args.tpu_topology_name)
+  elif chips and chips != jax.device_count():
+    raise PlanError(f'{chips} devices were asked for but {jax.device_count()} exist; run fmjax.plan in a fresh '
+                    'process (it must set the device count before jax starts)')
+  result = plan(cfg, memory, args.mfu, peak, devices)
+  print(report(result, args.mfu))
   if result.get('fits') is False:
-    print(f'fmjax.plan: error: needs {result["total_bytes"] / 2**30:.2f} GiB per device but the limit is '
-          f'{result["memory_bytes"] / 2**30:.2f} GiB; add devices, shard more (--config.mesh.*), use remat or '
-          'a smaller batch', file=sys.stderr)
-    return 2
+    raise PlanError(f'needs {result["total_bytes"] / 2**30:.2f} GiB per device but the limit is '
+                    f'{result["memory_bytes"] / 2**30:.2f} GiB; add devices, shard more (--config.mesh.*), use remat '
+                    'or a smaller batch')
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return cli.run('fmjax.plan', _plan_command, argv)
 
 
 if __name__ == '__main__':

@@ -51,16 +51,10 @@ class Restored:
 
 def mesh_overrides(spec: str | None) -> list[str]:
   """`--mesh data,fsdp,tensor` (e.g. '1,-1,1') as config overrides."""
+  from fmjax import sharding as shd  # pylint: disable=import-outside-toplevel
   if not spec:
     return []
-  parts = spec.split(',')
-  try:
-    dims = [int(p) for p in parts]
-  except ValueError:
-    dims = []
-  if len(dims) != 3:
-    raise config_lib.ConfigError(f'--mesh {spec!r} must be three integers data,fsdp,tensor (e.g. 1,-1,1)')
-  return [f'mesh.{a}={d}' for a, d in zip(('data', 'fsdp', 'tensor'), dims)]
+  return [f'mesh.{axis}={size}' for axis, size in shd.parse_mesh_spec(spec).items()]
 
 
 def load_config(workdir: str, meta: dict | None = None, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

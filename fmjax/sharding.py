@@ -15,10 +15,12 @@ import numpy as np
 import flax.linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fmjax.errors import UserError
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 
-class MeshError(ValueError):
+class MeshError(UserError):
   """The mesh does not fit the devices or the model."""
 
 
@@ -40,6 +42,18 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
     raise MeshError(f'mesh {"x".join(map(str, dims))} (data x fsdp x tensor) needs {math.prod(dims)} devices '
                     f'but {num_devices} are available; set --config.mesh.* so the product is {num_devices}')
   return tuple(dims)
+
+
+def parse_mesh_spec(spec: str) -> dict[str, int]:
+  """'data,fsdp,tensor' text (e.g. '1,-1,1') -> {'data': 1, 'fsdp': -1, 'tensor': 1}; -1 as in config."""
+  try:
+    dims = [int(p) for p in spec.split(',')]
+  except ValueError:
+    dims = []
+  if len(dims) != 3 or any(d == 0 or d < -1 for d in dims) or dims.count(-1) > 1:
+    raise MeshError(f'--mesh {spec!r} must be three sizes data,fsdp,tensor, each positive or one of them -1 '
+                    '(the remaining devices), e.g. 1,-1,1')
+  return dict(zip(MESH_AXES, dims))
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:

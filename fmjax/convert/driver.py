@@ -10,13 +10,13 @@ import shutil
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fmjax import config as config_lib
 from fmjax.checkpoint import Checkpointer, make_metadata
 from fmjax.convert import gpt2, hf_io, hf_tokenizer, llama, source
 from fmjax.convert.mapping import ConversionError, expand, locate
+from fmjax.model import layout
 from fmjax.model.layers import dtype_of
 
 FAMILIES = {'llama': llama, 'gpt2': gpt2}
@@ -252,33 +252,6 @@ def from_hf(hf_dir: str, out_workdir: str, scan_layers: bool = True, dtype: str 
 
 # -- training checkpoint -> params-only ------------------------------------------------------------
 
-def relayout(params: dict, scanned: bool, num_layers: int) -> dict:
-  """Scanned <-> unrolled in place, one leaf at a time (the source leaves are dropped as they go)."""
-  if ('layers' in params) == scanned:
-    return params
-  if scanned:
-    blocks = [params.pop(f'layers_{i}') for i in range(num_layers)]
-    leaves = [jax.tree_util.tree_flatten(b) for b in blocks]
-    treedef, columns = leaves[0][1], [lv for lv, _ in leaves]
-    del blocks, leaves
-    stacked = []
-    for j in range(len(columns[0])):
-      stacked.append(jnp.stack([col[j] for col in columns]))
-      for col in columns:
-        col[j] = None
-    params['layers'] = jax.tree_util.tree_unflatten(treedef, stacked)
-  else:
-    leaves, treedef = jax.tree_util.tree_flatten(params.pop('layers'))
-    per_layer = [[None] * len(leaves) for _ in range(num_layers)]
-    for j in range(len(leaves)):
-      for i in range(num_layers):
-        per_layer[i][j] = leaves[j][i]
-      leaves[j] = None
-    for i in range(num_layers):
-      params[f'layers_{i}'] = jax.tree_util.tree_unflatten(treedef, per_layer[i])
-  return params
-
-
 def _save_run_config(source_path: str, cfg, out_path: str) -> None:
   """The source run's config.json with the converted model section (else the defaults around it)."""
   if os.path.isfile(source_path):
@@ -302,7 +275,7 @@ def params_only(src: source.Source, out_workdir: str, dtype: str | None = None, 
   target.param_dtype = dtype
   if scan_layers is not None and scan_layers != target.scan_layers:
     target.scan_layers = scan_layers
-    params = relayout(params, scan_layers, target.num_layers)
+    params = layout.to_layout(params, scan_layers, target.num_layers)
     abstract = source.abstract_params(target, mesh, dtype_of(dtype))
     params = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), params, abstract)
   cfg = run_config(target, src.meta.get('seq_len'), mesh)

@@ -14,8 +14,10 @@ from typing import Callable
 
 import numpy as np
 
+from fmjax.errors import UserError
 
-class ConversionError(ValueError):
+
+class ConversionError(UserError):
   """A checkpoint, tensor or flag that cannot be converted; the message names it."""
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -114,18 +115,16 @@ def single_device_mesh():
 
 
 def mesh_of(spec: str | None):
-  """'data,fsdp,tensor' (e.g. '1,4,2') -> a mesh over the first devices; None -> one device."""
+  """'data,fsdp,tensor' (e.g. '1,4,2'; one may be -1) -> a mesh over the first devices; None -> one device."""
   if not spec:
     return single_device_mesh()
-  try:
-    dims = [int(x) for x in spec.split(',')]
-    assert len(dims) == 3 and all(d > 0 for d in dims)
-  except (ValueError, AssertionError):
-    raise ConversionError(f'--mesh {spec!r}: expected three positive sizes data,fsdp,tensor like 1,4,2') from None
-  n = dims[0] * dims[1] * dims[2]
+  dims = shd.parse_mesh_spec(spec)
+  if -1 in dims.values():
+    return shd.make_mesh(dims)
+  n = math.prod(dims.values())
   if n > jax.device_count():
     raise ConversionError(f'--mesh {spec}: needs {n} devices but {jax.device_count()} are available')
-  return shd.make_mesh(dict(zip(shd.MESH_AXES, dims)), devices=jax.devices()[:n])
+  return shd.make_mesh(dims, devices=jax.devices()[:n])
 
 
 def abstract_params(model_cfg, mesh=None, dtype=None, rules=None):
