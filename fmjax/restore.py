@@ -78,15 +78,30 @@ def load_config(workdir: str, meta: dict | None = None, overrides: Sequence[str]
   return config_lib.validate(cfg)
 
 
-def latest_checkpoint(workdir: str, step: int | None = None):
-  """(Checkpointer, step) of the newest (or the given) finalised checkpoint; one-line errors."""
+def locate_checkpoint(path: str, step: int | None = None):
+  """(Checkpointer, step, workdir) for a workdir, its checkpoints/ directory or one checkpoints/<step> directory.
+
+  The newest finalised checkpoint unless `step` (or the step directory) names one; one-line
+  CheckpointErrors otherwise. The one checkpoint locator of fmjax (restore, finetune, convert).
+  """
   from fmjax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
-  if not os.path.isdir(workdir):
-    raise CheckpointError(f'workdir {workdir} does not exist')
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
-    raise CheckpointError(f'no checkpoint in {workdir} (no checkpoints/ directory): train first with fmjax.train')
-  ckpt = Checkpointer(directory, async_save=False)
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise CheckpointError(f'{path} does not exist: pass a workdir made by fmjax.train (or its checkpoints/ '
+                          'directory, or one checkpoints/<step> directory)')
+  name, path_step = os.path.basename(path), None
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    directory = os.path.join(path, 'checkpoints')
+  elif name.isdigit() and os.path.isdir(os.path.join(path, 'state')):
+    directory, path_step = os.path.dirname(path), int(name)
+  elif name == 'checkpoints':
+    directory = path
+  else:
+    raise CheckpointError(f'no checkpoint in {path} (no checkpoints/ directory): train first with fmjax.train')
+  if step is not None and path_step is not None and step != path_step:
+    raise CheckpointError(f'--step={step} contradicts the step directory {path}')
+  step = path_step if step is None else step
+  ckpt = Checkpointer(directory, keep=1000, async_save=False)
   steps = ckpt.manager.all_steps()
   if not steps:
     ckpt.close()
@@ -95,8 +110,8 @@ def latest_checkpoint(workdir: str, step: int | None = None):
     step = max(steps)
   elif step not in steps:
     ckpt.close()
-    raise CheckpointError(f'no checkpoint for step {step} in {directory}; available: {sorted(steps)}')
-  return ckpt, step
+    raise CheckpointError(f'{directory} has no step {step} (have {sorted(steps)})')
+  return ckpt, step, os.path.dirname(directory)
 
 
 def load_tokenizer(workdir: str, spec: str):
@@ -112,8 +127,7 @@ def restore(workdir: str, overrides: Sequence[str] = (), step: int | None = None
   from fmjax import build  # pylint: disable=import-outside-toplevel
   from fmjax import sharding as shd  # pylint: disable=import-outside-toplevel
   from fmjax.data import tokenizers  # pylint: disable=import-outside-toplevel
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  ckpt, step = latest_checkpoint(workdir, step)
+  ckpt, step, workdir = locate_checkpoint(workdir, step)
   try:
     meta = ckpt.read_metadata(step)
     cfg = load_config(workdir, meta, overrides)

@@ -17,6 +17,7 @@ from fmjax import sharding as shd
 from fmjax.checkpoint import SHAPE_KEYS, Checkpointer
 from fmjax.convert.mapping import ConversionError
 from fmjax.model import Transformer
+from fmjax.restore import locate_checkpoint
 
 
 @dataclass
@@ -40,19 +41,6 @@ def model_config(options: dict) -> ml_collections.ConfigDict:
   return m
 
 
-def _split(path: str) -> tuple[str, int | None]:
-  """A workdir, its checkpoints/ dir, or one step dir -> (workdir, step or None)."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
-    return path, None
-  if os.path.basename(path) == 'checkpoints':
-    return os.path.dirname(path), None
-  parent = os.path.dirname(path)
-  if os.path.basename(parent) == 'checkpoints' and os.path.basename(path).isdigit():
-    return os.path.dirname(parent), int(os.path.basename(path))
-  raise ConversionError(f'{path} is not an fmjax workdir (no checkpoints/ inside)')
-
-
 def _check_flag(name: str, flag, saved, where: str):
   """An explicit flag may fill in what meta lacks; a contradiction is an error."""
   if flag is None:
@@ -65,17 +53,7 @@ def _check_flag(name: str, flag, saved, where: str):
 def open_source(path: str, step: int | None = None, model_json: str | None = None, scanned: bool | None = None,
                 tokenizer: str | None = None) -> Source:
   """Resolve a checkpoint and its model config, scan layout and tokenizer from `meta` (flags may fill gaps)."""
-  workdir, path_step = _split(path)
-  if step is not None and path_step is not None and step != path_step:
-    raise ConversionError(f'--step={step} contradicts the step directory {path}')
-  step = path_step if step is None else step
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=1000, async_save=False)
-  if step is None:
-    step = ckpt.latest_step()
-    if step is None:
-      raise ConversionError(f'{workdir}/checkpoints holds no complete checkpoint')
-  elif step not in ckpt.manager.all_steps():
-    raise ConversionError(f'{workdir}/checkpoints has no step {step} (have {sorted(ckpt.manager.all_steps())})')
+  ckpt, step, workdir = locate_checkpoint(path, step)
   where = f'{workdir}/checkpoints/{step}'
   try:
     meta = ckpt.read_metadata(step)
