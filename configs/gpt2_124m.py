@@ -1,5 +1,6 @@
 """GPT-2 small (124M): LayerNorm, GELU, learned positions, biases, tied embeddings.
 
+bf16 compute over fp32 parameters and AdamW state (logits, loss and softmax statistics in fp32).
 Point it at your data, e.g. a prepared TFDS dataset:
   --config.data.source=tfds --config.data.tfds_name=NAME --config.data.tfds_data_dir=DIR
 and a SentencePiece tokenizer (tools/train_tokenizer.py) with --config.data.tokenizer=PATH.
@@ -13,7 +14,7 @@ def get_config():
   cfg.model.update(dict(
       vocab_size=50304, d_model=768, num_layers=12, num_heads=12, mlp_dim=3072, max_seq_len=1024,
       activation='gelu', norm='layernorm', positions='learned', use_bias=True, tie_embeddings=True,
-      dropout=0.0, dtype='bfloat16', attention='auto'))
+      dropout=0.0, dtype='bfloat16', param_dtype='float32', attention='auto'))
   cfg.data.source = 'tfds'
   cfg.data.tfds_name = 'openwebtext'
   cfg.seq_len = 1024

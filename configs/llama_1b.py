@@ -1,5 +1,6 @@
 """A ~1.1B-parameter LLaMA-style model (RMSNorm, RoPE, SwiGLU, GQA) in bf16 at sequence 2048.
 
+bf16 compute over fp32 parameters and AdamW state (logits, loss and softmax statistics in fp32).
 Sized for one 80-141 GB GPU or a small TPU slice; FSDP over all devices by default.
 Set the data and tokenizer as in gpt2_124m.py.
 """
@@ -11,8 +12,8 @@ def get_config():
   cfg = base_config()
   cfg.model.update(dict(
       vocab_size=32000, d_model=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
-      mlp_dim=8192, max_seq_len=2048, rope_theta=500000.0, dtype='bfloat16', remat='dots',
-      attention='auto'))
+      mlp_dim=8192, max_seq_len=2048, rope_theta=500000.0, dtype='bfloat16', param_dtype='float32',
+      remat='dots', attention='auto'))
   cfg.data.source = 'tfds'
   cfg.data.tfds_name = 'c4/en:3.1.0'
   cfg.seq_len = 2048

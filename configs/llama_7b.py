@@ -1,5 +1,6 @@
 """LLaMA-7B shape (32 layers, width 4096, MHA) in bf16 at sequence 2048 with full remat.
 
+bf16 compute over fp32 parameters and AdamW state (logits, loss and softmax statistics in fp32).
 Needs a multi-GPU node or a TPU slice: FSDP over all devices by default; add tensor
 parallelism with --config.mesh.tensor=N. Set the data and tokenizer as in gpt2_124m.py.
 """
@@ -11,7 +12,7 @@ def get_config():
   cfg = base_config()
   cfg.model.update(dict(
       vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, mlp_dim=11008, max_seq_len=2048,
-      rope_theta=10000.0, dtype='bfloat16', remat='full', attention='auto'))
+      rope_theta=10000.0, dtype='bfloat16', param_dtype='float32', remat='full', attention='auto'))
   cfg.data.source = 'tfds'
   cfg.data.tfds_name = 'c4/en:3.1.0'
   cfg.seq_len = 2048

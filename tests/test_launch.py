@@ -229,51 +229,83 @@ def test_delete_plain_and_queued():
 # ---------------------------------------------------------------------- SLURM
 
 def test_submit_dry_run():
-    out = ok(SUBMIT, "--dry-run", "--nodes", "2", "--gpus-per-node=4", "--partition", "gpu",
-             "--time", "04:00:00", "--account=acct", "--", *TRAIN_ARGS)
+    out = ok(SUBMIT, "--dry-run", "--nodes", "2", "--gpus-per-node=4", "--cpus-per-task", "96",
+             "--partition", "gpu", "--time", "04:00:00", "--account=acct", "--", *TRAIN_ARGS)
     assert out == [
-        "+ sbatch --nodes=2 --gpus-per-node=4 --partition=gpu --time=04:00:00 --account=acct "
-        f"launch/slurm/train.sbatch {TRAIN_STR}",
+        "+ sbatch --exclusive --mem=0 --nodes=2 --gpus-per-node=4 --cpus-per-task=96 --partition=gpu "
+        f"--time=04:00:00 --account=acct launch/slurm/train.sbatch {TRAIN_STR}",
     ]
     assert ok(SUBMIT, "--dry-run", "--", *TRAIN_ARGS) == [
-        f"+ sbatch launch/slurm/train.sbatch {TRAIN_STR}"]
+        f"+ sbatch --exclusive --mem=0 launch/slurm/train.sbatch {TRAIN_STR}"]
 
 
 def test_sbatch_header():
     text = (LAUNCH / "slurm/train.sbatch").read_text()
-    for directive in ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=8"]:
+    for directive in ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=8", "--exclusive", "--mem=0"]:
         assert f"#SBATCH {directive}\n" in text
 
 
-SLURM_ENV = {"SLURM_JOB_NODELIST": "gpu[017-018]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "12345"}
+SLURM_ENV = {"SLURM_JOB_NODELIST": "gpu[017-018]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "12345",
+             "SLURM_CPUS_ON_NODE": "128"}
 SCONTROL = "#!/bin/sh\n[ \"$1 $2 $3\" = 'show hostnames gpu[017-018]' ] || exit 1\necho gpu017\necho gpu018\n"
 
 
-def test_sbatch_dry_run_prints_srun(tmp_path):
+def _gpu_flags():
+    from fmjax import gpu_flags
+    return " ".join(gpu_flags.DEFAULT_FLAGS)
+
+
+def test_sbatch_dry_run_prints_srun_with_resources_and_xla_flags(tmp_path):
     write_exe(tmp_path / "scontrol", SCONTROL)
-    out = ok(SBATCH, *TRAIN_ARGS, env={**SLURM_ENV, "FMJAX_DRY_RUN": "1"}, path_prepend=tmp_path)
+    env = {**SLURM_ENV, "FMJAX_DRY_RUN": "1", "PYTHON": sys.executable}
+    out = ok(SBATCH, *TRAIN_ARGS, env=env, path_prepend=tmp_path)
     assert out == [
-        "+ FMJAX_COORDINATOR=gpu017:32345 FMJAX_NUM_PROCESSES=2 srun --nodes=2 "
-        "--ntasks-per-node=1 --kill-on-bad-exit=1 bash -c "
-        "'export FMJAX_PROCESS_ID=\"$SLURM_NODEID\"; exec \"$@\"' bash python -m fmjax.train "
+        f"+ XLA_FLAGS='{_gpu_flags()}' XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 "
+        "FMJAX_COORDINATOR=gpu017:32345 FMJAX_NUM_PROCESSES=2 srun --nodes=2 "
+        "--ntasks-per-node=1 --cpus-per-task=128 --gpu-bind=none --kill-on-bad-exit=1 bash -c "
+        f"'export FMJAX_PROCESS_ID=\"$SLURM_NODEID\"; exec \"$@\"' bash {sys.executable} -m fmjax.train "
         f"{TRAIN_STR}",
     ]
+    # A user's XLA_FLAGS win flag by flag; SLURM_CPUS_PER_TASK (sbatch --cpus-per-task) wins over the node's.
+    env.update(XLA_FLAGS="--xla_gpu_enable_triton_gemm=true", SLURM_CPUS_PER_TASK="32")
+    line = ok(SBATCH, *TRAIN_ARGS, env=env, path_prepend=tmp_path)[0]
+    assert "--xla_gpu_enable_triton_gemm=true'" in line and "triton_gemm=false" not in line
+    assert "--cpus-per-task=32 " in line
+    # FMJAX_GPU_FLAGS=0: no flags set (the user's own XLA_FLAGS still reach the tasks unchanged).
+    line = ok(SBATCH, *TRAIN_ARGS, env={**env, "FMJAX_GPU_FLAGS": "0"}, path_prepend=tmp_path)[0]
+    assert line.startswith("+ FMJAX_COORDINATOR=")
 
 
-def test_sbatch_sets_per_task_process_id(tmp_path):
+def test_sbatch_needs_a_cpu_count(tmp_path):
+    write_exe(tmp_path / "scontrol", SCONTROL)
+    env = {k: v for k, v in SLURM_ENV.items() if k != "SLURM_CPUS_ON_NODE"}
+    r = sh(SBATCH, *TRAIN_ARGS, env={**env, "FMJAX_DRY_RUN": "1"}, path_prepend=tmp_path)
+    assert (r.returncode, r.stderr) == (2, "train.sbatch: error: neither SLURM_CPUS_PER_TASK nor "
+                                        "SLURM_CPUS_ON_NODE is a CPU count: submit with sbatch\n")
+
+
+def test_sbatch_sets_per_task_process_id_and_xla_flags(tmp_path):
     # Fake srun runs the task once per node with that node's SLURM_NODEID.
     write_exe(tmp_path / "scontrol", SCONTROL)
     write_exe(tmp_path / "srun", """#!/bin/bash
 while [[ $1 == --* ]]; do shift; done
 for id in 0 1; do SLURM_NODEID=$id "$@" || exit; done
 """)
-    py = write_exe(tmp_path / "py", "#!/bin/sh\necho \"$FMJAX_COORDINATOR $FMJAX_NUM_PROCESSES "
-                   "$FMJAX_PROCESS_ID $*\"\n")
+    py = write_exe(tmp_path / "py", "#!/bin/sh\n"
+                   "[ \"$2\" = fmjax.gpu_flags ] && { echo 'XLA_FLAGS=--a=1 --b='; exit; }\n"
+                   "echo \"$FMJAX_COORDINATOR $FMJAX_NUM_PROCESSES $FMJAX_PROCESS_ID [$XLA_FLAGS] $*\"\n")
     env = {**SLURM_ENV, "PYTHON": str(py), "FMJAX_COORDINATOR_PORT": "4567"}
     assert ok(SBATCH, "--workdir", "/w x", env=env, path_prepend=tmp_path) == [
-        "gpu017:4567 2 0 -m fmjax.train --workdir /w x",
-        "gpu017:4567 2 1 -m fmjax.train --workdir /w x",
+        "gpu017:4567 2 0 [--a=1 --b=] -m fmjax.train --workdir /w x",
+        "gpu017:4567 2 1 [--a=1 --b=] -m fmjax.train --workdir /w x",
     ]
+
+
+def test_sbatch_refuses_odd_output_from_gpu_flags(tmp_path):
+    write_exe(tmp_path / "scontrol", SCONTROL)
+    py = write_exe(tmp_path / "py", "#!/bin/sh\necho 'LD_PRELOAD=/evil.so'\n")
+    r = sh(SBATCH, *TRAIN_ARGS, env={**SLURM_ENV, "PYTHON": str(py)}, path_prepend=tmp_path)
+    assert r.returncode == 2 and "unexpected line from" in r.stderr
 
 
 # ------------------------------------------------------------------ multinode
@@ -329,6 +361,7 @@ def test_multinode_execs_python_with_env(tmp_path):
     (SUBMIT, ["--nodes", "2"], {},
      "missing fmjax.train arguments: submit.sh [flags] -- --config configs/NAME.py --workdir DIR"),
     (SUBMIT, ["--nodes", "two", "--", "x"], {}, "--nodes must be a positive integer, got 'two'"),
+    (SUBMIT, ["--cpus-per-task", "0", "--", "x"], {}, "--cpus-per-task must be a positive integer, got '0'"),
     (SBATCH, TRAIN_ARGS, {},
      "SLURM_JOB_NODELIST/SLURM_NNODES not set: submit with sbatch (or launch/slurm/submit.sh)"),
     (MULTINODE, ["--", "x"], {"NNODES": "2", "NODE_RANK": "2", "COORDINATOR": "h:1"},
@@ -383,3 +416,23 @@ def test_shellcheck_clean():
     r = subprocess.run([exe, "--external-sources", "--severity=style", *files], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert (r.returncode, r.stdout + r.stderr) == (0, "")
+
+
+# -------------------------------------------------------------- tools/gpu_check.sh
+
+GPU_CHECK = "tools/gpu_check.sh"
+
+
+def test_gpu_check_script_is_clean_and_refuses_a_cpu_host():
+    exe = _shellcheck()
+    if exe is not None:
+        r = subprocess.run([exe, "--severity=style", GPU_CHECK], cwd=REPO, capture_output=True, text=True,
+                           timeout=120)
+        assert (r.returncode, r.stdout + r.stderr) == (0, "")
+    assert subprocess.run(["bash", "-n", GPU_CHECK], cwd=REPO).returncode == 0
+    import jax
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU is present: run tools/gpu_check.sh itself")
+    r = sh(GPU_CHECK, env={"PYTHON": sys.executable, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("gpu_check.sh: error: no GPU backend") and r.stderr.count("\n") == 1

@@ -35,7 +35,10 @@ def numpy_attention(q, k, v, seg):
   return out
 
 
-@pytest.mark.parametrize('impl', ['xla', 'dense', 'auto', 'cudnn', 'chunked'])
+# The CPU-runnable implementations. `auto` resolves to one of these per platform (tested in
+# test_auto_attention_picks_per_backend); the GPU/TPU kernels (cudnn, pallas_gpu, splash) are
+# checked through their own calls in test_attention_gpu.py and test_splash.py.
+@pytest.mark.parametrize('impl', ['xla', 'dense', 'chunked'])
 def test_attention_implementations_match_numpy(impl):
   q, k, v = _qkv()
   seg = np.ones((2, 24), np.int32)
@@ -78,8 +81,21 @@ def test_dense_attention_causal_blocks_match_reference(block):
 
 
 def test_auto_attention_picks_per_backend():
-  assert [attn.resolve_implementation('auto', b) for b in ('cpu', 'gpu', 'tpu')] == ['dense', 'cudnn', 'splash']
-  assert attn.resolve_implementation('xla', 'tpu') == 'xla'
+  pick = lambda platform, packed=False: attn.select(
+      'auto', platform=platform, dtype='bfloat16', head_dim=64, seq_len=256, packed=packed).impl
+  assert [pick(p) for p in ('cpu', 'gpu', 'tpu')] == ['dense', 'cudnn', 'splash']
+  assert pick('gpu', packed=True) == 'pallas_gpu'
+  assert attn.select('xla', platform='tpu', dtype='float32', head_dim=8, seq_len=8, packed=True).impl == 'xla'
+
+
+def test_auto_attention_on_this_cpu_runs_dense():
+  """What `auto` really runs here: the dense implementation, bit for bit."""
+  if jax.default_backend() != 'cpu':
+    pytest.skip('a CPU-only check')
+  q, k, v = _qkv()
+  seg = jnp.asarray(np.repeat([[1] * 10 + [2] * 10 + [0] * 4], 2, axis=0).astype(np.int32))
+  np.testing.assert_array_equal(np.asarray(attn.attend('auto', q, k, v, seg, seg)),
+                                np.asarray(attn.dense_attention(q, k, v, seg, seg)))
 
 
 @pytest.mark.parametrize('kh, activation', [(4, 'swiglu'), (2, 'swiglu'), (4, 'gelu')])
@@ -166,3 +182,21 @@ def test_model_variants_run(overrides):
   assert np.isfinite(np.asarray(logits, np.float32)).all()
   if overrides.get('tie_embeddings'):
     assert 'lm_head' not in params and 'pos_embedding' in params
+
+
+@pytest.mark.parametrize('name', ['llama_1b', 'llama_7b', 'gpt2_124m'])
+def test_accelerator_configs_compute_in_bf16_over_fp32_parameters(name):
+  """bf16 matmuls, fp32 parameters (so fp32 AdamW state): the precision the GPU/TPU configs promise."""
+  import pathlib
+  from fmjax import config as config_lib
+  path = pathlib.Path(__file__).resolve().parents[1] / 'configs' / f'{name}.py'
+  m = config_lib.resolve(str(path)).model
+  assert (m.dtype, m.param_dtype) == ('bfloat16', 'float32')
+  cfg = tiny_config(dtype=m.dtype, param_dtype=m.param_dtype)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  model = Transformer(cfg.model)
+  params = model.init(jax.random.PRNGKey(0), tokens)['params']
+  assert {str(x.dtype) for x in jax.tree.leaves(params)} == {'float32'}
+  from fmjax import optim
+  state = optim.make_optimizer(cfg.optim, cfg.steps).init(params)
+  assert {str(x.dtype) for x in jax.tree.leaves(state) if x.ndim} == {'float32'}

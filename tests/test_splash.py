@@ -1,4 +1,4 @@
-"""Splash attention (Pallas TPU kernel) against the XLA reference, via Pallas interpret mode on CPU."""
+"""Pallas kernels (splash on TPU, flash on GPU) against the XLA reference, via Pallas interpret mode on CPU."""
 
 from __future__ import annotations
 
@@ -76,9 +76,11 @@ def test_splash_needs_tpu_without_interpret():
 
 @pytest.mark.parametrize('t,block', [(200, 128), (64, 512)])
 def test_splash_rejects_sequence_not_a_block_multiple(t, block):
+  """The message names what applies (seq_len, the tile), not model.attention_chunk, which splash ignores."""
   q, k, v, seg = _inputs(1, t, 2, 2, 128)
-  with pytest.raises(ValueError, match='attention_chunk'):
+  with pytest.raises(ValueError, match='set seq_len to a multiple of 128') as err:
     splash_attention(q, k, v, seg, seg, block=block, interpret=True)
+  assert 'attention_chunk' not in str(err.value) and f'({t})' in str(err.value)
 
 
 def test_sharded_splash_on_a_2x2x2_mesh_matches_reference():
@@ -94,3 +96,16 @@ def test_sharded_splash_on_a_2x2x2_mesh_matches_reference():
     f = jax.jit(lambda q, k, v, s: sharded_splash_attention(q, k, v, s, s, block=128, interpret=True))
     got = f(q, k, v, seg)
   np.testing.assert_allclose(np.asarray(got), np.asarray(xla_attention(q, k, v, seg, seg)), atol=2e-4)
+
+
+def test_sharded_gpu_flash_on_a_2x2x2_mesh_matches_reference():
+  """The Pallas GPU kernel (packed rows on GPU) runs per shard too, GQA heads split over `tensor`."""
+  from fmjax import config as config_lib
+  from fmjax import sharding as shd
+  from fmjax.model.splash import sharded_gpu_flash_attention
+  q, k, v, seg = _inputs(4, 64, 4, 2, 16)
+  cfg = config_lib.base_config()
+  mesh = shd.make_mesh(dict(data=2, fsdp=2, tensor=2))
+  with shd.activate(mesh, shd.axis_rules(cfg)):
+    got = jax.jit(lambda q, k, v, s: sharded_gpu_flash_attention(q, k, v, s, s, interpret=True))(q, k, v, seg)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(xla_attention(q, k, v, seg, seg)), atol=2e-5)

@@ -2,24 +2,28 @@
 
 Shapes: q (B, T, H, D); k, v (B, S, K, D) with H a multiple of K (MHA, GQA, MQA).
 Every implementation masks the future (by index in the row) and never attends across
-documents packed into one row (segment ids must match; 0 marks padding). Implementations
-(`model.attention`): `xla`, the reference (full scores, autodiff); `dense`, the same scores with
-a hand-written backward pass (the flash identity rowsum(P dP) = rowsum(dO O), no softmax
-reduction over keys, batch-major layouts, and key blocks in the causal future skipped: the
-fastest on CPU); `cudnn`,
-`jax.nn.dot_product_attention` (cuDNN flash attention on NVIDIA GPUs); `splash`, the Pallas
-splash kernel on TPU; `chunked`, online softmax over key blocks for long sequences on any
-backend; `auto` picks cudnn on GPU, splash on TPU and dense elsewhere.
+documents packed into one row (segment ids must match; 0 marks padding, always at the row's
+end in training). Implementations (`model.attention`): `xla`, the reference (full scores,
+autodiff); `dense`, the same scores with a hand-written backward pass (the flash identity
+rowsum(P dP) = rowsum(dO O), batch-major layouts, key blocks in the causal future skipped: the
+fastest on CPU); `chunked`, online softmax over key blocks for long sequences on any backend;
+`splash`, the Pallas splash kernel on TPU; `pallas_gpu`, the Pallas (Triton) flash kernel on
+GPU, exact for packed rows; `cudnn`, cuDNN flash attention through
+`jax.nn.dot_product_attention` with its causal mode and per-row lengths, exact only for rows of
+one document then padding. `auto` is settled once per run by `select` (see `for_run`) from the
+platform, compute dtype, head dim, sequence length and packing, and logged in one line. Softmax
+statistics are fp32 in every implementation.
 
 Decoding (`Attention(decode=True)`) keeps keys, values and their segment ids in the 'cache'
 collection: each call writes its T new tokens at the cache index and attends over the whole
 cache, masked by slot (causal) and segment (left padding has segment 0). When 'intermediates'
 is mutable the attention probabilities are sown (for `fmjax.inspect`); training never is.
 """
-
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 from typing import Any
 
 import jax
@@ -27,6 +31,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
+from fmjax.errors import UserError
 from fmjax.model.layers import Projection, apply_rope, dtype_of, fused_projections
 
 _NEG = -1e30
@@ -121,17 +126,6 @@ def dense_attention(q, k, v, q_seg, kv_seg, q_index=None, kv_index=None, block: 
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-def cudnn_attention(q, k, v, q_seg, kv_seg):
-  """`jax.nn.dot_product_attention`: cuDNN flash attention on NVIDIA GPUs, XLA elsewhere."""
-  t, s = q.shape[1], k.shape[1]
-  mask = _mask(jnp.arange(t), jnp.arange(s), q_seg, kv_seg)[:, None]  # (B, 1, T, S)
-  impl = 'cudnn' if jax.default_backend() == 'gpu' else 'xla'
-  try:
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
-  except Exception:  # cuDNN refuses some shapes/masks: fall back to XLA's fused path
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')
-
-
 def chunked_attention(q, k, v, q_seg, kv_seg, chunk: int = 128):
   """Memory-efficient attention: online softmax over key blocks, one query block at a time.
 
@@ -189,24 +183,133 @@ def chunked_attention(q, k, v, q_seg, kv_seg, chunk: int = 128):
   return out[:, :t]
 
 
-def resolve_implementation(impl: str, backend: str | None = None) -> str:
-  """'auto' -> cudnn on GPU, splash on TPU, dense elsewhere; other names unchanged."""
-  if impl != 'auto':
-    return impl
-  backend = backend or jax.default_backend()
-  return {'gpu': 'cudnn', 'tpu': 'splash'}.get(backend, 'dense')
+# ---------------------------------------------------------------------------------------------
+# The GPU path and the choice of implementation.
+
+def sequence_lengths(seg):
+  """Tokens before the padding of each row (B,) int32, at least 1 (an all-padding row stays finite)."""
+  return jnp.maximum(jnp.sum(seg != 0, axis=1), 1).astype(jnp.int32)
 
 
-def _splash_block(t: int) -> int:
-  """The largest of 512, 256, 128 dividing t (the splash kernel's tile), or 0 if none does."""
-  return next((blk for blk in (512, 256, 128) if t % blk == 0), 0)
+def cudnn_attention(q, k, v, q_seg, kv_seg, implementation: str = 'cudnn'):
+  """Causal attention for rows holding one document then padding, as cuDNN flash attention runs it.
+
+  The kernel's own causal mode skips the future key tiles; padding is masked by per-row lengths
+  (no (B, 1, T, S) mask or bias). Packed rows (several documents) are out of its reach: see
+  `select`. Outputs at padded query positions are not attention over anything the model uses
+  (the loss weights them 0). `implementation='xla'` runs the very same call on any backend.
+  """
+  return jax.nn.dot_product_attention(
+      q, k, v, is_causal=True, query_seq_lengths=sequence_lengths(q_seg),
+      key_value_seq_lengths=sequence_lengths(kv_seg), implementation=implementation)
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+  """The attention implementation a run uses, and why."""
+  impl: str
+  reason: str
+
+  def line(self) -> str:
+    return f'attention: {self.impl} ({self.reason})'
+
+
+class AttentionError(UserError):
+  """model.attention names an implementation that cannot run this configuration (one line)."""
+
+
+_HALF = ('bfloat16', 'float16')
+_FLASH_TILE = 128  # the Pallas kernels (splash on TPU, flash on GPU) tile the sequence by this
+
+
+def cudnn_problem(platform: str, dtype: str, head_dim: int, packed: bool, hopper: bool = False) -> str:
+  """Why cuDNN flash attention cannot run this configuration exactly ('' if it can)."""
+  max_dim = 256 if hopper else 128
+  if platform != 'gpu':
+    return f'it needs an NVIDIA GPU and the backend is {platform}'
+  if dtype not in _HALF:
+    return f'it needs bfloat16/float16 compute and model.dtype={dtype}'
+  if head_dim % 8 or head_dim > max_dim:
+    return f'it needs a head dim that is a multiple of 8 and <= {max_dim}, got {head_dim}'
+  if packed:
+    return ('rows pack several documents (data.packing=true) and JAX\'s cuDNN call masks padding '
+            'by one length per row, not documents')
+  return ''
+
+
+def select(requested: str, *, platform: str, dtype: str, head_dim: int, seq_len: int, packed: bool,
+           hopper: bool = False) -> Choice:
+  """The implementation for model.attention=`requested` (a pure function of its arguments).
+
+  Explicit names are kept (an explicit 'cudnn' that cannot run is an AttentionError). 'auto': TPU ->
+  splash (dense if seq_len is not a multiple of 128); NVIDIA GPU -> cudnn for one document per
+  row in bf16/fp16, the Pallas flash kernel for packed rows (exact per-document masking), dense
+  otherwise; CPU -> dense.
+  """
+  if requested == 'cudnn':
+    problem = cudnn_problem(platform, dtype, head_dim, packed, hopper)
+    if problem:
+      raise AttentionError(f'model.attention=cudnn cannot run: {problem}; use model.attention=auto')
+    return Choice('cudnn', 'set by model.attention')
+  kernel_platform = {'splash': 'tpu', 'pallas_gpu': 'gpu'}.get(requested)
+  if kernel_platform and platform != kernel_platform:
+    raise AttentionError(f'model.attention={requested} needs a {kernel_platform.upper()} and the backend is '
+                         f'{platform}; use model.attention=auto')
+  if requested != 'auto':
+    return Choice(requested, 'set by model.attention')
+  tiles = seq_len % _FLASH_TILE == 0
+  if platform == 'tpu':
+    if tiles:
+      return Choice('splash', 'Pallas splash kernel on TPU')
+    return Choice('dense', f'seq_len={seq_len} is not a multiple of {_FLASH_TILE}, the splash kernel tile')
+  if platform != 'gpu':
+    return Choice('dense', f'fastest exact implementation on {platform}')
+  problem = cudnn_problem(platform, dtype, head_dim, packed, hopper)
+  if not problem:
+    return Choice('cudnn', 'cuDNN flash attention: causal, one document per row, padding by length')
+  if dtype in _HALF and tiles:
+    return Choice('pallas_gpu', f'not cudnn: {problem}; the Pallas flash kernel masks documents exactly')
+  return Choice('dense', f'not cudnn: {problem}')
+
+
+def _hopper() -> bool:
+  """Whether the first device is an NVIDIA GPU of compute capability >= 9.0 (wider cuDNN head dims)."""
+  capability = getattr(jax.devices()[0], 'compute_capability', '') or ''
+  return capability.split('.')[0].isdigit() and int(capability.split('.')[0]) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(line: str) -> None:
+  if jax.process_index() == 0:
+    logging.getLogger(__name__).info(line)
+
+
+def for_run(model_cfg, *, seq_len: int, packed: bool, platform: str | None = None):
+  """A copy of `model_cfg` with model.attention resolved for this run; logs the choice once.
+
+  Entry points call it with what the data pipeline feeds (`packed`: rows may hold several
+  documents, i.e. data.packing for pretraining, False for one padded example per row).
+  """
+  platform = platform or jax.default_backend()
+  head_dim = model_cfg.head_dim or model_cfg.d_model // model_cfg.num_heads
+  choice = select(model_cfg.attention, platform=platform, dtype=model_cfg.dtype, head_dim=head_dim,
+                  seq_len=seq_len, packed=packed, hopper=platform == 'gpu' and _hopper())
+  _log_once(choice.line())
+  resolved = model_cfg.copy_and_resolve_references()
+  with resolved.unlocked():
+    resolved.attention = choice.impl
+  return resolved
 
 
 def attend(impl: str, q, k, v, q_seg, kv_seg, chunk: int = 128):
-  """Dispatch to the configured implementation."""
-  if impl == 'auto' and resolve_implementation(impl) == 'splash' and not _splash_block(q.shape[1]):
-    impl = 'dense'  # the kernel tiles by multiples of 128 tokens
-  impl = resolve_implementation(impl)
+  """Run implementation `impl`; 'auto' not resolved by `for_run` assumes packed rows (exact)."""
+  if impl in ('auto', 'cudnn', 'splash', 'pallas_gpu'):  # explicit kernels: only checked here
+    platform = jax.default_backend()
+    choice = select(impl, platform=platform, dtype=jnp.dtype(q.dtype).name, head_dim=q.shape[-1],
+                    seq_len=q.shape[1], packed=impl == 'auto', hopper=platform == 'gpu' and _hopper())
+    if impl == 'auto':
+      _log_once(choice.line())
+    impl = choice.impl
   if impl == 'xla':
     return xla_attention(q, k, v, q_seg, kv_seg)
   if impl == 'dense':
@@ -215,10 +318,17 @@ def attend(impl: str, q, k, v, q_seg, kv_seg, chunk: int = 128):
     return cudnn_attention(q, k, v, q_seg, kv_seg)
   if impl == 'chunked':
     return chunked_attention(q, k, v, q_seg, kv_seg, chunk)
-  if impl == 'splash':
-    from fmjax.model.splash import sharded_splash_attention  # pylint: disable=import-outside-toplevel
-    return sharded_splash_attention(q, k, v, q_seg, kv_seg, block=_splash_block(q.shape[1]) or 512)
+  if impl in ('splash', 'pallas_gpu'):
+    from fmjax.model import splash  # pylint: disable=import-outside-toplevel
+    if impl == 'pallas_gpu':
+      return splash.sharded_gpu_flash_attention(q, k, v, q_seg, kv_seg)
+    return splash.sharded_splash_attention(q, k, v, q_seg, kv_seg, block=_splash_block(q.shape[1]) or 512)
   raise ValueError(f'unknown attention implementation {impl!r}')
+
+
+def _splash_block(t: int) -> int:
+  """The largest of 512, 256, 128 dividing t (the splash kernel's tile), or 0 if none does."""
+  return next((blk for blk in (512, 256, 128) if t % blk == 0), 0)
 
 
 class Attention(nn.Module):
@@ -253,7 +363,10 @@ class Attention(nn.Module):
       if self.decode:  # first call creates the cache, sized by this input (see transformer.init_cache)
         self._update_cache(k, v, segment_ids)
       q_index = kv_seg = None
-      out = attend(cfg.attention, q, k, v, segment_ids, segment_ids, cfg.attention_chunk)
+      impl = cfg.attention
+      if self.decode and impl == 'cudnn':  # prompts are left-padded: cudnn's row lengths do not apply
+        impl = 'dense'
+      out = attend(impl, q, k, v, segment_ids, segment_ids, cfg.attention_chunk)
     if self.is_mutable_collection('intermediates'):
       probs = attention_probs(q, k, segment_ids, segment_ids if kv_seg is None else kv_seg, q_index)
       self.sow('intermediates', 'attention', probs.reshape(probs.shape[0], h, *probs.shape[3:]))  # (B, H, T, S)

@@ -1,18 +1,21 @@
-"""Splash (flash) attention on TPU: JAX's bundled Pallas kernel in fmjax's attention convention.
+"""Pallas flash-attention kernels in fmjax's attention convention: splash on TPU, flash on GPU.
 
-`splash_attention(q, k, v, q_seg, kv_seg)` takes q (B, T, H, D), k/v (B, S, K, D) with H a
-multiple of K, int segment ids (0 marks padding), masks causally by index and across segments,
-and returns (B, T, H, D) in q's dtype, like `fmjax.model.attention.xla_attention`. The kernel
-has its own VJP (Pallas backward kernels for dq and dk/dv), so it trains like the others.
-Grouped and multi-query heads go straight to the kernel (it maps each query head to its KV
-head), so k and v are never repeated. `interpret=True` runs the kernel in the Pallas
-interpreter on any backend (slow; for tests).
+`splash_attention(q, k, v, q_seg, kv_seg)` (TPU) and `gpu_flash_attention` (GPU, JAX's Triton
+flash kernel) take q (B, T, H, D), k/v (B, S, K, D) with H a multiple of K, int segment ids (0
+marks padding), mask causally by index and across segments (exact for packed rows), and return
+(B, T, H, D) in q's dtype, like `fmjax.model.attention.xla_attention`; softmax statistics are
+fp32. Both kernels have their own VJP (Pallas backward kernels), so they train like the others.
+Splash maps grouped and multi-query heads to their KV head itself; the GPU kernel wants as many
+KV heads as query heads, so k and v are repeated per group there. `interpret=True` runs either
+kernel in the Pallas interpreter on any backend (slow; for tests). A Pallas call is not
+partitioned automatically: the `sharded_*` functions run it per shard with `shard_map`.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.gpu import attention as _gpu_kernel
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as _kernel
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as _mask
 
@@ -27,12 +30,12 @@ def _block_sizes(bq: int, bkv: int) -> _kernel.BlockSizes:
       block_q_dq=bq, block_kv_dq=bkv)
 
 
-def _check_block(name: str, length: int, blk: int, block: int):
+def _check_block(name: str, length: int, blk: int):
   if blk % _LANES or length % blk:
     raise ValueError(
         f"attention='splash' needs the {name} sequence length ({length}) to be a multiple of its "
-        f'block min(model.attention_chunk={block}, {length}) = {blk}, and the block a multiple '
-        f'of {_LANES}; set model.attention_chunk (e.g. 512) and the sequence length to match')
+        f'block ({blk}) and the block a multiple of {_LANES}; set seq_len to a multiple of {_LANES} '
+        f'(fmjax then tiles by the largest of 512, 256, 128 dividing it) or use model.attention=auto')
 
 
 def splash_attention(q, k, v, q_seg, kv_seg, block: int = 512, interpret: bool = False):
@@ -45,8 +48,8 @@ def splash_attention(q, k, v, q_seg, kv_seg, block: int = 512, interpret: bool =
   if h % kh:
     raise ValueError(f'query heads ({h}) must be a multiple of key/value heads ({kh})')
   bq, bkv = min(block, t), min(block, s)
-  _check_block('query', t, bq, block)
-  _check_block('key', s, bkv, block)
+  _check_block('query', t, bq)
+  _check_block('key', s, bkv)
 
   mask = _mask.MultiHeadMask([_mask.CausalMask((t, s)) for _ in range(h)])
   kernel = _kernel.make_splash_mha(mask, block_sizes=_block_sizes(bq, bkv), head_shards=1,
@@ -59,25 +62,50 @@ def splash_attention(q, k, v, q_seg, kv_seg, block: int = 512, interpret: bool =
   return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
 
-def _spec_without_length(spec, name: str):
+def gpu_flash_attention(q, k, v, q_seg, kv_seg, interpret: bool = False):
+  """Causal, segment-masked self-attention through JAX's Pallas (Triton) flash kernel (GPU).
+
+  One segment-id row serves queries and keys (self-attention: q_seg is kv_seg). The kernel
+  tiles the sequence by min(128, T) (backward by min(32, T)), so T must be a multiple of those.
+  """
+  if not interpret and jax.default_backend() != 'gpu':
+    raise ValueError("attention='pallas_gpu' needs a GPU backend (Pallas Triton kernel); "
+                     "use 'dense', 'chunked' or 'xla' here")
+  b, t, h, d = q.shape
+  kh = k.shape[2]
+  if h % kh:
+    raise ValueError(f'query heads ({h}) must be a multiple of key/value heads ({kh})')
+  if k.shape[1] != t or q_seg.shape != kv_seg.shape:
+    raise ValueError("attention='pallas_gpu' is self-attention only (as many keys as queries)")
+  blocks = _gpu_kernel.BlockSizes.get_default()
+  blocks = _gpu_kernel.BlockSizes(**{f: min(getattr(blocks, f), t) for f in blocks.__dataclass_fields__})
+  if any(t % getattr(blocks, f) for f in blocks.__dataclass_fields__):
+    raise ValueError(f"attention='pallas_gpu' needs seq_len ({t}) to be a multiple of 128; "
+                     'use model.attention=auto')
+  if kh != h:  # the kernel reads key/value head i for query head i
+    k, v = jnp.repeat(k, h // kh, axis=2), jnp.repeat(v, h // kh, axis=2)
+  return _gpu_kernel.mha(q, k, v, q_seg.astype(jnp.int32), sm_scale=d ** -0.5, causal=True,
+                         block_sizes=blocks, interpret=interpret)
+
+
+def _spec_without_length(spec, name: str, impl: str):
   if spec[1] is not None:
-    raise ValueError(f"attention='splash' needs the {name} sequence axis unsharded; it is sharded "
+    raise ValueError(f"attention='{impl}' needs the {name} sequence axis unsharded; it is sharded "
                      f'over {spec[1]!r} by logical_axis_rules (activation_length)')
   return spec
 
 
-def sharded_splash_attention(q, k, v, q_seg, kv_seg, block: int = 512, interpret: bool = False):
-  """`splash_attention` on each device's shard of the batch and heads (a Pallas call is not
-  partitioned automatically): `shard_map` over the mesh set by `jax.set_mesh`, with the specs
-  the logical-axis rules give the activations. One device, or no mesh: a plain call."""
+def _per_shard(run, impl: str, q, k, v, q_seg, kv_seg):
+  """`run(q, k, v, q_seg, kv_seg)` on each device's shard of the batch and heads: `shard_map`
+  over the mesh set by `jax.set_mesh`, with the specs the logical-axis rules give the
+  activations. One device, or no mesh: a plain call."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
   mesh = jax.sharding.get_abstract_mesh()
-  run = lambda *a: splash_attention(*a, block=block, interpret=interpret)
   if mesh.empty or mesh.size == 1:
     return run(q, k, v, q_seg, kv_seg)
   axes = ('batch', 'activation_length', 'activation_heads', 'activation_kv')
-  q_spec = _spec_without_length(nn.logical_to_mesh_axes(axes), 'query')
+  q_spec = _spec_without_length(nn.logical_to_mesh_axes(axes), 'query', impl)
   heads = q_spec[2]
   head_shards = 1 if heads is None else _size(mesh, heads)
   kh = k.shape[2]
@@ -86,11 +114,23 @@ def sharded_splash_attention(q, k, v, q_seg, kv_seg, block: int = 512, interpret
   elif kh == 1:  # MQA: every head shard keeps the single key/value head
     kv_spec = P(q_spec[0], None, None, q_spec[3])
   else:
-    raise ValueError(f'attention=splash: {kh} key/value heads cannot be split over {head_shards} '
+    raise ValueError(f'attention={impl}: {kh} key/value heads cannot be split over {head_shards} '
                      'head shards; use a tensor axis that divides model.num_kv_heads')
   seg_spec = P(q_spec[0], None)
   return jax.shard_map(run, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
                        out_specs=q_spec, check_vma=False)(q, k, v, q_seg, kv_seg)
+
+
+def sharded_splash_attention(q, k, v, q_seg, kv_seg, block: int = 512, interpret: bool = False):
+  """`splash_attention` per shard of the batch and heads (see `_per_shard`)."""
+  run = lambda *a: splash_attention(*a, block=block, interpret=interpret)
+  return _per_shard(run, 'splash', q, k, v, q_seg, kv_seg)
+
+
+def sharded_gpu_flash_attention(q, k, v, q_seg, kv_seg, interpret: bool = False):
+  """`gpu_flash_attention` per shard of the batch and heads (see `_per_shard`)."""
+  run = lambda *a: gpu_flash_attention(*a, interpret=interpret)
+  return _per_shard(run, 'pallas_gpu', q, k, v, q_seg, kv_seg)
 
 
 def _size(mesh, axes) -> int:

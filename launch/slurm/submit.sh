@@ -3,10 +3,14 @@
 #
 # Usage: launch/slurm/submit.sh [flags] -- <fmjax.train args>
 #   e.g. launch/slurm/submit.sh --nodes 2 --gpus-per-node 8 --partition gpu -- \
-#          --config configs/base.py --workdir /shared/runs/run1
+#          --config configs/llama_1b.py --workdir /shared/runs/run1
+#
+# Always asks for whole nodes (--exclusive --mem=0): the one task per node drives all its GPUs
+# and uses all its CPUs for the input pipeline (train.sbatch passes them to srun).
 #
 #   --nodes N            nodes (one JAX process per node)   (default: 1, from train.sbatch)
 #   --gpus-per-node G    GPUs per node                      (default: 8, from train.sbatch)
+#   --cpus-per-task C    CPUs for each node's task          (default: all the node's CPUs)
 #   --partition P        SLURM partition                    (default: the cluster's)
 #   --time T             time limit, e.g. 04:00:00          (default: the partition's)
 #   --account A          SLURM account
@@ -21,7 +25,7 @@ set -euo pipefail
 # shellcheck source=SCRIPTDIR/../lib.sh
 source "$(dirname "$0")/../lib.sh"
 
-SBATCH_ARGS=()
+SBATCH_ARGS=(--exclusive --mem=0)
 FMJAX_ARGS=()
 
 split_eq "$@"
@@ -30,7 +34,7 @@ while [[ $# -gt 0 ]]; do
   case $1 in
     -h|--help) usage; exit 0 ;;
     --dry-run) DRY_RUN=1; shift ;;
-    --nodes|--gpus-per-node)
+    --nodes|--gpus-per-node|--cpus-per-task)
       need_value "$1" $#
       [[ $2 =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '$2'"
       SBATCH_ARGS+=("$1=$2"); shift 2 ;;
@@ -47,4 +51,4 @@ if [[ $DRY_RUN != 1 ]] && ! command -v sbatch >/dev/null 2>&1; then
   die "sbatch not found on PATH (run this on a SLURM login node)"
 fi
 
-run sbatch ${SBATCH_ARGS[@]+"${SBATCH_ARGS[@]}"} "$(dirname "$0")/train.sbatch" "${FMJAX_ARGS[@]}"
+run sbatch "${SBATCH_ARGS[@]}" "$(dirname "$0")/train.sbatch" "${FMJAX_ARGS[@]}"
