@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
   schedule = dict(decay_steps=20)  # the same schedule whether the run is told 10 or 20 steps
   full = train(text_run_config(tmp_path / 'a', steps=20, checkpoint_every=10, optim=schedule))
   first = train(text_run_config(tmp_path / 'b', steps=10, checkpoint_every=10, optim=schedule))
-  resumed_cfg = text_run_config(tmp_path / 'b', steps=20, checkpoint_every=10, optim=schedule)
+  resumed_cfg = text_run_config(tmp_path / 'b', steps=20, checkpoint_every=10, optim=schedule,
+                                allow_config_change=True)  # steps 10 -> 20 with the same schedule
   resumed = train(resumed_cfg)
   want, got = losses_of(full), losses_of(resumed)
   assert sorted(got) == list(range(11, 21))       # it started from step 10
@@ -35,7 +37,8 @@ def test_checkpoint_from_2x2x2_restores_on_8x1x1_and_trains_on(tmp_path):
   mesh_b = dict(data=8, fsdp=1, tensor=1)
   sched = dict(decay_steps=7)
   train(text_run_config(tmp_path, steps=4, checkpoint_every=4, mesh=mesh_a, optim=sched))
-  result = train(text_run_config(tmp_path, steps=7, checkpoint_every=4, mesh=mesh_b, optim=sched))
+  result = train(text_run_config(tmp_path, steps=7, checkpoint_every=4, mesh=mesh_b, optim=sched,
+                                 allow_config_change=True))
   assert sorted(losses_of(result)) == [5, 6, 7]
   assert all(np.isfinite(v) for v in losses_of(result).values())
   reference = train(text_run_config(tmp_path / 'ref', steps=7, checkpoint_every=0, mesh=mesh_a, optim=sched))
@@ -54,14 +57,25 @@ def test_checkpoint_with_another_model_shape_is_rejected_in_one_line(tmp_path):
   assert '\n' not in str(e.value)
 
 
-def test_corrupt_checkpoint_is_a_clear_error_and_is_kept(tmp_path):
-  train(text_run_config(tmp_path, steps=2, checkpoint_every=2))
-  state_dir = os.path.join(str(tmp_path / 'workdir'), 'checkpoints', '2', 'state')
+def test_corrupt_checkpoint_names_step_file_and_the_intact_one_and_the_advice_works(tmp_path):
+  first = train(text_run_config(tmp_path, steps=4, checkpoint_every=2))
+  checkpoints = os.path.join(str(tmp_path / 'workdir'), 'checkpoints')
+  state_dir = os.path.join(checkpoints, '4', 'state')
   for root, _, files in os.walk(state_dir):
     for name in files:
       if name.endswith('.zarray') or 'manifest' in name or name == '_METADATA':
         with open(os.path.join(root, name), 'w') as f:
           f.write('garbage')
-  with pytest.raises(checkpoint.CheckpointError, match='cannot restore checkpoint'):
+  with pytest.raises(checkpoint.CheckpointError) as e:
     train(text_run_config(tmp_path, steps=4))
+  message = str(e.value)
+  assert '\n' not in message and '<bound method' not in message and 'tensorstore_spec' not in message
+  assert message.startswith(f'cannot restore checkpoint 4 in {checkpoints}: it is damaged: ')
+  assert re.search(rf'{checkpoints}/4/state/(_METADATA|manifest.ocdbt)', message), message   # the file
+  assert f'checkpoint 2 is intact: move this one aside (mv {checkpoints}/4 {checkpoints}/4.bad)' in message
   assert os.path.isdir(state_dir)  # nothing deleted
+  os.rename(os.path.join(checkpoints, '4'), os.path.join(checkpoints, '4.bad'))   # as the message says
+  resumed = train(text_run_config(tmp_path, steps=4))
+  assert sorted(losses_of(resumed)) == [3, 4]
+  for s in (3, 4):  # checkpoint 2 was intact: the redone steps match the first run's
+    assert losses_of(resumed)[s] == pytest.approx(losses_of(first)[s], rel=1e-5)

@@ -15,6 +15,7 @@ from. Files are assigned to train or eval by a stable hash, so no file feeds bot
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import zlib
@@ -29,40 +30,49 @@ from fmjax.data.errors import DataError
 SOURCES = ('csv', 'jsonl', 'tfds', 'stdlib_packages')
 
 
-def _read_csv(path: str, columns: Sequence[str]) -> dict[str, list[str]]:
+def _read_text(path: str) -> str:
+  """A whole UTF-8 file (a leading BOM dropped); another encoding is a DataError naming the first bad byte."""
   try:
-    with open(path, newline='', encoding='utf-8') as f:
-      reader = csv.DictReader(f)
-      header = reader.fieldnames or []
-      for c in columns:
-        if c not in header:
-          raise DataError(f'{path}: no column {c!r}; its columns are {", ".join(header) or "(none)"}; '
-                          'set finetune.text_feature / label_feature')
-      rows = list(reader)
+    with open(path, 'rb') as f:
+      raw = f.read()
   except OSError as e:
     raise DataError(f'cannot read {path}: {e.strerror}') from None
+  try:
+    text = raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    line = raw.count(b'\n', 0, e.start) + 1
+    column = e.start - (raw.rfind(b'\n', 0, e.start) + 1) + 1
+    raise DataError(f'{path} is not UTF-8: byte 0x{raw[e.start]:02x} at offset {e.start} (line {line}, column '
+                    f'{column}) cannot be decoded; save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)') from None
+  return text[1:] if text.startswith('\ufeff') else text
+
+
+def _read_csv(path: str, columns: Sequence[str]) -> dict[str, list[str]]:
+  reader = csv.DictReader(io.StringIO(_read_text(path), newline=''))
+  header = reader.fieldnames or []
+  for c in columns:
+    if c not in header:
+      raise DataError(f'{path}: no column {c!r}; its columns are {", ".join(header) or "(none)"}; '
+                      'set finetune.text_feature / label_feature')
+  rows = list(reader)
   return {c: [r[c] if r[c] is not None else '' for r in rows] for c in columns}
 
 
 def _read_jsonl(path: str, columns: Sequence[str]) -> dict[str, list[str]]:
   out = {c: [] for c in columns}
-  try:
-    with open(path, encoding='utf-8') as f:
-      for n, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise DataError(f'{path}:{n}: not valid JSON ({e.msg})') from None
-        for c in columns:
-          if not isinstance(record, dict) or c not in record:
-            keys = ', '.join(record) if isinstance(record, dict) else type(record).__name__
-            raise DataError(f'{path}:{n}: no field {c!r} (it has {keys}); set finetune.text_feature / '
-                            'label_feature')
-          out[c].append(_as_text(record[c]))
-  except OSError as e:
-    raise DataError(f'cannot read {path}: {e.strerror}') from None
+  for n, line in enumerate(io.StringIO(_read_text(path)), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(f'{path}:{n}: not valid JSON ({e.msg})') from None
+    for c in columns:
+      if not isinstance(record, dict) or c not in record:
+        keys = ', '.join(record) if isinstance(record, dict) else type(record).__name__
+        raise DataError(f'{path}:{n}: no field {c!r} (it has {keys}); set finetune.text_feature / '
+                        'label_feature')
+      out[c].append(_as_text(record[c]))
   return out
 
 

@@ -18,6 +18,8 @@ import numpy as np
 
 from fmjax.data.errors import DataError
 
+_MOVE_ASIDE = 'the checkpoint is damaged: move {0} aside (mv {0} {0}.bad) to resume from the previous one'
+
 
 def owned_streams(num_streams: int, process_index: int, process_count: int) -> range:
   """The streams whose rows belong to this process."""
@@ -54,15 +56,26 @@ class StreamSetIterator:
     return json.dumps(state).encode()
 
   def set_state(self, state: bytes | str | dict) -> None:
+    """Restore every owned stream; a malformed state is a one-line DataError."""
     if isinstance(state, (bytes, str)):
-      state = json.loads(state)
-    if int(state.get('num_streams', -1)) != self.num_streams:
+      state = _parse_state(state)
+    if not isinstance(state, dict) or not isinstance(state.get('streams'), dict):
+      raise DataError("the checkpoint's data state is unreadable: it has no 'streams' mapping; the checkpoint "
+                      'is damaged: move it aside to resume from the previous one')
+    if _as_int(state.get('num_streams')) != self.num_streams:
       raise DataError(f'the checkpoint\'s data state has num_streams={state.get("num_streams")} but this run '
                       f'uses {self.num_streams}; set --config.data.num_streams={state.get("num_streams")}')
     for s, it in self._its.items():
       if str(s) not in state['streams']:
         raise DataError(f'the checkpoint\'s data state has no entry for stream {s}')
-      it.set_state(state['streams'][str(s)])
+      try:
+        it.set_state(state['streams'][str(s)])
+      except DataError:
+        raise
+      except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DataError(f"the checkpoint's data state is unreadable: stream {s} has a malformed entry "
+                        f'({type(e).__name__}: {e}); the checkpoint is damaged: move it aside to resume from '
+                        'the previous one') from None
 
   def start_prefetch(self) -> None:
     """Part of Grain's iterator protocol; the streams prefetch on their own."""
@@ -74,14 +87,42 @@ class StreamSetIterator:
 
 
 def read_saved_state(directory: str) -> dict:
-  """Merge the per-process data-state files of a checkpoint item (any process count wrote them)."""
+  """Merge the per-process data-state files of a checkpoint item (any process count wrote them).
+
+  A missing, unreadable or malformed file is a one-line DataError naming it.
+  """
   files = sorted(glob.glob(os.path.join(directory, 'process_*-of-*.json')))
   if not files:
-    raise DataError(f'no data-iterator state in {directory}')
+    raise DataError(f'no data-iterator state in {directory}; {_MOVE_ASIDE.format(os.path.dirname(directory))}')
   merged: dict = {'streams': {}}
   for path in files:
-    with open(path) as f:
-      state = json.load(f)
+    try:
+      with open(path, 'rb') as f:
+        state = _parse_state(f.read(), path)
+    except OSError as e:
+      raise DataError(f"the checkpoint's data state {path} cannot be read ({e.strerror})") from None
+    if not isinstance(state, dict) or not isinstance(state.get('streams', {}), dict):
+      raise DataError(f"the checkpoint's data state {path} is unreadable: not a mapping with 'streams'; "
+                      f'{_MOVE_ASIDE.format(os.path.dirname(directory))}')
     merged['num_streams'] = state.get('num_streams')
     merged['streams'].update(state.get('streams', {}))
   return merged
+
+
+def _parse_state(raw: bytes | str, path: str | None = None):
+  """JSON of a saved data state; garbage is a DataError naming the file (`path`, when read from one)."""
+  try:
+    return json.loads(raw)
+  except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+    detail = f'{e.msg} at line {e.lineno} column {e.colno}' if isinstance(e, json.JSONDecodeError) else 'not UTF-8'
+    todo = _MOVE_ASIDE.format(os.path.dirname(os.path.dirname(path))) if path else \
+        'the checkpoint is damaged: move it aside to resume from the previous one'
+    raise DataError(f"the checkpoint's data state{' ' + path if path else ''} is unreadable (not valid JSON: "
+                    f'{detail}); {todo}') from None
+
+
+def _as_int(value):
+  try:
+    return int(value)
+  except (TypeError, ValueError):
+    return None

@@ -1,0 +1,140 @@
+"""metrics.jsonl and TensorBoard after a resume, strict JSON, eval lines on the console with the bar."""
+
+import glob
+import json
+import math
+import os
+import struct
+
+import pytest
+from tensorboardX.proto import event_pb2
+
+from fmjax.metric_writers import MetricWriter, keep_steps_up_to
+
+
+def strict_records(path):
+  """Every line parsed as strict JSON (a bare NaN / Infinity fails)."""
+  def refuse(name):
+    raise ValueError(f'non-standard JSON constant {name}')
+  with open(path) as f:
+    return [json.loads(line, parse_constant=refuse) for line in f]
+
+
+def metrics_for(step):
+  return {'loss': 10.0 / step, 'grad_norm': float(step)}
+
+
+def run_writer(workdir, steps, resume_step=None, progress_bar=False):
+  writer = MetricWriter(str(workdir), total_steps=10, enabled=True, progress_bar=progress_bar,
+                        resume_step=resume_step)
+  for s in steps:
+    writer.write(s, metrics_for(s))
+  writer.close()
+
+
+def tb_events(workdir):
+  """All events of all TensorBoard event files, file by file (TFRecord framing read by hand)."""
+  out = []
+  for path in sorted(glob.glob(os.path.join(str(workdir), 'tensorboard', 'events.*'))):
+    events, data = [], open(path, 'rb').read()
+    i = 0
+    while i < len(data):
+      (n,) = struct.unpack('<Q', data[i:i + 8])
+      events.append(event_pb2.Event.FromString(data[i + 12:i + 12 + n]))
+      i += 12 + n + 4
+    out.append(events)
+  return sorted(out, key=lambda events: events[0].wall_time)   # in the order the writers were opened
+
+
+def test_resumed_writer_keeps_each_step_once_and_matches_an_uninterrupted_log(tmp_path):
+  run_writer(tmp_path / 'ref', range(1, 11))
+  run_writer(tmp_path / 'run', range(1, 11))           # killed after step 10, last checkpoint at 6
+  run_writer(tmp_path / 'run', range(7, 11), resume_step=6)
+  got = strict_records(tmp_path / 'run' / 'metrics.jsonl')
+  assert [r['step'] for r in got] == list(range(1, 11))
+  assert got == strict_records(tmp_path / 'ref' / 'metrics.jsonl')
+  assert not os.path.exists(tmp_path / 'run' / 'metrics.jsonl.tmp')
+
+
+def test_without_resume_step_the_log_is_appended_to(tmp_path):
+  run_writer(tmp_path, range(1, 4))
+  run_writer(tmp_path, range(3, 5))
+  assert [r['step'] for r in strict_records(tmp_path / 'metrics.jsonl')] == [1, 2, 3, 3, 4]
+
+
+def test_resumed_tensorboard_purges_the_steps_after_the_checkpoint(tmp_path):
+  run_writer(tmp_path, range(1, 11))
+  run_writer(tmp_path, range(7, 11), resume_step=6)
+  first, second = tb_events(tmp_path)
+  assert max(e.step for e in first if e.summary.value) == 10
+  starts = [e for e in second if e.HasField('session_log')]
+  # TensorBoard drops the earlier file's events with step >= the START event's step.
+  assert starts and starts[0].step == 7 and starts[0].session_log.status == event_pb2.SessionLog.START
+  assert sorted({e.step for e in second if e.summary.value}) == [7, 8, 9, 10]
+
+
+def test_nan_and_inf_are_null_and_keep_their_key(tmp_path):
+  writer = MetricWriter(str(tmp_path), total_steps=3, enabled=True, progress_bar=False)
+  writer.write(1, {'loss': float('nan'), 'grad_norm': float('inf'), 'lr': 0.5})
+  writer.write(2, {'loss': -float('inf')}, prefix='eval')
+  writer.close()
+  assert strict_records(tmp_path / 'metrics.jsonl') == [
+      {'step': 1, 'split': 'train', 'loss': None, 'grad_norm': None, 'lr': 0.5},
+      {'step': 2, 'split': 'eval', 'loss': None}]
+
+
+def test_resume_cleans_an_old_log_with_bare_nan_and_a_torn_last_line(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 1, "split": "train", "loss": NaN}\n{"step": 2, "split": "train", "loss": 1.5}\n'
+                  '{"step": 3, "split": "tr')
+  assert keep_steps_up_to(str(path), 2) == 1
+  assert strict_records(path) == [{'step': 1, 'split': 'train', 'loss': None},
+                                  {'step': 2, 'split': 'train', 'loss': 1.5}]
+
+
+def test_eval_metrics_reach_the_console_with_the_progress_bar(tmp_path, capsys):
+  writer = MetricWriter(str(tmp_path), total_steps=10, enabled=True, progress_bar=True)
+  writer.write(5, {'loss': 2.25, 'tokens_per_s': 100.0})
+  writer.advance(5)
+  writer.write(5, {'loss': 3.125, 'bits_per_byte': 1.5}, prefix='eval')
+  writer.close()
+  err = capsys.readouterr().err
+  assert '[eval] step 5: loss=3.125 bits_per_byte=1.5' in err
+  assert '[train] step 5' not in err           # train metrics go to the bar's postfix only
+
+
+def test_flush_puts_tensorboard_events_on_disk_before_close(tmp_path):
+  writer = MetricWriter(str(tmp_path), total_steps=10, enabled=True, progress_bar=False)
+  writer.write(3, {'loss': 1.0})
+  writer.flush()
+  (events,) = tb_events(tmp_path)
+  values = [(e.step, v.tag, v.simple_value) for e in events for v in e.summary.value]
+  writer.close()
+  assert (3, 'train/loss', 1.0) in values
+
+
+def test_a_disabled_writer_writes_nothing(tmp_path):
+  writer = MetricWriter(str(tmp_path), total_steps=10, enabled=False, resume_step=3)
+  writer.write(1, {'loss': math.pi})
+  writer.flush()
+  writer.close()
+  assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('prefix', ['train', 'eval'])
+def test_values_survive_the_round_trip(tmp_path, prefix):
+  writer = MetricWriter(str(tmp_path), total_steps=10, enabled=True, progress_bar=False)
+  writer.write(4, {'loss': math.pi, 'acc': 1e-30}, prefix=prefix)
+  writer.close()
+  assert strict_records(tmp_path / 'metrics.jsonl') == [{'step': 4, 'split': prefix, 'loss': math.pi,
+                                                         'acc': 1e-30}]
+
+
+def test_tensorboard_events_reach_the_disk_every_flush_interval(tmp_path, monkeypatch):
+  from fmjax import metric_writers
+  monkeypatch.setattr(metric_writers, 'FLUSH_SECONDS', 0.0)
+  writer = MetricWriter(str(tmp_path), total_steps=10, enabled=True, progress_bar=False)
+  writer.write(2, {'loss': 0.5})
+  (events,) = tb_events(tmp_path)                  # no flush() and no close(): on disk already
+  writer.close()
+  assert [(e.step, v.tag) for e in events for v in e.summary.value] == [(2, 'train/loss')]
