@@ -24,6 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 
 import fmjax
+from fmjax.errors import UserError
 
 # Model options that change parameter shapes or structure: a mismatch cannot be restored.
 SHAPE_KEYS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim',
