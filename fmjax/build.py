@@ -17,7 +17,7 @@ from fmjax import optim
 from fmjax import sharding as shd
 from fmjax import state as state_lib
 from fmjax import step as step_lib
-from fmjax.model import Transformer
+from fmjax.model import Transformer, attention
 
 
 @dataclass
@@ -63,11 +63,16 @@ class Run:
 
 
 def build_lm_run(cfg, mesh: jax.sharding.Mesh | None = None, compile_step: bool = True) -> Run:
-  """Everything to pretrain the configured language model on `mesh` (default: from cfg.mesh)."""
+  """Everything to pretrain the configured language model on `mesh` (default: from cfg.mesh).
+
+  model.attention is resolved for the mesh's platform (a TPU topology compiled from a CPU host
+  gets the TPU kernels) and the choice is logged once.
+  """
   mesh = mesh or shd.make_mesh(cfg.mesh)
   rules = shd.axis_rules(cfg)
   check_batch(cfg, mesh)
-  model = Transformer(cfg.model)
+  model = Transformer(attention.for_run(cfg.model, seq_len=cfg.seq_len, packed=cfg.data.packing,
+                                        platform=mesh.devices.flat[0].platform))
   schedule = optim.learning_rate_schedule(cfg.optim, cfg.steps)
   tx = optim.make_optimizer(cfg.optim, cfg.steps)
   sharded, init = state_lib.sharded_state(model, tx, mesh, rules, cfg.seq_len)

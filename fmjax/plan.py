@@ -37,11 +37,12 @@ class PlanError(UserError):
 
 
 def parse_topology(name: str) -> tuple[str, int]:
-  """'v5p-32' -> ('v5p', 16 chips); 'h100-8' -> ('h100', 8). TPU v2-v5p names count cores."""
-  m = re.fullmatch(r'(v4|v5e|v5p|v6e|a100|h100|h200)-(\d+)', name.lower())
+  """'v5p-32' -> ('v5p', 16 chips); 'h100-8' -> ('h100', 8). v4/v5p names count cores (2 per chip);
+  gcloud's v5e name `v5litepod-N` is accepted beside `v5e-N`."""
+  m = re.fullmatch(r'(v4|v5e|v5litepod|v5p|v6e|a100|h100|h200)-(\d+)', name.lower())
   if not m:
-    raise PlanError(f'unknown topology {name!r}; use e.g. v5p-32, v6e-16, v4-8, h100-8 or h200-8')
-  kind, n = m.group(1), int(m.group(2))
+    raise PlanError(f'unknown topology {name!r}; use e.g. v5p-32, v6e-16, v5litepod-8, v4-8, h100-8 or h200-8')
+  kind, n = m.group(1).replace('v5litepod', 'v5e'), int(m.group(2))
   chips = n // 2 if kind in ('v4', 'v5p') else n
   return kind, max(chips, 1)
 
@@ -55,13 +56,34 @@ def per_device_bytes(abstract_tree) -> int:
   return total
 
 
+def is_tpu(kind: str | None) -> bool:
+  """Whether a topology kind from `parse_topology` names TPU chips."""
+  return bool(kind) and kind.startswith('v')
+
+
 def tpu_devices(topology: str, topology_name: str = ''):
-  """Compile-only devices of a TPU topology (needs libtpu)."""
+  """Compile-only devices of a TPU topology (needs libtpu); v4 as megacore chips (one device per chip)."""
   from jax.experimental import topologies
-  name = topology_name or TPU_TOPOLOGIES.get(topology.lower())
+  key = topology.lower().replace('v5litepod', 'v5e')
+  name = topology_name or TPU_TOPOLOGIES.get(key)
   if not name:
     raise PlanError(f'no chip layout known for {topology!r}; pass --tpu-topology-name e.g. v5p:2x2x4')
-  return topologies.get_topology_desc(topology_name=name, platform='tpu').devices
+  kwargs = {'chip_config_name': 'megacore'} if name.startswith('v4') else {}
+  return topologies.get_topology_desc(topology_name=name, platform='tpu', **kwargs).devices
+
+
+_EXHAUSTED = re.compile(r'required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)')
+
+
+def out_of_memory(error: Exception) -> PlanError | None:
+  """A PlanError (needed vs available) for XLA's RESOURCE_EXHAUSTED compile error, else None."""
+  text = str(error)
+  if 'RESOURCE_EXHAUSTED' not in text:
+    return None
+  m = _EXHAUSTED.search(text)
+  detail = (f'the step\'s temporaries need {m.group(1)}{m.group(2)} but {m.group(3)}{m.group(4)} of HBM is free '
+            'after parameters and optimizer state') if m else text.strip().splitlines()[0][:200]
+  return PlanError(f'does not fit: {detail}')
 
 
 def plan(cfg, memory_gib: float | None = None, mfu: float = 0.5, peak_flops: float | None = None,
@@ -71,7 +93,13 @@ def plan(cfg, memory_gib: float | None = None, mfu: float = 0.5, peak_flops: flo
   from fmjax import sharding as shd
 
   mesh = shd.make_mesh(cfg.mesh, devices)
-  run = build.build_lm_run(cfg, mesh)
+  try:
+    run = build.build_lm_run(cfg, mesh)
+  except Exception as e:  # noqa: BLE001 - only XLA's out-of-memory refusal is turned into a PlanError
+    refusal = out_of_memory(e)
+    if refusal is None:
+      raise
+    raise refusal from None
   mem = run.train_step.memory_analysis()
   params = per_device_bytes(run.state.abstract.params)
   optimizer = per_device_bytes(run.state.abstract.opt_state)
@@ -151,18 +179,40 @@ def _plan_command(argv: Sequence[str]) -> int:
   if peak is None and jax.devices()[0].platform != 'cpu':
     peak = metrics.device_peak_flops(jax.devices()[0]) or None
   devices = None
-  if kind and kind.startswith('v') and jax.devices()[0].platform != 'cpu' or 'libtpu' in sys.modules:
+  if is_tpu(kind) and (jax.devices()[0].platform == 'tpu' or 'libtpu' in sys.modules):
     devices = tpu_devices(args.topology, args.tpu_topology_name)
   elif chips and chips != jax.device_count():
     raise PlanError(f'{chips} devices were asked for but {jax.device_count()} exist; run fmjax.plan in a fresh '
                     'process (it must set the device count before jax starts)')
-  result = plan(cfg, memory, args.mfu, peak, devices)
+  try:
+    result = plan(cfg, memory, args.mfu, peak, devices)
+  except PlanError as e:
+    if not str(e).startswith('does not fit'):
+      raise
+    raise PlanError(f'{e}; {suggest_batch(cfg, memory, devices)}') from None
   print(report(result, args.mfu))
   if result.get('fits') is False:
-    raise PlanError(f'needs {result["total_bytes"] / 2**30:.2f} GiB per device but the limit is '
-                    f'{result["memory_bytes"] / 2**30:.2f} GiB; add devices, shard more (--config.mesh.*), use remat '
-                    'or a smaller batch')
+    raise PlanError(f'does not fit: needs {result["total_bytes"] / 2**30:.2f} GiB per device but the limit is '
+                    f'{result["memory_bytes"] / 2**30:.2f} GiB; {suggest_batch(cfg, memory, devices)}')
   return 0
+
+
+def suggest_batch(cfg, memory_gib: float | None, devices=None) -> str:
+  """Advice naming the largest halved global batch that compiles and fits (or what else to change)."""
+  batch = cfg.global_batch_size // 2
+  while batch >= 1 and batch % cfg.microbatches == 0:
+    trial = cfg.copy_and_resolve_references()
+    trial.global_batch_size = batch
+    try:
+      result = plan(trial, memory_gib, devices=devices)
+    except (PlanError, ValueError):
+      result = None
+    if result is not None and result.get('fits', True):
+      return (f'--config.global_batch_size={batch} fits ({result["total_bytes"] / 2**30:.1f} GiB per device); '
+              'or add devices / use remat to keep the batch')
+    batch //= 2
+  return 'no smaller batch fits: add devices, shard more (--config.mesh.*) or use remat (--config.model.remat=full)'
+
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,7 +32,7 @@ import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from fmjax.errors import UserError
-from fmjax.model.layers import Projection, apply_rope, dtype_of, fused_projections
+from fmjax.model.layers import Projection, apply_rope, dtype_of, fused_projections, lora_spec
 
 _NEG = -1e30
 
@@ -298,13 +298,18 @@ def for_run(model_cfg, *, seq_len: int, packed: bool, platform: str | None = Non
   resolved = model_cfg.copy_and_resolve_references()
   with resolved.unlocked():
     resolved.attention = choice.impl
+    resolved.attention_platform = platform  # the target the choice was checked for (not saved)
   return resolved
 
 
-def attend(impl: str, q, k, v, q_seg, kv_seg, chunk: int = 128):
-  """Run implementation `impl`; 'auto' not resolved by `for_run` assumes packed rows (exact)."""
+def attend(impl: str, q, k, v, q_seg, kv_seg, chunk: int = 128, platform: str | None = None):
+  """Run implementation `impl`; 'auto' not resolved by `for_run` assumes packed rows (exact).
+
+  `platform` is the target the program is compiled for (default: the JAX backend; compile-only
+  TPU plans run on a CPU backend and pass 'tpu').
+  """
   if impl in ('auto', 'cudnn', 'splash', 'pallas_gpu'):  # explicit kernels: only checked here
-    platform = jax.default_backend()
+    platform = platform or jax.default_backend()
     choice = select(impl, platform=platform, dtype=jnp.dtype(q.dtype).name, head_dim=q.shape[-1],
                     seq_len=q.shape[1], packed=impl == 'auto', hopper=platform == 'gpu' and _hopper())
     if impl == 'auto':
@@ -344,7 +349,8 @@ class Attention(nn.Module):
     kw = dict(use_bias=cfg.use_bias, init_std=cfg.init_std, dtype=dtype_of(cfg.dtype),
               param_dtype=dtype_of(cfg.param_dtype))
     def proj(name, heads, axis, **extra):
-      return Projection((cfg.d_model,), (heads, d), ('embed',), (axis, 'kv'), name=name, **kw, **extra)
+      return Projection((cfg.d_model,), (heads, d), ('embed',), (axis, 'kv'), name=name,
+                        lora=lora_spec(cfg, name), **kw, **extra)
 
     if kh == h:  # one matmul for q, k and v
       q, k, v = fused_projections(x, [proj(n, h, 'heads', weights_only=True) for n in 'qkv'], kw['dtype'])
@@ -366,7 +372,8 @@ class Attention(nn.Module):
       impl = cfg.attention
       if self.decode and impl == 'cudnn':  # prompts are left-padded: cudnn's row lengths do not apply
         impl = 'dense'
-      out = attend(impl, q, k, v, segment_ids, segment_ids, cfg.attention_chunk)
+      out = attend(impl, q, k, v, segment_ids, segment_ids, cfg.attention_chunk,
+                   platform=cfg.get('attention_platform'))
     if self.is_mutable_collection('intermediates'):
       probs = attention_probs(q, k, segment_ids, segment_ids if kv_seg is None else kv_seg, q_index)
       self.sow('intermediates', 'attention', probs.reshape(probs.shape[0], h, *probs.shape[3:]))  # (B, H, T, S)
@@ -374,7 +381,7 @@ class Attention(nn.Module):
     out = checkpoint_name(out, 'attn_out')
     out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
     return Projection((h, d), (cfg.d_model,), ('heads', 'kv'), ('embed',), name='o',
-                      **{**kw, 'init_std': out_std})(out)
+                      lora=lora_spec(cfg, 'o'), **{**kw, 'init_std': out_std})(out)
 
   def _update_cache(self, k, v, segment_ids):
     """Write k, v (B, T, K, D) at the cache index; return the full cache and the query slots."""

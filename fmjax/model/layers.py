@@ -6,6 +6,7 @@ mesh mapping lives in config (`logical_axis_rules`), never here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -66,13 +67,30 @@ def make_norm(cfg, name: str) -> nn.Module:
   return cls(eps=cfg.norm_eps, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), name=name)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+  """Low-rank adapter settings of one projection: y = x W + (alpha / rank) (x A) B."""
+  rank: int
+  alpha: float
+
+
+def lora_spec(cfg, name: str) -> LoraSpec | None:
+  """The LoRA adapter of projection `name` under the model config `cfg` (its optional `lora`
+  section, see fmjax/model/lora.with_lora), or None."""
+  lora = cfg.get('lora') if hasattr(cfg, 'get') else None
+  if lora is None or lora.rank <= 0 or name not in lora.targets:
+    return None
+  return LoraSpec(int(lora.rank), float(lora.alpha))
+
+
 class Projection(nn.Module):
   """A linear map contracting the last `len(in_shape)` axes into `out_shape`, with logical axes.
 
   `kernel` has shape in_shape + out_shape and axes in_axes + out_axes; the optional bias has
-  shape out_shape. LoRA hook: when the parent module's `cfg` has a `lora` section (see
-  fmjax/model/lora.py) naming this projection, low-rank adapters `lora_a`, `lora_b` are added;
-  without it the parameters and numerics are exactly the plain projection's.
+  shape out_shape. With `lora` set (a LoraSpec, passed by the module that makes the projection),
+  low-rank adapters `lora_a` (in..., r) drawn from N(0, 1/in) and `lora_b` (r, out...) zero are
+  added, so an adapted model starts exactly at the base; without it the parameters and numerics
+  are exactly the plain projection's.
   """
   in_shape: tuple
   out_shape: tuple
@@ -84,13 +102,14 @@ class Projection(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   weights_only: bool = False  # return (kernel, bias, LoRA term of x) instead (fused_projections)
+  lora: LoraSpec | None = None
 
   @nn.compact
   def __call__(self, x):
     kernel = param_with_axes(self, 'kernel', nn.initializers.normal(self.init_std),
                              self.in_shape + self.out_shape, self.in_axes + self.out_axes, self.param_dtype)
     if self.weights_only:  # for fused_projections: the weights, and the LoRA term of x if any
-      delta = self._adapter(x) if Projection.has_adapter(self.parent, self.name) else None
+      delta = self._adapter(x) if self.lora else None
       return kernel, (self._bias() if self.use_bias else None), delta
     n_in = len(self.in_shape)
     lead = x.shape[:x.ndim - n_in]
@@ -101,23 +120,25 @@ class Projection(nn.Module):
     y = y.reshape(lead + tuple(self.out_shape))
     if self.use_bias:
       y = y + self._bias().astype(self.dtype)
-    if Projection.has_adapter(self.parent, self.name):
+    if self.lora:
       y = y + self._adapter(x).astype(y.dtype)
     return y
 
   def _adapter(self, x):
-    from fmjax.model.lora import adapter  # pylint: disable=import-outside-toplevel
-    return adapter(self, x, self.parent.cfg.lora)
+    """(alpha/rank) (x A) B."""
+    rank, n_in = self.lora.rank, len(self.in_shape)
+    a = param_with_axes(self, 'lora_a', nn.initializers.normal(math.prod(self.in_shape) ** -0.5),
+                        self.in_shape + (rank,), self.in_axes + (None,), self.param_dtype)
+    b = param_with_axes(self, 'lora_b', nn.initializers.zeros, (rank,) + self.out_shape, (None,) + self.out_axes,
+                        self.param_dtype)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    h = jax.lax.dot_general(x.astype(self.dtype), a.astype(self.dtype), (contract, ((), ())))
+    y = jax.lax.dot_general(h, b.astype(self.dtype), (((h.ndim - 1,), (0,)), ((), ())))
+    return y * (self.lora.alpha / rank)
 
   def _bias(self):
     return param_with_axes(self, 'bias', nn.initializers.zeros, self.out_shape,
                            tuple('norm' if a == 'embed' else a for a in self.out_axes), self.param_dtype)
-
-  @staticmethod
-  def has_adapter(module: nn.Module, name: str) -> bool:
-    """Whether the LoRA config of `module` (the parent) adds adapters to its projection `name`."""
-    lora = getattr(getattr(module, 'cfg', None), 'lora', None)
-    return lora is not None and lora.rank > 0 and name in lora.targets
 
 
 def fused_projections(x, projections: Sequence[Projection], dtype: Dtype):
@@ -150,7 +171,7 @@ class MLP(nn.Module):
     kw = dict(use_bias=cfg.use_bias, init_std=cfg.init_std, dtype=dtype_of(cfg.dtype),
               param_dtype=dtype_of(cfg.param_dtype))
     up = lambda name, **extra: Projection((cfg.d_model,), (cfg.mlp_dim,), ('embed',), ('mlp',), name=name, **kw,
-                                          **extra)
+                                          lora=lora_spec(cfg, name), **extra)
     if cfg.activation == 'swiglu':  # one matmul for both up-projections
       gate, lin = fused_projections(x, [up('wi_0', weights_only=True), up('wi_1', weights_only=True)],
                                     kw['dtype'])
@@ -161,7 +182,7 @@ class MLP(nn.Module):
     h = nn.with_logical_constraint(h, ('batch', 'activation_length', 'activation_mlp'))
     out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
     return Projection((cfg.mlp_dim,), (cfg.d_model,), ('mlp',), ('embed',), name='wo',
-                      **{**kw, 'init_std': out_std})(h)
+                      lora=lora_spec(cfg, 'wo'), **{**kw, 'init_std': out_std})(h)
 
 
 def rope_frequencies(head_dim: int, theta: float) -> jnp.ndarray:

@@ -2,20 +2,17 @@
 
 A target projection y = x W becomes y = x W + (alpha / rank) (x A) B with A (in..., r) drawn
 from N(0, 1/in) and B (r, out...) zero, so an adapted model starts exactly at the base model.
-Adapters are switched on by a `lora` section in the model config (`with_lora`), which
-`Projection` reads from its parent; the base parameter tree is unchanged when it is absent.
+Adapters are switched on by a `lora` section in the model config (`with_lora`); the modules
+that make each projection pass it its `LoraSpec` (fmjax/model/layers.py `lora_spec`), and the
+adapter itself lives in `Projection`. This module holds the parameter-tree side: selecting,
+stripping and merging adapters. The base parameter tree is unchanged when `lora` is absent.
 """
 
 from __future__ import annotations
 
-import math
-
-import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import ml_collections
 
-from fmjax.model.layers import param_with_axes
 
 ADAPTER_KEYS = ('lora_a', 'lora_b')
 
@@ -26,20 +23,6 @@ def with_lora(model_cfg, rank: int, alpha: float, targets) -> ml_collections.Con
   with cfg.unlocked():
     cfg.lora = ml_collections.ConfigDict(dict(rank=int(rank), alpha=float(alpha), targets=tuple(targets)))
   return cfg
-
-
-def adapter(proj: nn.Module, x, lora) -> jax.Array:
-  """(alpha/rank) (x A) B for a Projection `proj` (called from inside its compact __call__)."""
-  n_in = len(proj.in_shape)
-  fan_in = math.prod(proj.in_shape)
-  a = param_with_axes(proj, 'lora_a', nn.initializers.normal(fan_in ** -0.5), proj.in_shape + (lora.rank,),
-                      proj.in_axes + (None,), proj.param_dtype)
-  b = param_with_axes(proj, 'lora_b', nn.initializers.zeros, (lora.rank,) + proj.out_shape,
-                      (None,) + proj.out_axes, proj.param_dtype)
-  contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-  h = jax.lax.dot_general(x.astype(proj.dtype), a.astype(proj.dtype), (contract, ((), ())))
-  y = jax.lax.dot_general(h, b.astype(proj.dtype), (((h.ndim - 1,), (0,)), ((), ())))
-  return y * (lora.alpha / lora.rank)
 
 
 def _is_adapter_holder(node) -> bool:

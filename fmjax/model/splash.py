@@ -39,10 +39,11 @@ def _check_block(name: str, length: int, blk: int):
 
 
 def splash_attention(q, k, v, q_seg, kv_seg, block: int = 512, interpret: bool = False):
-  """Causal, segment-masked attention through the Pallas splash kernel (TPU)."""
-  if not interpret and jax.default_backend() != 'tpu':
-    raise ValueError("attention='splash' needs a TPU backend (Pallas TPU kernel); "
-                     "use 'dense', 'chunked' or 'xla' here")
+  """Causal, segment-masked attention through the Pallas splash kernel (TPU).
+
+  The target platform is checked where the implementation is chosen (fmjax.model.attention.select),
+  not here: a compile-only TPU program is traced on a CPU backend.
+  """
   b, t, h, d = q.shape
   s, kh = k.shape[1], k.shape[2]
   if h % kh:
@@ -68,9 +69,6 @@ def gpu_flash_attention(q, k, v, q_seg, kv_seg, interpret: bool = False):
   One segment-id row serves queries and keys (self-attention: q_seg is kv_seg). The kernel
   tiles the sequence by min(128, T) (backward by min(32, T)), so T must be a multiple of those.
   """
-  if not interpret and jax.default_backend() != 'gpu':
-    raise ValueError("attention='pallas_gpu' needs a GPU backend (Pallas Triton kernel); "
-                     "use 'dense', 'chunked' or 'xla' here")
   b, t, h, d = q.shape
   kh = k.shape[2]
   if h % kh:
@@ -106,6 +104,11 @@ def _per_shard(run, impl: str, q, k, v, q_seg, kv_seg):
     return run(q, k, v, q_seg, kv_seg)
   axes = ('batch', 'activation_length', 'activation_heads', 'activation_kv')
   q_spec = _spec_without_length(nn.logical_to_mesh_axes(axes), 'query', impl)
+  batch = q_spec[0]
+  if batch is not None and q.shape[0] % _size(mesh, batch):
+    # A batch the batch axes cannot split (init traces 1 row; small decode or eval batches):
+    # every device runs the whole batch of its heads, which is exact, only less parallel.
+    q_spec = P(None, *q_spec[1:])
   heads = q_spec[2]
   head_shards = 1 if heads is None else _size(mesh, heads)
   kh = k.shape[2]

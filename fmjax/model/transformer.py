@@ -23,7 +23,7 @@ import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from fmjax.model.attention import Attention
-from fmjax.model.layers import MLP, Projection, dtype_of, make_norm, param_with_axes
+from fmjax.model.layers import MLP, Projection, dtype_of, lora_spec, make_norm, param_with_axes
 
 REMAT_POLICIES = {
     'full': None,  # save nothing: recompute the whole block
@@ -111,7 +111,7 @@ class Transformer(nn.Module):
 
     hidden = make_norm(cfg, 'final_norm')(x)
     if not head:  # for a fused loss: (hidden, output matrix, whether it is (vocab, embed))
-      if Projection.has_adapter(self, 'lm_head'):
+      if lora_spec(cfg, 'lm_head'):
         raise ValueError('model.loss_vocab_chunk > 0 cannot be combined with LoRA on lm_head')
       if cfg.tie_embeddings:
         return hidden, embedding, True
@@ -123,7 +123,8 @@ class Transformer(nn.Module):
       logits = jax.lax.dot_general(flat, embedding.astype(dtype), (((1,), (1,)), ((), ()))).reshape(b, t, -1)
     else:
       logits = Projection((cfg.d_model,), (cfg.vocab_size,), ('embed',), ('vocab',), name='lm_head',
-                          init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype)(hidden)
+                          init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype,
+                          lora=lora_spec(cfg, 'lm_head'))(hidden)
     logits = nn.with_logical_constraint(logits, ('batch', 'activation_length', 'activation_vocab'))
     if return_hidden:
       return logits, hidden
