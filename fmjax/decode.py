@@ -19,10 +19,11 @@ import flax.linen as nn
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
+from fmjax.errors import UserError
 from fmjax.model.transformer import init_cache
 
 
-class DecodeError(ValueError):
+class DecodeError(UserError):
   """A decoding request that cannot be served (shown to the user as one line)."""
 
 

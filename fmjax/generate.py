@@ -4,7 +4,7 @@ Loads the newest checkpoint of DIR (model config and tokenizer from its metadata
 training mesh (override with `--mesh data,fsdp,tensor` or `--config.mesh.*`), left-pads the
 prompts into one batch and decodes with a KV cache (see fmjax.decode). Greedy by default;
 `--temperature`, `--top-k`, `--top-p` and `--seed` sample. Prints each completion and the
-decode speed.
+decode speed; when the context leaves room for fewer than --max-new-tokens, says so on stderr.
 """
 
 from __future__ import annotations
@@ -110,9 +110,22 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
   return text[:min(cuts)] if cuts else text
 
 
+def context_cap_note(asked: int, fit: int, prompt_tokens: int, context: int) -> str:
+  """The one line saying that the context caps the number of new tokens."""
+  return (f'note: max_new_tokens={asked} capped to {fit}: the longest prompt has {prompt_tokens} tokens and the '
+          f'model context is {context} (model.max_seq_len / seq_len), so at most {fit} new tokens fit')
+
+
+def _stderr(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
 def generate(restored, prompts: Sequence[str], max_new_tokens: int = 64, sampling: Sampling | None = None,
-             seed: int = 0, stop: Sequence[str] = (), params=None) -> Generation:
-  """Decode `prompts` with the restored model (or `params` of the same shapes and shardings)."""
+             seed: int = 0, stop: Sequence[str] = (), params=None, warn=_stderr) -> Generation:
+  """Decode `prompts` with the restored model (or `params` of the same shapes and shardings).
+
+  When prompt + max_new_tokens exceeds the context, fewer tokens are generated and `warn` gets one line.
+  """
   import jax  # pylint: disable=import-outside-toplevel
   sampling = sampling or Sampling(temperature=0.0)
   if max_new_tokens <= 0:
@@ -122,6 +135,8 @@ def generate(restored, prompts: Sequence[str], max_new_tokens: int = 64, samplin
   ids = encode_prompts(restored, prompts)
   width = max(len(p) for p in ids)
   new = min(max_new_tokens, restored.context_length - width)   # positions must stay in the context
+  if new < max_new_tokens:
+    warn(context_cap_note(max_new_tokens, new, width, restored.context_length))
   rows = batch_rows(restored, len(ids))
   batch = decode_lib.left_pad(ids, tok.pad_id, rows)
   start = time.perf_counter()

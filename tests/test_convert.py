@@ -234,3 +234,43 @@ def test_training_checkpoint_to_params_only(trained, tmp_path):
   print(f'params-only / training checkpoint size: {ratios}; bf16 in {bf16["seconds"]:.2f}s')
   assert 0.25 < ratios['fp32'] < 0.42    # params without the two Adam moments: about a third
   assert 0.10 < ratios['bf16'] < 0.25    # and half of that again in bf16
+
+
+def test_verify_limits_are_tight_and_dtype_aware(tmp_path):
+  """Default limits sit ~30x above fp32 arithmetic noise: a 1e-3 error in one weight fails (the old
+  1e-2 default let it pass); bf16 params are checked against a bf16-rounded reference."""
+  _hf_model('llama', tmp_path / 'hf')
+  hf_dir = str(tmp_path / 'hf')
+  fp32 = driver.from_hf(hf_dir, str(tmp_path / 'fm32'))
+  exact = verify.verify(fp32['params'], fp32['model'], hf_dir, log=lambda _: None)
+  assert exact['max_abs_diff'] < verify.MAX_ABS_DIFF['float32'] / 10 and exact['kl'] < verify.MAX_KL['float32']
+  # bf16 weights: the reference is rounded the same way, so the same tight limit holds ...
+  bf16 = driver.from_hf(hf_dir, str(tmp_path / 'fm16'), dtype='bfloat16')
+  assert verify.params_dtype(bf16['params']) == 'bfloat16'
+  rounded = verify.verify(bf16['params'], bf16['model'], hf_dir, log=lambda _: None)
+  assert rounded['max_abs_diff'] < verify.MAX_ABS_DIFF['bfloat16']
+  # ... where comparing with the unrounded fp32 reference would be off by a bf16-sized amount.
+  tokens = verify.sample_tokens(96, 32)
+  unrounded = verify.compare(verify.fmjax_logits(bf16['params'], bf16['model'], tokens),
+                             verify.hf_logits(hf_dir, tokens, 'float32'))
+  assert unrounded['max_abs_diff'] > 10 * verify.MAX_ABS_DIFF['bfloat16'], unrounded
+  # A small real error (one norm scale off by 1e-3) fails, with the limit and the factor in one line.
+  bad = jax.tree.map(lambda x: x, fp32['params'])
+  bad['final_norm']['scale'] = bad['final_norm']['scale'] + 1e-3
+  with pytest.raises(ConversionError) as e:
+    verify.verify(bad, fp32['model'], hf_dir, log=lambda _: None)
+  msg = str(e.value)
+  assert 'max abs logits diff' in msg and 'exceeds the float32 limit 0.0001 (' in msg and '\n' not in msg, msg
+  diff = verify.compare(verify.fmjax_logits(bad, fp32['model'], tokens), verify.hf_logits(hf_dir, tokens))
+  assert 1e-4 < diff['max_abs_diff'] < 1e-2, diff                # what the old default could not see
+
+
+def test_verify_failure_names_each_limit():
+  assert verify.failures({'max_abs_diff': 3e-3, 'kl': 5e-7}, 1e-4, 1e-6, 'float32') == [
+      'max abs logits diff 0.003 exceeds the float32 limit 0.0001 (30x)']
+  assert verify.failures({'max_abs_diff': 1e-5, 'kl': 2e-5}, 1e-4, 1e-6, 'bfloat16') == [
+      'mean KL 2e-05 exceeds the bfloat16 limit 1e-06 (20x)']
+  assert len(verify.failures({'max_abs_diff': float('nan'), 'kl': 0.0}, 1e-4, 1e-6, 'float32')) == 1
+  from fmjax.convert.cli import build_parser
+  args = build_parser().parse_args(['to-hf', 'w', '--out', 'o', '--verify'])
+  assert args.max_diff is None and args.max_kl is None          # dtype-aware defaults from verify

@@ -1,6 +1,7 @@
 """Fine-tuning: exact loading, learning a separable task on a (2,2,2) mesh, freezing, bad inputs."""
 
 import csv
+import json
 import os
 
 import jax
@@ -182,17 +183,51 @@ def test_encodings():
   assert [next(labeled.EpochBatches(b, 2, seed=0).start(2))['targets'][:, 0].tolist()] == first[2:]
 
 
+def _facts(n_words=48, seed=0):
+  """Made-up 4-letter words, each of one of two classes (alternating): knowledge that only pretraining
+  on sentences like 'qzkx is fruit.' can give, so fine-tuning on half the words cannot reach the rest."""
+  rng = np.random.default_rng(seed)
+  letters = list('abcdeghjklmnopqrtuwxyz')
+  words = sorted({''.join(rng.choice(letters, 4)) for _ in range(n_words * 2)})[:n_words]
+  words = [words[i] for i in rng.permutation(len(words))]
+  return words, ['fruit' if i % 2 else 'metal' for i in range(n_words)], rng
+
+
 @pytest.mark.slow
-def test_demo_command_prints_both_tables(pretrained, tmp_path, capsys):
-  pre_cfg, _ = pretrained
-  model = [f'--config.model.{k}={v}' for k, v in pre_cfg.model.items() if k in ('vocab_size', 'd_model', 'num_layers',
-                                                                               'num_heads', 'num_kv_heads', 'mlp_dim',
-                                                                               'max_seq_len')]
-  code = finetune.main(['--demo', f'--config.init_from={pre_cfg.workdir}', '--workdir', str(tmp_path / 'demo'),
-                        '--config.steps=6', '--config.eval_every=6', '--config.seq_len=16',
-                        '--config.global_batch_size=8', '--config.finetune.demo_per_class=8',
-                        '--config.progress_bar=false', *model])
+def test_demo_pretrained_beats_random_init(tmp_path, capsys):
+  """`--demo` fine-tunes from the checkpoint and from random init and prints both. The shipped demo
+  task (stdlib packages) needs a real pretraining run to show the gap, too slow for a test, so this
+  uses a small setting where the gap is certain: the model is pretrained (300 tiny steps) on
+  'word is class.' facts; the demo fine-tunes on half the words and evaluates on the other half.
+  Random init can only guess those (accuracy ~0.5); the pretrained model knows them (~0.75)."""
+  words, classes, rng = _facts()
+  (tmp_path / 'corpus').mkdir()
+  lines = [f'{words[i]} is {classes[i]}.' for _ in range(60) for i in rng.permutation(len(words))]
+  (tmp_path / 'corpus' / 'facts.txt').write_text('\n'.join(lines) + '\n')
+  cfg = tiny_config(vocab_size=264, max_seq_len=32)
+  cfg.seq_len, cfg.global_batch_size, cfg.steps = 32, 16, 300
+  cfg.data.update(dict(source='text', files=str(tmp_path / 'corpus' / '*.txt'), cache_dir=str(tmp_path / 'cache'),
+                       validation_fraction=0.0))
+  cfg.update(dict(workdir=str(tmp_path / 'pre'), checkpoint_every=0, async_checkpoints=False, cpu_peak_flops=1e11,
+                  log_every=100))
+  cfg.optim.update(dict(learning_rate=3e-3, warmup_steps=10))
+  train.train(cfg)
+  half = len(words) // 2
+  train_csv = _write_csv(tmp_path / 'train.csv', [(f'{w} is', c) for w, c in zip(words[:half], classes[:half])] * 2)
+  eval_csv = _write_csv(tmp_path / 'eval.csv', [(f'{w} is', c) for w, c in zip(words[half:], classes[half:])])
+  model = [f'--config.model.{k}={v}' for k, v in cfg.model.items() if k in ('vocab_size', 'd_model', 'num_layers',
+                                                                           'num_heads', 'num_kv_heads', 'mlp_dim',
+                                                                           'max_seq_len')]
+  code = finetune.main(['--demo', f'--config.init_from={cfg.workdir}', '--workdir', str(tmp_path / 'demo'),
+                        '--config.steps=30', '--config.eval_every=30', '--config.seq_len=16',
+                        '--config.global_batch_size=8', '--config.finetune.source=csv',
+                        f'--config.finetune.train_files={train_csv}', f'--config.finetune.eval_files={eval_csv}',
+                        '--config.finetune.pooling=last', '--config.finetune.head_learning_rate=1e-2',
+                        '--config.progress_bar=false', '--config.cpu_peak_flops=1e11', *model])
   assert code == 0
   out = capsys.readouterr().out
   assert 'pretrained' in out and 'random init' in out and 'macro_f1' in out
-  assert (tmp_path / 'demo' / 'demo.json').exists()
+  reports = json.loads((tmp_path / 'demo' / 'demo.json').read_text())
+  pre, rand = reports['pretrained'], reports['random init']
+  assert pre['accuracy'] >= rand['accuracy'] + 0.15, (pre, rand)
+  assert pre['macro_f1'] >= rand['macro_f1'] + 0.15, (pre, rand)

@@ -1,5 +1,6 @@
 """Tokenizers: exact round trips (byte and SentencePiece), ids, byte lengths, errors, CLI."""
 
+import json
 import os
 import pickle
 import random
@@ -10,7 +11,7 @@ import pytest
 
 from fmjax.data import corpora
 from fmjax.data.errors import DataError
-from fmjax.data.tokenizers import check_vocab, load_tokenizer, train_sentencepiece
+from fmjax.data.tokenizers import CharTokenizer, check_vocab, load_tokenizer, train_char, train_sentencepiece
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tools'))
 import train_tokenizer  # noqa: E402  pylint: disable=wrong-import-position
@@ -117,3 +118,88 @@ def test_cli(tmp_path, capsys):
   assert 'matches no files' in capsys.readouterr().err
   with pytest.raises(SystemExit):
     train_tokenizer.main(['--help'])
+
+
+CHAR_TEXT = 'First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak. Ünïcødé ☃ 😀\n'
+
+
+def _nanogpt_vocab(text):
+  """nanoGPT prepare.py: chars = sorted(list(set(data))); stoi = {ch: i for i, ch in enumerate(chars)}."""
+  chars = sorted(list(set(text)))
+  return chars, {ch: i for i, ch in enumerate(chars)}
+
+
+def test_char_tokenizer_matches_nanogpt_and_round_trips(tmp_path):
+  (tmp_path / 'input.txt').write_text(CHAR_TEXT, encoding='utf-8')
+  train_char([str(tmp_path / 'input.txt')], str(tmp_path / 'chars.json'))
+  tok = load_tokenizer(str(tmp_path / 'chars.json'))
+  chars, stoi = _nanogpt_vocab(CHAR_TEXT)
+  n = len(chars)
+  assert isinstance(tok, CharTokenizer) and tok.spec == tok.path == str(tmp_path / 'chars.json')
+  assert (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) == (n + 3, n, n + 1, n + 2)
+  assert tok.encode(CHAR_TEXT).tolist() == [stoi[c] for c in CHAR_TEXT]
+  assert tok.decode(tok.encode(CHAR_TEXT)) == CHAR_TEXT
+  assert tok.decode([tok.bos_id, stoi['A'], tok.eos_id, tok.pad_id, 10_000]) == 'A'   # specials dropped
+  lengths = tok.token_byte_lengths()
+  assert lengths.tolist() == [len(c.encode('utf-8')) for c in chars] + [0, 0, 0]
+  assert int(lengths[tok.encode(CHAR_TEXT)].sum()) == len(CHAR_TEXT.encode('utf-8'))
+  assert list(pickle.loads(pickle.dumps(tok)).encode('Speak')) == list(tok.encode('Speak'))
+  with pytest.raises(DataError) as e:
+    tok.encode('Speak?')
+  assert "character '?' (U+003F) is not in the char tokenizer" in str(e.value) and '\n' not in str(e.value)
+
+
+def test_char_tokenizer_is_recognised_by_content(tmp_path):
+  path = tmp_path / 'tokenizer.model'       # the name train.place_tokenizer gives the workdir copy
+  path.write_text(json.dumps({'kind': 'char', 'chars': 'ba\n'}))
+  tok = load_tokenizer(str(path))
+  assert isinstance(tok, CharTokenizer) and tok.chars == '\nab' and tok.vocab_size == 6
+  path.write_text(json.dumps({'kind': 'bpe', 'chars': 'ab'}))
+  with pytest.raises(DataError, match='not a char tokenizer file'):
+    load_tokenizer(str(path))
+  path.write_text('{"kind": "char", "chars": "aa"}')
+  with pytest.raises(DataError, match='distinct characters'):
+    load_tokenizer(str(path))
+  check_vocab(CharTokenizer('abc'), 6)
+  with pytest.raises(DataError, match='model.vocab_size=5.*>= 6'):
+    check_vocab(CharTokenizer('abc'), 5)
+
+
+def test_char_cli(tmp_path, capsys):
+  (tmp_path / 'input.txt').write_text(CHAR_TEXT)
+  out = tmp_path / 'chars.json'
+  argv = ['--model-type', 'char', '--input', str(tmp_path / 'input.txt'), '--output', str(out)]
+  assert train_tokenizer.main(argv) == 0
+  n = len(set(CHAR_TEXT))
+  assert f'vocab {n + 3}' in capsys.readouterr().out
+  assert json.loads(out.read_text(encoding='utf-8')) == {'kind': 'char', 'chars': ''.join(sorted(set(CHAR_TEXT)))}
+  (tmp_path / 'input.txt').write_bytes(b'\x89PNG\x00\x00')
+  assert train_tokenizer.main(argv) == 2
+  assert 'is binary' in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    train_tokenizer.main(argv + ['--vocab-size', '100'])
+  with pytest.raises(SystemExit):
+    train_tokenizer.main(['--model-type', 'char', '--input', 'x', '--output', str(tmp_path / 'c.model')])
+
+
+def test_char_tokenizer_trains_and_restores_from_the_workdir(tmp_path):
+  """train.place_tokenizer copies the JSON into the workdir; restore loads it back, same characters."""
+  from fmjax import restore, train
+  from helpers import tiny_config
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  (corpus / 'a.txt').write_text(''.join(f'{CHAR_TEXT}line {i}\n\n' for i in range(30)))
+  train_char([str(corpus / 'a.txt')], str(tmp_path / 'chars.json'))
+  vocab = load_tokenizer(str(tmp_path / 'chars.json')).vocab_size
+  cfg = tiny_config(vocab_size=vocab)
+  cfg.mesh.update(dict(data=8, fsdp=1, tensor=1))
+  cfg.data.update(dict(source='text', files=str(corpus / '*.txt'), split_by='paragraph',
+                       tokenizer=str(tmp_path / 'chars.json'), cache_dir=str(tmp_path / 'cache'),
+                       validation_fraction=0.0))
+  cfg.update(dict(steps=2, checkpoint_every=0, async_checkpoints=False, workdir=str(tmp_path / 'w'),
+                  cpu_peak_flops=1e11))
+  train.train(cfg)
+  restored = restore.restore(str(tmp_path / 'w'))
+  assert isinstance(restored.tokenizer, CharTokenizer)
+  assert restored.tokenizer.chars == ''.join(sorted(set(CHAR_TEXT + 'line 0123456789')))
+  assert restored.tokenizer.vocab_size == vocab

@@ -31,8 +31,10 @@ def _source_flags(p: argparse.ArgumentParser) -> None:
 
 def _verify_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument('--verify', action='store_true', help='compare logits with transformers (needs torch)')
-  p.add_argument('--max-diff', type=float, default=1e-2, help='--verify fails above this max abs logits diff')
-  p.add_argument('--max-kl', type=float, default=1e-4, help='--verify fails above this mean KL divergence')
+  p.add_argument('--max-diff', type=float, default=None,
+                 help='--verify fails above this max abs logits diff (default 1e-4: both sides run fp32 on the same '
+                      'weights, bf16-rounded on both sides for bf16 params)')
+  p.add_argument('--max-kl', type=float, default=None, help='--verify fails above this mean KL divergence (default 1e-6)')
 
 
 def build_parser() -> argparse.ArgumentParser:

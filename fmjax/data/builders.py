@@ -8,9 +8,13 @@ place, so concurrent builders (e.g. one per host) never see a partial dataset.
 Each document goes to 'validation' when the SHA-1 of its UTF-8 text falls below
 `validation_fraction`, else to 'train': stable across runs, machines and Python versions.
 
-Files with invalid UTF-8 are decoded with U+FFFD replacements and counted in a warning
-when the dataset is built. The `tfds` source reads any prepared TFDS dataset by name
-(+ data_dir): ArrayRecord directly, TFRecord only through TensorFlow.
+Binary files (NUL bytes or invalid UTF-8) among text/jsonl inputs are refused with one
+DataError naming them, unless `data.skip_binary` is set: then they are left out with a warning
+that lists them (also when a cached build is reused). The policy is part of the cache key, so a
+build made with skip_binary=true is never reused without it, and a refused build writes nothing.
+The stdlib corpus (a few Latin-1 test files) is decoded with U+FFFD replacements instead.
+The `tfds` source reads any prepared TFDS dataset by name (+ data_dir): ArrayRecord directly,
+TFRecord only through TensorFlow.
 `open_split(data_cfg, split)` hides which kind it is: a sequence of `str` documents.
 """
 
@@ -27,7 +31,7 @@ from typing import Any, Sequence
 import tensorflow_datasets as tfds
 
 from fmjax.data import corpora
-from fmjax.data.documents import DocumentReader, resolve_files
+from fmjax.data.documents import DocumentReader, name_files, resolve_files
 from fmjax.data.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -41,15 +45,16 @@ def is_validation(text: str, fraction: float) -> bool:
   return int.from_bytes(digest[:8], 'big') < fraction * 2.0**64
 
 
-def plan_splits(reader: DocumentReader, fraction: float) -> tuple[dict[str, list[int]], dict[str, int], int]:
+def plan_splits(reader: DocumentReader, fraction: float) -> tuple[dict[str, list[int]], dict[str, int], list[str]]:
   """One pass over the inputs: per split, the files holding its documents and their count;
-  and the number of files that were not valid UTF-8. Raises DataError on unreadable input."""
+  and the paths of the binary files. Raises DataError on unreadable input."""
   files = {split: [] for split in LOCAL_SPLITS}
   counts = dict.fromkeys(LOCAL_SPLITS, 0)
-  bad_utf8 = 0
+  binary = []
   for index in range(len(reader.paths)):
-    docs, invalid = reader.file_documents(index)
-    bad_utf8 += invalid
+    docs, is_binary = reader.file_documents(index)
+    if is_binary:
+      binary.append(reader.paths[index])
     splits = set()
     for _, text in docs:
       split = 'validation' if is_validation(text, fraction) else 'train'
@@ -57,7 +62,7 @@ def plan_splits(reader: DocumentReader, fraction: float) -> tuple[dict[str, list
       splits.add(split)
     for split in sorted(splits):
       files[split].append(index)
-  return files, counts, bad_utf8
+  return files, counts, binary
 
 
 class FmjaxText(tfds.core.GeneratorBasedBuilder):
@@ -128,10 +133,11 @@ def local_reader(data_cfg) -> DocumentReader:
   """The DocumentReader of a local source (stdlib | text | jsonl)."""
   source = data_cfg.source
   if source == 'stdlib':
-    return DocumentReader(corpora.stdlib_files(), kind='text', split_by='file')
+    return DocumentReader(corpora.stdlib_files(), kind='text', split_by='file', binary_files='replace')
   if source in ('text', 'jsonl'):
-    return DocumentReader(resolve_files(data_cfg.files), kind=source,
-                          split_by=data_cfg.split_by, jsonl_field=data_cfg.jsonl_field)
+    return DocumentReader(resolve_files(data_cfg.files), kind=source, split_by=data_cfg.split_by,
+                          jsonl_field=data_cfg.jsonl_field,
+                          binary_files='skip' if data_cfg.skip_binary else 'refuse')
   raise DataError(f'data.source={source!r} is not one of stdlib, text, jsonl, tfds')
 
 
@@ -150,20 +156,54 @@ def _make_builder(data_dir: str, **kwargs) -> FmjaxText:
   return FmjaxText(data_dir=data_dir, file_format='array_record', **kwargs)
 
 
+def check_binary(data_cfg, reader: DocumentReader, binary: list[str]) -> None:
+  """Refuse binary inputs (one line naming them), or warn that they are skipped, per the reader's policy."""
+  if not binary:
+    return
+  names = name_files(binary)
+  if reader.binary_files == 'refuse':
+    raise DataError(f'{len(binary)} of {len(reader.paths)} files matched by data.files={data_cfg.files!r} are '
+                    f'binary (NUL bytes or not UTF-8): {names}; narrow the glob, convert them to UTF-8, or set '
+                    'data.skip_binary=true to leave them out')
+  if reader.binary_files == 'skip':
+    log.warning('data.skip_binary: left out %d binary (NUL bytes or not UTF-8) of %d input files: %s',
+                len(binary), len(reader.paths), names)
+  else:
+    log.warning('%d of %d input files are not valid UTF-8 text; invalid bytes were replaced by U+FFFD: %s',
+                len(binary), len(reader.paths), names)
+
+
+_SKIPPED_FILE = 'fmjax_binary_files.json'   # in a built dataset: the binary inputs it left out
+_warned = set()                             # dataset dirs whose skipped files were reported in this process
+
+
+def _warn_cached_skips(data_cfg, reader: DocumentReader, final: str) -> None:
+  """On reuse of a cached build, repeat (once per process) the warning about the files it left out."""
+  if final in _warned or reader.binary_files != 'skip':
+    return
+  _warned.add(final)
+  try:
+    with open(os.path.join(final, _SKIPPED_FILE)) as f:
+      binary = json.load(f)
+  except (OSError, ValueError):
+    return
+  check_binary(data_cfg, reader, binary)
+
+
 def build_local(data_cfg) -> str:
   """Build the local source's dataset if needed; returns its directory."""
   reader = local_reader(data_cfg)
   final = dataset_dir(data_cfg, reader)
   if os.path.isdir(final):
+    _warn_cached_skips(data_cfg, reader, final)
     return final
   fraction = float(data_cfg.validation_fraction)
-  files, counts, bad_utf8 = plan_splits(reader, fraction)
+  files, counts, binary = plan_splits(reader, fraction)
+  check_binary(data_cfg, reader, binary)
+  _warned.add(final)
   if not any(counts.values()):
     raise DataError(f'data.source={data_cfg.source!r} ({data_cfg.files or "stdlib"}) has no non-empty '
                     'documents: point data.files at files with text')
-  if bad_utf8:
-    log.warning('%d of %d input files are not valid UTF-8; invalid bytes were replaced by U+FFFD',
-                bad_utf8, len(reader.paths))
   parent = os.path.dirname(final)
   try:
     os.makedirs(parent, exist_ok=True)
@@ -179,6 +219,8 @@ def build_local(data_cfg) -> str:
       builder.download_and_prepare()
     finally:
       tfds.display_progress_bar(was_active)
+    with open(os.path.join(tmp, _SKIPPED_FILE), 'w') as f:
+      json.dump(binary, f)
     try:
       os.rename(tmp, final)
     except OSError:

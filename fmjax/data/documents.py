@@ -2,7 +2,8 @@
 
 A `DocumentReader` is the recipe for one local corpus (file list + how to cut documents);
 `file_documents(i)` gives the `(key, text)` documents of file i. Whitespace-only documents
-are dropped.
+are dropped. A file holding NUL bytes or invalid UTF-8 is "binary": `file_documents` reports
+it, and the caller refuses or skips it (see fmjax.data.builders).
 """
 
 from __future__ import annotations
@@ -46,16 +47,22 @@ def check_readable(path: str) -> os.stat_result:
 
 
 def read_text(path: str) -> tuple[str, bool]:
-  """The file decoded as UTF-8 (bad bytes replaced) and whether any bytes were invalid."""
+  """The file decoded as UTF-8 (bad bytes replaced) and whether it is binary (NUL bytes or invalid UTF-8)."""
   try:
     with open(path, 'rb') as f:
       data = f.read()
   except OSError as e:
     raise DataError(f'cannot read input file {path}: {e.strerror}') from None
   try:
-    return data.decode('utf-8'), False
+    return data.decode('utf-8'), b'\0' in data
   except UnicodeDecodeError:
     return data.decode('utf-8', errors='replace'), True
+
+
+def name_files(paths: list[str], limit: int = 3) -> str:
+  """'a, b, c and 4 more': the first `limit` paths and how many others."""
+  shown = ', '.join(paths[:limit])
+  return shown if len(paths) <= limit else f'{shown} and {len(paths) - limit} more'
 
 
 def split_paragraphs(text: str) -> list[str]:
@@ -82,23 +89,30 @@ def jsonl_texts(text: str, path: str, field: str) -> Iterator[str]:
 
 @dataclasses.dataclass
 class DocumentReader:
-  """The documents of local files. kind: text | jsonl; split_by: file | paragraph (text only)."""
+  """The documents of local files. kind: text | jsonl; split_by: file | paragraph (text only);
+  binary_files: refuse | skip (no documents, reported) | replace (decoded with U+FFFD)."""
   paths: list[str]
   kind: str = 'text'
   split_by: str = 'file'
   jsonl_field: str = 'text'
+  binary_files: str = 'refuse'
 
   def file_documents(self, index: int) -> tuple[list[tuple[str, str]], bool]:
-    """The non-blank (key, text) documents of file `index`, and whether it had invalid UTF-8."""
+    """The non-blank (key, text) documents of file `index`, and whether the file is binary.
+
+    A binary file's documents are not parsed (JSON lines of a binary file would fail first).
+    """
     path = self.paths[index]
-    text, invalid = read_text(path)
+    text, binary = read_text(path)
+    if binary and self.binary_files != 'replace':
+      return [], True
     if self.kind == 'jsonl':
       texts = jsonl_texts(text, path, self.jsonl_field)
     elif self.split_by == 'paragraph':
       texts = split_paragraphs(text)
     else:
       texts = [text]
-    return [(f'{index:08d}-{j:08d}', doc) for j, doc in enumerate(texts) if doc.strip()], invalid
+    return [(f'{index:08d}-{j:08d}', doc) for j, doc in enumerate(texts) if doc.strip()], binary
 
   def fingerprint(self) -> list:
     """What identifies the inputs: paths, sizes, mtimes and the options that shape documents."""
@@ -107,4 +121,4 @@ class DocumentReader:
       st = check_readable(path)
       files.append((path, st.st_size, st.st_mtime_ns))
     return [self.kind, self.split_by if self.kind == 'text' else '',
-            self.jsonl_field if self.kind == 'jsonl' else '', files]
+            self.jsonl_field if self.kind == 'jsonl' else '', self.binary_files, files]

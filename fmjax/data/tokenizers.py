@@ -1,14 +1,19 @@
-"""Tokenizers: bytes (ByT5-style) or a SentencePiece model; both round-trip text exactly.
+"""Tokenizers: bytes (ByT5-style), characters (nanoGPT-style) or a SentencePiece model.
 
-Special ids are the same for both: pad=0, bos=1, eos=2 (SentencePiece models trained here
-also fix unk=3). `spec` is the string a tokenizer was loaded from ('byte' or the .model path).
-`token_byte_lengths()` gives the UTF-8 bytes each id stands for (0 for specials), so that
-losses can be reported in bits per byte whatever the tokenizer.
+All round-trip text exactly. Bytes and SentencePiece share the special ids pad=0, bos=1, eos=2
+(SentencePiece models trained here also fix unk=3). A char tokenizer numbers the sorted
+characters of its training text 0..n-1 (as nanoGPT's prepare.py does) and puts pad, bos, eos
+at n, n+1, n+2; it is a small JSON file {"kind": "char", "chars": "..."}, and encoding a
+character outside it is a DataError. `spec` is the string a tokenizer was loaded from ('byte'
+or the file path); `load_tokenizer` tells a char JSON file from a SentencePiece model by its
+content, whatever its name. `token_byte_lengths()` gives the UTF-8 bytes each id stands for
+(0 for specials), so that losses can be reported in bits per byte whatever the tokenizer.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 from typing import Iterable, Iterator, Sequence
 
@@ -99,18 +104,105 @@ class SentencePieceTokenizer:
     return f'SentencePieceTokenizer({self.path!r}, vocab_size={self.vocab_size})'
 
 
-Tokenizer = ByteTokenizer | SentencePieceTokenizer
+class CharTokenizer:
+  """One id per character of a fixed set (sorted), then pad, bos, eos; loaded from its JSON file."""
+
+  kind = 'char'
+
+  def __init__(self, chars: str, path: str | None = None):
+    if not chars or len(set(chars)) != len(chars):
+      raise DataError(f'char tokenizer {path or ""} needs a non-empty string of distinct characters')
+    self.chars = ''.join(sorted(chars))
+    self.spec = self.path = path
+    self._ids = {c: i for i, c in enumerate(self.chars)}
+    n = len(self.chars)
+    self.pad_id, self.bos_id, self.eos_id = n, n + 1, n + 2
+    self.vocab_size = n + 3
+
+  @classmethod
+  def from_file(cls, path: str, text: str) -> 'CharTokenizer':
+    """The tokenizer stored in `path` (its content `text`)."""
+    try:
+      record = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise DataError(f'{path} is not a char tokenizer JSON file ({e.msg}): write it with '
+                      'tools/train_tokenizer.py --model-type char') from None
+    if not isinstance(record, dict) or record.get('kind') != 'char' or not isinstance(record.get('chars'), str):
+      raise DataError(f'{path} is not a char tokenizer file: expected {{"kind": "char", "chars": "..."}}')
+    return cls(record['chars'], path)
+
+  def to_json(self) -> str:
+    return json.dumps({'kind': 'char', 'chars': self.chars}, ensure_ascii=False)
+
+  def encode(self, text: str) -> np.ndarray:
+    try:
+      return np.fromiter((self._ids[c] for c in text), dtype=np.int32, count=len(text))
+    except KeyError as e:
+      missing = e.args[0]
+      raise DataError(f'character {missing!r} (U+{ord(missing):04X}) is not in the char tokenizer '
+                      f'{self.path or ""} ({len(self.chars)} characters): retrain it on text that holds it '
+                      '(tools/train_tokenizer.py --model-type char)') from None
+
+  def decode(self, ids: Iterable[int]) -> str:
+    n = len(self.chars)
+    return ''.join(self.chars[i] for i in np.asarray(ids, dtype=np.int64).reshape(-1).tolist() if 0 <= i < n)
+
+  def token_byte_lengths(self) -> np.ndarray:
+    lengths = np.zeros(self.vocab_size, dtype=np.int32)
+    lengths[:len(self.chars)] = [len(c.encode('utf-8', errors='surrogatepass')) for c in self.chars]
+    return lengths
+
+  def __repr__(self) -> str:
+    return f'CharTokenizer({self.path!r}, vocab_size={self.vocab_size})'
+
+
+Tokenizer = ByteTokenizer | SentencePieceTokenizer | CharTokenizer
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-  """'byte' or the path of a SentencePiece .model file."""
+  """'byte', or the path of a SentencePiece .model file or a char tokenizer JSON file (told apart by content)."""
   if spec == 'byte':
     return ByteTokenizer()
   path = os.path.expanduser(spec)
   if not os.path.isfile(path):
     raise DataError(f"tokenizer {spec!r} not found: set data.tokenizer to 'byte' or an existing "
-                    '.model file (train one with tools/train_tokenizer.py)')
+                    '.model / char .json file (train one with tools/train_tokenizer.py)')
+  try:
+    with open(path, 'rb') as f:
+      head = f.read(64).lstrip()
+  except OSError as e:
+    raise DataError(f'cannot read tokenizer {path}: {e.strerror}') from None
+  if head.startswith(b'{'):
+    return CharTokenizer.from_file(path, _read_utf8(path, 'tokenizer'))
   return SentencePieceTokenizer(path)
+
+
+def _read_utf8(path: str, what: str) -> str:
+  """A text file's content; a binary or non-UTF-8 file is a DataError."""
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError as e:
+    raise DataError(f'cannot read {what} {path}: {e.strerror}') from None
+  try:
+    text = data.decode('utf-8')
+  except UnicodeDecodeError:
+    text = None
+  if text is None or '\0' in text:
+    raise DataError(f'{what} {path} is binary (NUL bytes or not UTF-8): give UTF-8 text files')
+  return text
+
+
+def train_char(paths: Sequence[str], output: str) -> CharTokenizer:
+  """A char tokenizer of the sorted characters of the given UTF-8 text files, written to `output` (JSON)."""
+  chars = set()
+  for path in paths:
+    chars.update(_read_utf8(path, 'tokenizer input'))
+  if not chars:
+    raise DataError('the tokenizer inputs are empty: give files with text')
+  tok = CharTokenizer(''.join(chars), output)
+  _write_atomically(output, tok.to_json().encode('utf-8'))
+  return tok
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
@@ -169,10 +261,13 @@ def train_sentencepiece(inputs: Sequence[str] | Iterable[str], vocab_size: int,
         pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID, minloglevel=2)
   except RuntimeError as e:
     raise DataError(f'SentencePiece training failed: {str(e).strip().splitlines()[-1]}') from None
-  out_dir = os.path.dirname(os.path.abspath(output))
-  os.makedirs(out_dir, exist_ok=True)
+  _write_atomically(output, model.getvalue())
+  return output
+
+
+def _write_atomically(output: str, data: bytes) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   tmp = f'{output}.tmp-{os.getpid()}'
   with open(tmp, 'wb') as f:
-    f.write(model.getvalue())
+    f.write(data)
   os.replace(tmp, output)
-  return output
