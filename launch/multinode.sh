@@ -4,8 +4,8 @@
 #
 # Usage: launch/multinode.sh [flags] -- <fmjax.train args>
 #   e.g. on node 0 of 2 (10.0.0.1) and node 1:
-#     NNODES=2 NODE_RANK=0 COORDINATOR=10.0.0.1:12345 launch/multinode.sh -- --config configs/base.py --workdir /shared/run1
-#     NNODES=2 NODE_RANK=1 COORDINATOR=10.0.0.1:12345 launch/multinode.sh -- --config configs/base.py --workdir /shared/run1
+#     NNODES=2 NODE_RANK=0 COORDINATOR=10.0.0.1:12345 launch/multinode.sh -- --config configs/default.py --workdir /shared/run1
+#     NNODES=2 NODE_RANK=1 COORDINATOR=10.0.0.1:12345 launch/multinode.sh -- --config configs/default.py --workdir /shared/run1
 #
 #   --nnodes N           number of nodes = JAX processes  (env NNODES; default 1)
 #   --node-rank R        this node's rank, 0..N-1          (env NODE_RANK; default 0)

@@ -27,8 +27,8 @@ SBATCH = "launch/slurm/train.sbatch"
 MULTINODE = "launch/multinode.sh"
 ALL_SCRIPTS = [CREATE, SETUP, RUN, DELETE, SUBMIT, SBATCH, MULTINODE]
 
-TRAIN_ARGS = ["--config", "configs/base.py", "--workdir", "gs://bucket/run1"]
-TRAIN_STR = "--config configs/base.py --workdir gs://bucket/run1"
+TRAIN_ARGS = ["--config", "configs/llama_7b.py", "--workdir", "gs://bucket/run1"]
+TRAIN_STR = "--config configs/llama_7b.py --workdir gs://bucket/run1"
 
 
 def sh(script, *args, env=None, tmp=None, path_prepend=None):

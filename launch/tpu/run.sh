@@ -3,7 +3,7 @@
 #
 # Usage: launch/tpu/run.sh [flags] -- <command ...>
 #   e.g. launch/tpu/run.sh --name my-tpu --zone us-east5-a -- \
-#          python3 -m fmjax.train --config configs/base.py --workdir gs://bucket/run1
+#          python3 -m fmjax.train --config configs/default.py --workdir gs://bucket/run1
 #
 #   --name NAME          TPU VM name                  (env TPU_NAME, required)
 #   --zone ZONE          GCP zone                     (env ZONE, required)
