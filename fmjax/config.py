@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
+import traceback
 from typing import Any, Sequence
 
 import ml_collections
 
+from fmjax.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
   """A configuration problem, reported to the user as one line."""
 
 
@@ -43,7 +47,7 @@ def model_defaults() -> ml_collections.ConfigDict:
       scan_layers=True,        # one compiled block for any depth
       remat='none',            # none | full | dots | names (save only `remat_names`)
       remat_names='qkv,attn_out',  # with remat='names': comma list of qkv, attn_out, mlp_hidden, block_mid
-      attention='auto',        # auto | xla | dense | cudnn | splash | chunked (see fmjax/model/attention.py)
+      attention='auto',        # auto | xla | dense | cudnn | pallas_gpu | splash | chunked (fmjax/model/attention.py)
       attention_chunk=128,     # query/key block for the chunked attention
       loss_vocab_chunk=0,      # > 0: fused output projection + cross-entropy over vocab chunks this size
       init_std=0.02,
@@ -63,7 +67,7 @@ def data_defaults() -> ml_collections.ConfigDict:
       train_split='train',
       eval_split='validation',
       validation_fraction=0.02,  # local sources: share of documents held out by stable hash
-      tokenizer='byte',        # byte | path to a SentencePiece .model file
+      tokenizer='byte',        # byte | path to a SentencePiece .model or a char tokenizer .json file
       packing=True,            # pack documents into rows (segment ids); else pad each
       add_bos=True,
       add_eos=True,
@@ -71,6 +75,8 @@ def data_defaults() -> ml_collections.ConfigDict:
       num_streams=0,           # independent document streams (0 = one per process); fix it to make
                                # the batch order independent of the process count
       cache_dir='',            # where built TFDS datasets live ('' = ~/.cache/fmjax/tfds)
+      skip_binary=False,       # text/jsonl: leave out binary files (NUL bytes / not UTF-8) with a warning
+                               # instead of refusing them
   ))
 
 
@@ -168,8 +174,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 200     # 0 = only at the end
   c.keep_checkpoints = 3
   c.async_checkpoints = True
+  c.skip_nonfinite_steps = 0   # > 0: skip up to N steps whose loss or gradients are nan/inf (parameters
+                               # unchanged, counted as skipped_steps) and stop at the next; 0 = stop at the first
+  c.divergence_factor = 3.0    # warn once when the smoothed loss exceeds this x its minimum after warmup (0 = off)
+  c.grad_spike_factor = 10.0   # warn once when the gradient norm exceeds this x its moving average (0 = off)
+  c.allow_config_change = False  # resume although run-defining options (model, steps, schedule, seed, data,
+                                 # global_batch_size, seq_len) differ from the workdir's config.json
+  c.force_unlock = False       # take over the workdir lock even when its holder cannot be checked (another host)
   c.progress_bar = True
   c.cpu_peak_flops = 0.0       # 0 = measure with a matmul micro-benchmark
+  c.gpu_xla_flags = True       # on GPUs add fmjax's XLA performance flags (fmjax/gpu_flags.py); yours win
+  c.gpu_extra_xla_flags = ''   # more XLA flags for GPU runs (space-separated), applied after fmjax's
+  c.gpu_memory_fraction = 0.9  # XLA_PYTHON_CLIENT_MEM_FRACTION on GPUs unless set in the env (0 = JAX's)
   c.workdir = ''
   c.finetune = finetune_defaults()
   return c
@@ -181,10 +197,34 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     raise ConfigError(f'config file not found: {path}')
   spec = importlib.util.spec_from_file_location('fmjax_user_config', path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # noqa: BLE001 - any error in the user's file becomes one line naming it
+    raise ConfigError(_file_error(path, e)) from e
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'{path} defines no get_config() function')
-  return module.get_config()
+  try:
+    cfg = module.get_config()
+  except Exception as e:  # noqa: BLE001
+    raise ConfigError(_file_error(path, e)) from e
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise ConfigError(f'{path}: get_config() returned {type(cfg).__name__}, not an ml_collections.ConfigDict '
+                      '(start from fmjax.config.base_config())')
+  return cfg
+
+
+def _file_error(path: str, error: Exception) -> str:
+  """'error in config file FILE line N: SyntaxError: ...' for an exception raised while loading FILE."""
+  line = None
+  if isinstance(error, SyntaxError) and error.filename and os.path.abspath(error.filename) == os.path.abspath(path):
+    line, text = error.lineno, error.msg
+  else:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ''
+    for frame in traceback.extract_tb(error.__traceback__):
+      if os.path.abspath(frame.filename) == os.path.abspath(path):
+        line = frame.lineno
+  where = f'{path} line {line}' if line else path
+  return f'error in config file {where}: {type(error).__name__}{": " + text if text else ""}'
 
 
 def _parse_value(text: str, current: Any, key: str) -> Any:
@@ -269,7 +309,7 @@ _CHOICES = {
     'model.norm': ('rmsnorm', 'layernorm'),
     'model.positions': ('rope', 'learned'),
     'model.remat': ('none', 'full', 'dots', 'names'),
-    'model.attention': ('auto', 'xla', 'dense', 'cudnn', 'splash', 'chunked'),
+    'model.attention': ('auto', 'xla', 'dense', 'cudnn', 'pallas_gpu', 'splash', 'chunked'),
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.dtype': ('float32', 'bfloat16'),
     'data.source': ('stdlib', 'text', 'jsonl', 'tfds'),
@@ -308,7 +348,40 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key in ('steps', 'seq_len', 'global_batch_size', 'log_every'):
     if cfg[key] <= 0:
       raise ConfigError(f'{key} must be positive, got {cfg[key]}')
+  for key, low, low_ok, high in _RANGES:
+    _check_range(cfg, key, low, low_ok, high)
+  for key in ('divergence_factor', 'grad_spike_factor'):
+    if 0 < cfg.get(key, 0) <= 1:
+      raise ConfigError(f'{key} must be 0 (off) or > 1, got {cfg[key]}')
   return cfg
+
+
+# Numbers that must be finite and in range: (key, lowest, lowest allowed, highest (excluded) or None).
+_RANGES = (
+    ('optim.learning_rate', 0, False, None), ('optim.end_learning_rate', 0, True, None),
+    ('optim.warmup_steps', 0, True, None), ('optim.decay_steps', 0, True, None),
+    ('optim.b1', 0, True, 1), ('optim.b2', 0, True, 1), ('optim.eps', 0, False, None),
+    ('optim.weight_decay', 0, True, None), ('optim.grad_clip', 0, True, None), ('z_loss', 0, True, None),
+    ('model.dropout', 0, True, 1), ('model.init_std', 0, False, None), ('model.norm_eps', 0, False, None),
+    ('model.rope_theta', 0, False, None), ('eval_every', 0, True, None), ('checkpoint_every', 0, True, None),
+    ('keep_checkpoints', 1, True, None), ('cpu_peak_flops', 0, True, None), ('skip_nonfinite_steps', 0, True, None),
+    ('divergence_factor', 0, True, None), ('grad_spike_factor', 0, True, None),
+    ('finetune.head_learning_rate', 0, True, None), ('finetune.lora_alpha', 0, False, None),
+)
+
+
+def _check_range(cfg: ml_collections.ConfigDict, key: str, low: float, low_ok: bool, high: float | None) -> None:
+  """One line unless cfg[key] is a finite number >= / > low (and < high)."""
+  value = cfg
+  for part in key.split('.'):
+    if not isinstance(value, ml_collections.ConfigDict) or part not in value:
+      return
+    value = value[part]
+  ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        and (value >= low if low_ok else value > low) and (high is None or value < high))
+  if not ok:
+    wanted = (f'in [{low:g}, {high:g})' if high is not None else f'>= {low:g}' if low_ok else f'> {low:g}')
+    raise ConfigError(f'{key} must be a finite number {wanted}, got {value!r}')
 
 
 def resolve(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

@@ -13,6 +13,7 @@ and prints both metric tables.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,10 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fmjax import build, checkpoint, loop, metric_writers, optim, task_metrics
+from fmjax import build, checkpoint, loop, optim, task_metrics
 from fmjax import config as config_lib
 from fmjax import hugepages
 from fmjax import distributed
+from fmjax import numerics, workdir_lock
 from fmjax import sharding as shd
 from fmjax import state as state_lib
 from fmjax import step as step_lib
@@ -206,7 +208,8 @@ class Parts:
                          init=init, batch_sharding=shd.batch_sharding(mesh, rules))
     if compile_step:
       self.run.compile_train_step(step_lib.make_train_step(
-          loss, tx, schedule, microbatches=cfg.microbatches, dropout=cfg.model.dropout > 0, seed=cfg.seed))
+          loss, tx, schedule, microbatches=cfg.microbatches, dropout=cfg.model.dropout > 0, seed=cfg.seed,
+          skip_nonfinite=cfg.skip_nonfinite_steps > 0))
     self.trainable_summary = trainable_summary(sharded.abstract.params, cfg)
 
   def _load_data(self):
@@ -355,49 +358,58 @@ def finetune(cfg) -> dict:
 
   check_config(cfg)
   ft, workdir = cfg.finetune, cfg.workdir
-  os.makedirs(workdir, exist_ok=True)
-  if distributed.is_leader():
-    config_lib.save(cfg, os.path.join(workdir, 'config.json'))
-  source = meta = pretrain_workdir = None
-  if ft.init_from:
-    source, source_step, pretrain_workdir = find_checkpoint(ft.init_from)
-    meta = source.read_metadata(source_step)
-    checkpoint.check_compatible(meta, cfg.model, f'{source.directory}/{source_step}')
-  tokenizer = load_tokenizer(cfg, meta, pretrain_workdir)
-  mesh = shd.make_mesh(cfg.mesh)
-  build.check_batch(cfg, mesh)
-  writer = metric_writers.MetricWriter(workdir, cfg.steps, progress_bar=cfg.progress_bar)
-  writer.log(f'fmjax.finetune: task {ft.task}; {distributed.describe()}; mesh {shd.describe(mesh)}')
+  with contextlib.ExitStack() as cleanup:   # closed in reverse: writer, tracker, checkpointer, then the lock
+    lock = workdir_lock.lock_for_run(workdir, cfg.force_unlock)   # before anything in the workdir changes
+    if lock is not None:
+      cleanup.callback(lock.release)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.keep_checkpoints, cfg.async_checkpoints)
+    cleanup.callback(ckpt.close)
+    latest = ckpt.latest_step()
+    if latest is not None:
+      checkpoint.check_compatible(ckpt.read_metadata(latest), cfg.model, f'{ckpt.directory}/{latest}')
+    changes = train_lib.resume_changes(workdir, cfg, latest is not None, finetune=True)
+    if distributed.is_leader():
+      config_lib.save(cfg, os.path.join(workdir, 'config.json'))
+    source = meta = pretrain_workdir = None
+    if ft.init_from:
+      source, source_step, pretrain_workdir = find_checkpoint(ft.init_from)
+      meta = source.read_metadata(source_step)
+      checkpoint.check_compatible(meta, cfg.model, f'{source.directory}/{source_step}')
+    tokenizer = load_tokenizer(cfg, meta, pretrain_workdir)
+    mesh = shd.make_mesh(cfg.mesh)
+    build.check_batch(cfg, mesh)
+    start = int(latest or 0)
+    writer = train_lib.open_writer(workdir, cfg, start, latest)
+    cleanup.callback(writer.close)
+    writer.log(f'fmjax.finetune: task {ft.task}; {distributed.describe()}; mesh {shd.describe(mesh)}')
+    for line in changes:
+      writer.log(line)
 
-  parts = make_parts(cfg, mesh, tokenizer)        # data, model, optimizer, compiled step
-  run = parts.run
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.keep_checkpoints, cfg.async_checkpoints)
-  latest = ckpt.latest_step()
-  extra = {'finetune': ft.to_dict(), 'classes': list(parts.class_names), 'init_from': ft.init_from}
-  run_meta = checkpoint.make_metadata(cfg, train_lib.place_tokenizer(tokenizer, workdir), extra)
-  if latest is not None:
-    checkpoint.check_compatible(ckpt.read_metadata(latest), cfg.model, f'{ckpt.directory}/{latest}')
-    state = ckpt.restore(latest, run.state.abstract, data_arg=parts.data_restore_arg())
-    writer.log(f'resumed from {ckpt.directory}/{latest}')
-  else:
-    state = run.init(jax.random.PRNGKey(cfg.seed))
-    if source is not None:
-      state = state.replace(params=parts.load_pretrained(state.params, source, source_step))
-      writer.log(f'loaded pretrained parameters from {source.directory}/{source_step}')
-  start = int(latest or 0)
-  if hasattr(parts.batches, 'start'):
-    parts.batches.start(start)
-  writer.log(f'trainable: {parts.trainable_summary}; step compiled in {run.compile_seconds:.1f}s')
+    parts = make_parts(cfg, mesh, tokenizer)        # data, model, optimizer, compiled step
+    run = parts.run
+    extra = {'finetune': ft.to_dict(), 'classes': list(parts.class_names), 'init_from': ft.init_from}
+    run_meta = checkpoint.make_metadata(cfg, train_lib.place_tokenizer(tokenizer, workdir), extra)
+    if latest is not None:
+      state = ckpt.restore(latest, run.state.abstract, data_arg=parts.data_restore_arg())
+      writer.log(f'resumed from {ckpt.directory}/{latest}')
+    else:
+      state = run.init(jax.random.PRNGKey(cfg.seed))
+      if source is not None:
+        state = state.replace(params=parts.load_pretrained(state.params, source, source_step))
+        writer.log(f'loaded pretrained parameters from {source.directory}/{source_step}')
+    if hasattr(parts.batches, 'start'):
+      parts.batches.start(start)
+    writer.log(f'trainable: {parts.trainable_summary}; step compiled in {run.compile_seconds:.1f}s')
 
-  evaluate, tracker = evaluation(cfg, parts, workdir, run_meta, writer)
+    evaluate, tracker = evaluation(cfg, parts, workdir, run_meta, writer)
+    cleanup.callback(tracker.close)
 
-  def save(step, state, wait):
-    ckpt.save(step, state, run_meta, data_arg=parts.data_save_arg(), force=True)
-    if wait:
-      ckpt.wait()
+    def save(step, state, wait):
+      ckpt.save(step, state, run_meta, data_arg=parts.data_save_arg(), force=True)
+      if wait:
+        ckpt.wait()
 
-  result = loop.LoopResult(state=state, last_step=start)
-  try:
+    result = loop.LoopResult(state=state, last_step=start)
     if start < cfg.steps:
       result = loop.run_loop(
           train_step=run.train_step, state=state, batches=parts.batches, batch_sharding=run.batch_sharding,
@@ -405,15 +417,11 @@ def finetune(cfg) -> dict:
           tokens_per_step=cfg.global_batch_size * cfg.seq_len, log_every=cfg.log_every,
           checkpoint_every=cfg.checkpoint_every, save=save, evaluate=evaluate,
           eval_every=cfg.eval_every or cfg.steps, cpu_peak_flops=cfg.cpu_peak_flops,
-          compute_dtype=cfg.model.dtype)
+          compute_dtype=cfg.model.dtype, guards=numerics.GuardConfig.from_config(cfg))
     else:
       writer.log(f'nothing to do: the checkpoint is at step {start} and steps={cfg.steps}')
     if ft.lora_rank and distributed.is_leader():
       parts.save_adapters(result.state, os.path.join(workdir, 'adapters'), result.last_step, run_meta)
-  finally:
-    ckpt.close()
-    tracker.close()
-    writer.close()
   return {'report': tracker.last, 'best': tracker.best, 'history': result.history, 'state': result.state,
           'last_step': result.last_step}
 

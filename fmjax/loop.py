@@ -1,9 +1,11 @@
 """The training loop shared by `fmjax.train` and `fmjax.finetune`.
 
 The host never waits on the device inside the loop: metrics of step n are read after step n+1
-is dispatched, and only every `log_every` steps. Checkpoints are saved asynchronously every
-`checkpoint_every` steps and at the end; SIGTERM (preemption) finishes the current step, saves,
-waits for the save and returns.
+is dispatched (its `nonfinite` flag every step, the rest every `log_every` steps). Checkpoints
+are saved asynchronously every `checkpoint_every` steps and at the end; SIGTERM (preemption)
+finishes the current step, saves, waits for the save and returns. Before an evaluation or a save
+the step is checked to be finite (fmjax/numerics.py), and the time spent evaluating and saving is
+left out of the throughput window.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from fmjax import metrics as metrics_lib
+from fmjax import numerics
 
 
 @dataclass
@@ -68,28 +71,43 @@ def run_loop(*, train_step: Callable, state, batches: Iterator[dict], batch_shar
              total_steps: int, writer, model_cfg, seq_len: int, tokens_per_step: int, log_every: int,
              checkpoint_every: int = 0, save: Callable[[int, Any, bool], None] | None = None,
              evaluate: Callable[[Any, int], dict] | None = None, eval_every: int = 0,
-             cpu_peak_flops: float = 0.0, compute_dtype: str = 'float32') -> LoopResult:
-  """Run steps `start_step+1 .. total_steps`. `save(step, state, wait)` writes a checkpoint."""
+             cpu_peak_flops: float = 0.0, compute_dtype: str = 'float32',
+             guards: numerics.GuardConfig | None = None) -> LoopResult:
+  """Run steps `start_step+1 .. total_steps`. `save(step, state, wait)` writes a checkpoint.
+
+  Raises numerics.NonFiniteError at the first non-finite step (beyond `guards.skip_nonfinite_steps`)
+  without saving it; checkpoints saved before stay valid.
+  """
   platform = jax.devices()[0].platform
   # On CPU the (possibly forced) devices of a process share one processor: count hosts.
   flop_devices = jax.process_count() if platform == 'cpu' else jax.device_count()
   peak = metrics_lib.device_peak_flops(jax.devices()[0], cpu_peak_flops, compute_dtype)
+  guards = guards or numerics.GuardConfig()
+  guard = numerics.NumericsGuard(guards, jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec()),
+                                 writer.log)
+  monitor = numerics.DivergenceMonitor(guards.divergence_factor, guards.grad_spike_factor, guards.warmup_steps)
   watch = PreemptionWatch()
   result = LoopResult(state=state, last_step=start_step)
   pending = None                       # (step, device metrics) of the step before the current one
   mark_time, mark_step = time.perf_counter(), start_step
+  paused = 0.0                         # seconds spent in eval/save since the mark: not train time
   step = start_step
 
   def report(step_done: int, device_metrics) -> None:
-    nonlocal mark_time, mark_step
+    nonlocal mark_time, mark_step, paused
     host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    host.pop('nonfinite', None)
+    if guards.skip_nonfinite_steps:
+      host['skipped_steps'] = float(len(guard.skipped))
     now = time.perf_counter()
     steps = step_done - mark_step
     if steps > 0:
-      host.update(metrics_lib.throughput(model_cfg, seq_len, steps * tokens_per_step, now - mark_time,
-                                         flop_devices, peak))
-      host['step_time'] = (now - mark_time) / steps
-    mark_time, mark_step = now, step_done
+      seconds = max(now - mark_time - paused, 1e-9)
+      host.update(metrics_lib.throughput(model_cfg, seq_len, steps * tokens_per_step, seconds, flop_devices, peak))
+      host['step_time'] = seconds / steps
+    mark_time, mark_step, paused = now, step_done, 0.0
+    for warning in monitor.update(step_done, host):
+      writer.log(warning)
     writer.write(step_done, host)
     result.history.append((step_done, host))
 
@@ -100,21 +118,37 @@ def run_loop(*, train_step: Callable, state, batches: Iterator[dict], batch_shar
       step += 1
       if pending is not None:  # step n-1 is done when step n is queued: at most two in flight
         jax.block_until_ready(pending[1])
+        guard.check_step(*pending)
         if pending[0] % log_every == 0:
           report(*pending)
       pending = (step, device_metrics)
       writer.advance(step)
       last = step == total_steps
-      if evaluate is not None and eval_every and (step % eval_every == 0 or last):
-        writer.write(step, evaluate(state, step), prefix='eval')
+      do_eval = evaluate is not None and eval_every and (step % eval_every == 0 or last)
       stop = watch.should_stop(step)
-      if save is not None and (stop or last or (checkpoint_every and step % checkpoint_every == 0)):
-        save(step, state, stop or last)
+      do_save = save is not None and (stop or last or (checkpoint_every and step % checkpoint_every == 0))
+      if do_eval or do_save:
+        guard.check_step(step, device_metrics)   # waits for the step: what follows is not train time
+        if step % log_every == 0 or last or stop:  # logged now, so a checkpoint never precedes its step's record
+          report(step, device_metrics)
+          pending = None
+        started = time.perf_counter()
+        guard.check_state(step, state)
+        if do_eval:
+          writer.write(step, evaluate(state, step), prefix='eval')
+        if do_save:
+          save(step, state, stop or last)
+          guard.last_saved = step
+          if hasattr(writer, 'flush'):
+            writer.flush()   # the logs on disk reach the checkpoint: a resume after a kill continues them
+        paused += time.perf_counter() - started
       if stop:
         writer.log(f'preemption requested: checkpoint at step {step} written, exiting')
         result.preempted = True
         break
     if pending is not None:
+      jax.block_until_ready(pending[1])
+      guard.check_step(*pending)
       report(*pending)
   finally:
     watch.close()

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import optax
 
+from fmjax import numerics
 from fmjax.chunked_loss import chunked_cross_entropy
 from fmjax.state import TrainState
 
@@ -85,10 +86,14 @@ def accumulate_gradients(loss_fn, params, batch, rng, microbatches: int):
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: Callable,
                     microbatches: int = 1, dropout: bool = False, seed: int = 0,
-                    trainable_mask: Any = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    trainable_mask: Any = None,
+                    skip_nonfinite: bool = False) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Build `step(state, batch) -> (state, metrics)`; jit it with shardings and donation.
 
   `trainable_mask` (a tree of bools like params) zeroes the updates of frozen parameters.
+  Metrics include `nonfinite` (1.0 when the loss or the gradient norm is nan/inf); with
+  `skip_nonfinite` such a step leaves parameters and optimizer state unchanged (the step
+  counter still advances, so the data and the step numbers stay aligned).
   """
   def step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step) if dropout else None
@@ -99,12 +104,19 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
     if trainable_mask is not None:
       updates = jax.tree.map(lambda u, t: u if t else jnp.zeros_like(u), updates, trainable_mask)
     params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    nonfinite = numerics.nonfinite_flag(ce, objective, grad_norm)
+    if skip_nonfinite:
+      keep = nonfinite > 0
+      params, opt_state = jax.tree.map(lambda old, new: jnp.where(keep, old, new),
+                                       (state.params, state.opt_state), (params, opt_state))
     metrics = {
         'loss': ce,
         'objective': objective,
-        'grad_norm': optax.tree.norm(grads),
+        'grad_norm': grad_norm,
         'learning_rate': schedule(state.step),
         'tokens': weight,
+        'nonfinite': nonfinite,
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
   return step

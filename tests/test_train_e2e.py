@@ -177,3 +177,58 @@ def test_wrong_process_count_fails_fast_with_one_line(tmp_path, data):
       if p.poll() is None:
         p.kill()
   assert time.time() - start < 30
+
+
+def test_nonfinite_run_stops_with_one_line_and_the_last_checkpoint_restores(tmp_path, data):
+  import jax
+  import numpy as np
+  from fmjax import build, checkpoint, config
+  run = tmp_path / 'nan'
+  overrides = ('--config.optim.learning_rate=1e30', '--config.steps=12', '--config.optim.decay_steps=12',
+               '--config.checkpoint_every=1', '--config.keep_checkpoints=2', '--config.async_checkpoints=false')
+  proc = subprocess.run(command(run, data, *overrides), env=base_env(1), cwd=ROOT, capture_output=True, text=True,
+                        timeout=240)
+  assert proc.returncode == 2, proc.stderr
+  err = proc.stderr.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('fmjax.train: error: step '), proc.stderr
+  bad = int(err[0].split('step ')[1].split(':')[0])
+  assert 1 < bad < 12
+  assert f'the last checkpoint written is step {bad - 1}' in err[0]
+  logged = logged_losses(run)
+  assert all(np.isfinite(logged[s]) for s in range(1, bad))    # every step before it was finite ...
+  assert checkpoints(run) == ([bad - 2, bad - 1] if bad > 2 else [1])  # ... checkpointed, and nothing after
+  cfg = config.resolve(TINY, [o[len('--config.'):] for o in overrides])
+  abstract = build.build_lm_run(cfg, compile_step=False).state.abstract
+  ckpt = checkpoint.Checkpointer(str(run / 'checkpoints'), async_save=False)
+  state = ckpt.restore(bad - 1, abstract)
+  ckpt.close()
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves((state.params, state.opt_state)))
+  assert not os.path.exists(run / 'fmjax.lock')
+
+
+def test_second_run_on_a_live_workdir_is_refused_then_takes_over_after_sigkill(tmp_path, data):
+  run = tmp_path / 'run'
+  first = subprocess.Popen(command(run, data, *_slow_run()), env=base_env(1, **SERIAL), cwd=ROOT)
+  try:
+    assert _wait_for(lambda: os.path.exists(run / 'metrics.jsonl') and len(logged_losses(run)) >= 2, 180, first)
+    config_before = (run / 'config.json').read_bytes()
+    started = time.time()
+    second = subprocess.run(command(run, data, *_slow_run()), env=base_env(1, **SERIAL), cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    took = time.time() - started
+    err = second.stderr.strip().splitlines()
+    assert second.returncode == 2 and len(err) == 1, second.stderr
+    assert f'is in use by pid {first.pid}@' in err[0] and err[0].startswith('fmjax.train: error: workdir ')
+    assert took < 60, took                  # python + jax import; nothing is compiled
+    assert (run / 'config.json').read_bytes() == config_before
+    assert first.poll() is None             # the first run was not disturbed
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+  finally:
+    if first.poll() is None:
+      first.kill()
+  third = subprocess.run(command(run, data, *_slow_run()), env=base_env(1, **SERIAL), cwd=ROOT,
+                         capture_output=True, text=True, timeout=240)
+  assert third.returncode == 0, third.stderr
+  assert f'taking over the lock of pid {first.pid}@' in third.stderr
+  assert max(logged_losses(run)) == 40 and not os.path.exists(run / 'fmjax.lock')

@@ -136,3 +136,38 @@ def test_dimension_not_divisible_by_mesh_is_named():
   cfg.model.head_dim = 16
   with pytest.raises(shd.MeshError, match=r"\['attn'\]\['[kq]'\]\['kernel'\].*not divisible by mesh axes \('tensor',\)"):
     build.build_lm_run(cfg, shd.make_mesh(cfg.mesh), compile_step=False)
+
+
+def _loop_step_times(tmp_path, eval_sleep: float) -> dict:
+  """{step: logged step_time} of a short loop whose evaluate sleeps `eval_sleep` s at steps 3 and 6."""
+  import time
+  from fmjax import loop, metric_writers
+  cfg = with_fields(tiny_config(), mesh=dict(data=1, fsdp=1, tensor=1))
+  run = build.build_lm_run(cfg, shd.make_mesh(cfg.mesh, jax.devices()[:1]))
+  batches = (synthetic_batch(cfg.global_batch_size, cfg.seq_len, cfg.model.vocab_size, seed=i) for i in range(100))
+
+  def evaluate(state, step):
+    time.sleep(eval_sleep)
+    return {'loss': 0.0}
+
+  def save(step, state, wait):
+    time.sleep(eval_sleep)
+
+  writer = metric_writers.MetricWriter(str(tmp_path), 8, progress_bar=False)
+  try:
+    result = loop.run_loop(train_step=run.train_step, state=run.init(jax.random.PRNGKey(0)), batches=batches,
+                           batch_sharding=run.batch_sharding, start_step=0, total_steps=8, writer=writer,
+                           model_cfg=cfg.model, seq_len=cfg.seq_len, tokens_per_step=cfg.global_batch_size * cfg.seq_len,
+                           log_every=1, evaluate=evaluate, eval_every=3, save=save, checkpoint_every=4,
+                           cpu_peak_flops=1e9)
+  finally:
+    writer.close()
+  return {s: m['step_time'] for s, m in result.history if 'step_time' in m}
+
+
+def test_throughput_window_leaves_out_eval_and_checkpoint_time(tmp_path):
+  times = _loop_step_times(tmp_path / 'slow', eval_sleep=1.0)
+  # every step after the first (which includes the first dispatch) is timed; evals at 3, 6, 8 and saves at
+  # 4, 8 each slept 1 s, yet no window shows it (a tiny step takes milliseconds)
+  assert sorted(times) == list(range(1, 9))
+  assert max(times[s] for s in range(2, 9)) < 0.5, times
