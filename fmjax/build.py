@@ -30,7 +30,7 @@ class Run:
   tx: Any
   schedule: Callable
   state: state_lib.ShardedState
-  init: Callable[[jax.Array], state_lib.TrainState]
+  init: state_lib.OnMesh            # init(rng) -> the state, created sharded
   batch_sharding: jax.sharding.NamedSharding
   train_step: Any = None          # AOT-compiled step(state, batch) -> (state, metrics)
   compile_seconds: float = 0.0
@@ -49,40 +49,69 @@ class Run:
       self.train_step = jitted.lower(self.state.abstract, self.abstract_batch()).compile()
     self.compile_seconds = time.perf_counter() - start
 
-  def jit_eval_step(self, token_bytes=None) -> Callable:
+  def jit_eval_step(self, token_bytes=None) -> state_lib.OnMesh:
     """The eval step, jitted for this mesh (params sharded like training, metrics replicated)."""
     fn = jax.jit(step_lib.make_eval_step(self.model, token_bytes),
                  in_shardings=(self.state.shardings.params, {k: self.batch_sharding for k in step_lib.BATCH_KEYS}),
                  out_shardings=shd.replicated(self.mesh))
-    mesh, rules = self.mesh, self.rules
-
-    def evaluate(params, batch):
-      with shd.activate(mesh, rules):
-        return fn(params, batch)
-    return evaluate
+    return state_lib.OnMesh(fn, self.mesh, self.rules)
 
 
-def build_lm_run(cfg, mesh: jax.sharding.Mesh | None = None, compile_step: bool = True) -> Run:
-  """Everything to pretrain the configured language model on `mesh` (default: from cfg.mesh).
+@dataclass(frozen=True)
+class Task:
+  """What a run trains when it is not plain next-token pretraining (fine-tuning plugs in here).
+
+  Each field left None keeps the pretraining choice: `model_cfg` (e.g. with LoRA adapters),
+  `optimizer(cfg) -> (tx, schedule)`, `params(model, rng) -> boxed params` (e.g. the LM plus a
+  head), `loss(model) -> loss(params, batch, rng)`, and `packed` (whether rows pack several
+  documents, which the attention choice depends on; default data.packing).
+  """
+  model_cfg: Any = None
+  optimizer: Callable | None = None
+  params: Callable | None = None
+  loss: Callable | None = None
+  packed: bool | None = None
+
+
+def build_run(cfg, mesh: jax.sharding.Mesh | None = None, task: Task | None = None,
+              compile_step: bool = True) -> Run:
+  """Everything to train the configured model on `mesh` (default: from cfg.mesh): the one builder
+  of pretraining, fine-tuning, bench, plan and the tools that load a checkpoint.
 
   model.attention is resolved for the mesh's platform (a TPU topology compiled from a CPU host
   gets the TPU kernels) and the choice is logged once.
   """
+  task = task or Task()
   mesh = mesh or shd.make_mesh(cfg.mesh)
   rules = shd.axis_rules(cfg)
   check_batch(cfg, mesh)
-  model = Transformer(attention.for_run(cfg.model, seq_len=cfg.seq_len, packed=cfg.data.packing,
+  packed = cfg.data.packing if task.packed is None else task.packed
+  model = Transformer(attention.for_run(task.model_cfg or cfg.model, seq_len=cfg.seq_len, packed=packed,
                                         platform=mesh.devices.flat[0].platform))
-  schedule = optim.learning_rate_schedule(cfg.optim, cfg.steps)
-  tx = optim.make_optimizer(cfg.optim, cfg.steps)
-  sharded, init = state_lib.sharded_state(model, tx, mesh, rules, cfg.seq_len)
+  if task.optimizer is not None:
+    tx, schedule = task.optimizer(cfg)
+  else:
+    tx, schedule = optim.make_optimizer(cfg.optim, cfg.steps), optim.learning_rate_schedule(cfg.optim, cfg.steps)
+  init_fn = None
+  if task.params is not None:
+    def init_fn(rng):
+      params = task.params(model, rng)
+      return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  sharded, init = state_lib.sharded_state(model, tx, mesh, rules, cfg.seq_len, init_fn=init_fn)
   run = Run(cfg=cfg, mesh=mesh, rules=rules, model=model, tx=tx, schedule=schedule, state=sharded, init=init,
             batch_sharding=shd.batch_sharding(mesh, rules))
   if compile_step:
-    loss = step_lib.lm_loss_fn(model, cfg.z_loss, cfg.model.loss_vocab_chunk)
+    loss = (task.loss(model) if task.loss is not None
+            else step_lib.lm_loss_fn(model, cfg.z_loss, cfg.model.loss_vocab_chunk))
     run.compile_train_step(step_lib.make_train_step(
-        loss, tx, schedule, microbatches=cfg.microbatches, dropout=cfg.model.dropout > 0, seed=cfg.seed))
+        loss, tx, schedule, microbatches=cfg.microbatches, dropout=cfg.model.dropout > 0, seed=cfg.seed,
+        skip_nonfinite=cfg.skip_nonfinite_steps > 0))
   return run
+
+
+def build_lm_run(cfg, mesh: jax.sharding.Mesh | None = None, compile_step: bool = True) -> Run:
+  """`build_run` for next-token pretraining."""
+  return build_run(cfg, mesh, compile_step=compile_step)
 
 
 def check_batch(cfg, mesh) -> None:

@@ -88,6 +88,25 @@ def config_path(name: str) -> str:
   raise ConfigError(f'config file not found: {name} (shipped configs: {", ".join(names)})')
 
 
+def load_run_config(config: str, workdir: str | None, overrides: Sequence[str]):
+  """The resolved run config of a training command; `--workdir` wins over `config.workdir`."""
+  from fmjax import config as config_lib  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.resolve(config_path(config), overrides)
+  if workdir:
+    cfg.workdir = workdir
+  if not cfg.workdir:
+    raise config_lib.ConfigError('no workdir: pass --workdir DIR')
+  cfg.workdir = os.path.abspath(os.path.expanduser(cfg.workdir))
+  return cfg
+
+
+def start_run(cfg) -> None:
+  """Before JAX starts its backend: the GPU XLA flags of `cfg`, then the multi-process runtime."""
+  from fmjax import distributed, gpu_flags  # pylint: disable=import-outside-toplevel
+  gpu_flags.apply(cfg)
+  distributed.initialize()
+
+
 def setup_logging() -> None:
   """INFO logs of fmjax on stderr; absl/jax/orbax chatter at WARNING."""
   logging.basicConfig(level=logging.WARNING, format='%(name)s: %(message)s', stream=sys.stderr)

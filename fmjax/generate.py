@@ -9,7 +9,6 @@ decode speed; when the context leaves room for fewer than --max-new-tokens, says
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -18,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from fmjax import cli
 from fmjax import decode as decode_lib
 from fmjax.decode import DecodeError, Sampling, sampling_options
 
@@ -26,39 +26,6 @@ USAGE = """python -m fmjax.generate --workdir DIR (--prompt TEXT ... | --prompt-
 Generate text from the newest checkpoint in DIR. Options: --max-new-tokens N, --temperature T
 (0 = greedy, the default), --top-k K, --top-p P, --seed S, --stop STRING (repeatable), --step N,
 --mesh data,fsdp,tensor, --config.KEY=VALUE."""
-
-
-class UsageError(ValueError):
-  """A bad command line (printed as one line, exit code 2)."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-  """argparse that raises UsageError instead of printing the usage and exiting."""
-
-  def error(self, message):
-    raise UsageError(message)
-
-
-def split_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]):
-  """(args, ['key=value', ...]): `--config.a.b=c` (or `--config.a.b c`) flags go to the overrides."""
-  args, rest = parser.parse_known_args(argv)
-  overrides, i = [], 0
-  while i < len(rest):
-    item = rest[i]
-    if not item.startswith('--config.'):
-      raise UsageError(f'unrecognised argument {item!r} (see --help)')
-    if '=' not in item and i + 1 < len(rest) and not rest[i + 1].startswith('--'):
-      item, i = f'{item}={rest[i + 1]}', i + 1
-    overrides.append(item[len('--config.'):])
-    i += 1
-  return args, overrides
-
-
-def common_arguments(parser: argparse.ArgumentParser) -> None:
-  """Flags every workdir tool shares: --workdir, --step, --mesh."""
-  parser.add_argument('--workdir', required=True, help='a workdir written by fmjax.train')
-  parser.add_argument('--step', type=int, default=None, help='checkpoint step (default: the newest)')
-  parser.add_argument('--mesh', default=None, help='data,fsdp,tensor mesh shape, e.g. 1,-1,1')
 
 
 @dataclass
@@ -170,15 +137,16 @@ def read_prompts(args) -> list[str]:
       with open(args.prompt_file, encoding='utf-8') as f:
         prompts += [line.rstrip('\n') for line in f if line.strip()]
     except OSError as e:
-      raise UsageError(f'cannot read --prompt-file {args.prompt_file}: {e.strerror}') from None
+      raise cli.UsageError(f'cannot read --prompt-file {args.prompt_file}: {e.strerror}') from None
   if not prompts:
-    raise UsageError('no prompts: pass --prompt TEXT (repeatable) or --prompt-file FILE')
+    raise cli.UsageError('no prompts: pass --prompt TEXT (repeatable) or --prompt-file FILE')
   return prompts
 
 
 def parse_args(argv: Sequence[str]):
-  parser = ArgumentParser(prog='fmjax.generate', usage=USAGE)
-  common_arguments(parser)
+  """(args, overrides) of the generate command line."""
+  parser = cli.ArgumentParser(prog='fmjax.generate', usage=USAGE, description=__doc__.splitlines()[0])
+  cli.add_workdir_flags(parser)
   parser.add_argument('--prompt', action='append', help='a prompt (repeatable)')
   parser.add_argument('--prompt-file', default=None, help='a file with one prompt per line')
   parser.add_argument('--max-new-tokens', type=int, default=64)
@@ -187,31 +155,19 @@ def parse_args(argv: Sequence[str]):
   parser.add_argument('--top-p', type=float, default=1.0, help='nucleus sampling mass (1 = off)')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--stop', action='append', default=[], help='cut completions at this string (repeatable)')
-  return split_overrides(parser, argv)
+  return cli.parse(parser, argv)
 
 
-def user_errors() -> tuple:
-  """Exception types reported as one line with exit code 2."""
-  from fmjax import train  # pylint: disable=import-outside-toplevel
-  return train.user_errors() + (UsageError, DecodeError)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
-  prog = 'fmjax.generate'
-  try:
-    args, overrides = parse_args(argv)
-    prompts = read_prompts(args)
-    temperature = args.temperature
-    if temperature is None:  # asking for top-k / top-p means sampling
-      temperature = 1.0 if (args.top_k or args.top_p < 1.0) else 0.0
-    sampling = sampling_options(temperature=temperature, top_k=args.top_k, top_p=args.top_p)
-    from fmjax import restore  # pylint: disable=import-outside-toplevel
-    restored = restore.restore(args.workdir, restore.mesh_overrides(args.mesh) + overrides, args.step)
-    result = generate(restored, prompts, args.max_new_tokens, sampling, args.seed, args.stop)
-  except user_errors() as e:
-    print(f'{prog}: error: {e}', file=sys.stderr)
-    return 2
+def _generate_command(argv: Sequence[str]) -> int:
+  args, overrides = parse_args(argv)
+  prompts = read_prompts(args)
+  temperature = args.temperature
+  if temperature is None:  # asking for top-k / top-p means sampling
+    temperature = 1.0 if (args.top_k or args.top_p < 1.0) else 0.0
+  sampling = sampling_options(temperature=temperature, top_k=args.top_k, top_p=args.top_p)
+  from fmjax import restore  # pylint: disable=import-outside-toplevel
+  restored = restore.restore(args.workdir, restore.mesh_overrides(args.mesh) + overrides, args.step)
+  result = generate(restored, prompts, args.max_new_tokens, sampling, args.seed, args.stop)
   for i, (prompt, completion) in enumerate(zip(prompts, result.completions)):
     print(f'--- [{i + 1}] {prompt!r}')
     print(prompt + completion)
@@ -220,6 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f'{len(prompts)} prompts, {result.steps} steps); prefill {result.prefill_seconds * 1e3:.1f} ms; '
         f'compile {result.compile_seconds:.1f}s; checkpoint step {restored.step}')
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return cli.run('fmjax.generate', _generate_command, argv)
 
 
 if __name__ == '__main__':

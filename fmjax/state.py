@@ -41,8 +41,24 @@ def _boxed_state(rng, model: nn.Module, tx: optax.GradientTransformation, seq_le
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
+class OnMesh:
+  """A jitted function traced under a mesh and its logical-axis rules: call it, or `lower` it
+  (ahead-of-time compilation, e.g. for a compile-only TPU topology)."""
+
+  def __init__(self, jitted, mesh, rules):
+    self.jitted, self.mesh, self.rules = jitted, mesh, rules
+
+  def __call__(self, *args):
+    with shd.activate(self.mesh, self.rules):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with shd.activate(self.mesh, self.rules):
+      return self.jitted.lower(*args)
+
+
 def sharded_state(model: nn.Module, tx, mesh, rules, seq_len: int,
-                  init_fn: Callable | None = None) -> tuple[ShardedState, Callable[[jax.Array], TrainState]]:
+                  init_fn: Callable | None = None) -> tuple[ShardedState, OnMesh]:
   """Abstract state + shardings, and a jitted `init(rng)` producing the state already sharded.
 
   `init_fn(rng) -> TrainState` (boxed, i.e. with logical-axis metadata) replaces the default
@@ -58,10 +74,7 @@ def sharded_state(model: nn.Module, tx, mesh, rules, seq_len: int,
   shd.check_divisible(unboxed.params, shardings.params)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings)
 
-  def init(key):
-    with shd.activate(mesh, rules):
-      return jax.jit(lambda k: nn.unbox(init_fn(k)), out_shardings=shardings)(key)
-
+  init = OnMesh(jax.jit(lambda k: nn.unbox(init_fn(k)), out_shardings=shardings), mesh, rules)
   return ShardedState(abstract, shardings), init
 
 

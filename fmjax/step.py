@@ -17,9 +17,9 @@ import optax
 
 from fmjax import numerics
 from fmjax.chunked_loss import chunked_cross_entropy
+from fmjax.data.batches import BATCH_KEYS  # noqa: F401  (re-exported: the batch format)
 from fmjax.state import TrainState
 
-BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
 
 
 def cross_entropy(logits, targets, weights, z_loss: float = 0.0):
@@ -86,11 +86,9 @@ def accumulate_gradients(loss_fn, params, batch, rng, microbatches: int):
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: Callable,
                     microbatches: int = 1, dropout: bool = False, seed: int = 0,
-                    trainable_mask: Any = None,
                     skip_nonfinite: bool = False) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Build `step(state, batch) -> (state, metrics)`; jit it with shardings and donation.
 
-  `trainable_mask` (a tree of bools like params) zeroes the updates of frozen parameters.
   Metrics include `nonfinite` (1.0 when the loss or the gradient norm is nan/inf); with
   `skip_nonfinite` such a step leaves parameters and optimizer state unchanged (the step
   counter still advances, so the data and the step numbers stay aligned).
@@ -98,11 +96,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
   def step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step) if dropout else None
     grads, objective, ce, weight = accumulate_gradients(loss_fn, state.params, batch, rng, microbatches)
-    if trainable_mask is not None:
-      grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable_mask)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    if trainable_mask is not None:
-      updates = jax.tree.map(lambda u, t: u if t else jnp.zeros_like(u), updates, trainable_mask)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
     nonfinite = numerics.nonfinite_flag(ce, objective, grad_norm)

@@ -6,14 +6,15 @@ import os
 import pytest
 
 from fmjax import config
-from fmjax.train import main, parse_args
+from fmjax import cli
+from fmjax.train import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(ROOT, 'configs', 'default.py')
 
 
 # Run configs (fmjax.train / finetune / bench); configs/curate_*.py hold fmjax.curate's own schema.
-CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py')) if 'fmjax.curate' not in open(p).read())
+CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '[!_]*.py')) if 'fmjax.curate' not in open(p).read())
 BYTE_VOCAB = 259
 # The allowed values, written out here independently of config._CHOICES.
 ALLOWED = {
@@ -105,7 +106,8 @@ def test_nanogpt_cpu_documented_commands_train(tmp_path, monkeypatch, capsys):
   argv = commands[1][3:] + ['--config.steps=2', f'--config.data.cache_dir={tmp_path}/cache',
                             '--config.progress_bar=false', '--config.cpu_peak_flops=1e11',
                             '--config.mesh.data=4', '--config.mesh.tensor=2']   # the tests' 8 CPU devices
-  cfg = train.resolve_config(*train.parse_args(argv))
+  args, overrides = _train_parse(argv)
+  cfg = cli.load_run_config(args.config, args.workdir, overrides)
   assert (cfg.data.source, cfg.data.split_by, cfg.model.vocab_size) == ('text', 'paragraph', 68)
   assert len(builders.open_split(cfg.data, 'validation')) > 0      # a non-empty validation split
   assert train.main(argv) == 0, capsys.readouterr().err
@@ -151,9 +153,16 @@ def test_cli_reports_user_errors_as_one_line(tmp_path, capsys):
   assert 'config file not found' in capsys.readouterr().err
 
 
+def _train_parse(argv):
+  parser = cli.ArgumentParser(prog='fmjax.train')
+  cli.add_config_flags(parser)
+  cli.add_workdir_flags(parser, required=False, checkpoint=False)
+  return cli.parse(parser, argv)
+
+
 def test_space_separated_overrides_are_accepted():
-  _, workdir, overrides = parse_args(['--config', 'c.py', '--workdir', 'w', '--config.steps', '5'])
-  assert workdir == 'w' and overrides == ['--config.steps=5']
+  args, overrides = _train_parse(['--config', 'c.py', '--workdir', 'w', '--config.steps', '5'])
+  assert args.workdir == 'w' and overrides == ['steps=5']
 
 
 def test_missing_data_path_is_one_clear_line(tmp_path, capsys):

@@ -113,7 +113,7 @@ def test_export_to_hf_and_back(tmp_path, overrides, scan):
 def test_export_bf16_verifies_through_cli(tmp_path, capsys):
   pytest.importorskip('transformers')
   workdir, _, _ = _fmjax_workdir(tmp_path, LLAMA)
-  assert cli_main(['to-hf', workdir, '--out', str(tmp_path / 'hf'), '--dtype', 'bfloat16', '--verify']) == 0
+  assert cli_main(['to-hf', '--workdir', workdir, '--out', str(tmp_path / 'hf'), '--dtype', 'bfloat16', '--verify']) == 0
   assert 'verify: max abs logits diff' in capsys.readouterr().out
   assert load_file(str(tmp_path / 'hf' / 'model.safetensors'))['lm_head.weight'].dtype.name == 'bfloat16'
 
@@ -187,7 +187,7 @@ def test_flags_contradicting_metadata_are_errors(tmp_path, capsys):
     source.open_source(workdir, tokenizer=str(tmp_path / 'other.model'))
   with pytest.raises(ConversionError, match='--family gpt2 contradicts .*model.norm'):
     driver.pick_family(source.open_source(workdir).model, 'gpt2')
-  assert cli_main(['to-hf', workdir, '--step', '7', '--out', str(tmp_path / 'x')]) == 2
+  assert cli_main(['to-hf', '--workdir', workdir, '--step', '7', '--out', str(tmp_path / 'x')]) == 2
   assert 'has no step 7' in capsys.readouterr().err
 
 
@@ -272,5 +272,5 @@ def test_verify_failure_names_each_limit():
       'mean KL 2e-05 exceeds the bfloat16 limit 1e-06 (20x)']
   assert len(verify.failures({'max_abs_diff': float('nan'), 'kl': 0.0}, 1e-4, 1e-6, 'float32')) == 1
   from fmjax.convert.cli import build_parser
-  args = build_parser().parse_args(['to-hf', 'w', '--out', 'o', '--verify'])
+  args = build_parser().parse_args(['to-hf', '--workdir', 'w', '--out', 'o', '--verify'])
   assert args.max_diff is None and args.max_kl is None          # dtype-aware defaults from verify

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax import finetune, train
+from fmjax import finetune, restore, train
 from fmjax import sharding as shd
 from fmjax.checkpoint import CheckpointError
-from fmjax.classify import HEAD
+from fmjax.finetune.classifier import HEAD
 from fmjax.data import labeled
 from fmjax.data.errors import DataError
 from fmjax.data.tokenizers import ByteTokenizer
@@ -92,10 +92,9 @@ def ft_config(pretrained, tmp, **finetune_overrides):
 
 def _parts(cfg):
   mesh = shd.make_mesh(cfg.mesh)
-  tokenizer = finetune.load_tokenizer(cfg, {'tokenizer': 'byte'}, None)
-  parts = finetune.make_parts(cfg, mesh, tokenizer, compile_step=False)
+  parts = finetune.Parts(cfg, mesh, ByteTokenizer(), compile_step=False)
   state = parts.run.init(jax.random.PRNGKey(cfg.seed))
-  src, step, _ = finetune.find_checkpoint(cfg.finetune.init_from)
+  src, step, _ = restore.locate_checkpoint(cfg.finetune.init_from)
   return parts, state.replace(params=parts.load_pretrained(state.params, src, step))
 
 

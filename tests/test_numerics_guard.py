@@ -20,7 +20,7 @@ def runs():
   cfg.mesh.update(dict(data=1, fsdp=1, tensor=1))
   mesh = shd.make_mesh(cfg.mesh, jax.devices()[:1])
   run = build.build_lm_run(cfg, mesh)
-  skipping = train.build_run(with_fields(cfg.copy_and_resolve_references(), skip_nonfinite_steps=1), mesh)
+  skipping = build.build_lm_run(with_fields(cfg.copy_and_resolve_references(), skip_nonfinite_steps=1), mesh)
   return cfg, run, skipping
 
 

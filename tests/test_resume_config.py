@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from fmjax import config, train
+from fmjax import config, resume, train
 from helpers import text_run_config
 
 
@@ -21,10 +21,10 @@ def test_differences_are_listed_one_line_per_key(tmp_path):
   saved_workdir(tmp_path, cfg)
   new = text_run_config(tmp_path, log_every=7, checkpoint_every=3, mesh=dict(fsdp=2))
   new.model.remat = 'full'
-  lines = train.resume_changes(new.workdir, new, resuming=True)
+  lines = resume.resume_changes(new.workdir, new, resuming=True)
   assert lines == ['config change on resume: checkpoint_every: 200 -> 3', 'config change on resume: log_every: 1 -> 7',
                    'config change on resume: mesh.fsdp: -1 -> 2', 'config change on resume: model.remat: "none" -> "full"']
-  assert train.resume_changes(new.workdir, text_run_config(tmp_path), resuming=True) == []
+  assert resume.resume_changes(new.workdir, text_run_config(tmp_path), resuming=True) == []
 
 
 @pytest.mark.parametrize('change, shown', [
@@ -41,36 +41,36 @@ def test_run_defining_changes_are_refused_in_one_line_and_leave_config_json(tmp_
   before = open(path).read()
   new = text_run_config(tmp_path, **change)
   with pytest.raises(config.ConfigError) as e:
-    train.resume_changes(new.workdir, new, resuming=True)
+    resume.resume_changes(new.workdir, new, resuming=True)
   text = str(e.value)
   assert shown in text and '--config.allow_config_change=true' in text and '\n' not in text
   assert open(path).read() == before
   new.allow_config_change = True
-  lines = train.resume_changes(new.workdir, new, resuming=True)
+  lines = resume.resume_changes(new.workdir, new, resuming=True)
   assert any(shown.split(' ')[0] in line and 'allowed by allow_config_change' in line for line in lines)
 
 
 def test_steps_may_change_when_decay_steps_fixes_the_schedule(tmp_path):
   saved_workdir(tmp_path, text_run_config(tmp_path, optim=dict(decay_steps=10)))
   longer = text_run_config(tmp_path, steps=30, optim=dict(decay_steps=10))
-  assert train.resume_changes(longer.workdir, longer, resuming=True) == ['config change on resume: steps: 10 -> 30']
+  assert resume.resume_changes(longer.workdir, longer, resuming=True) == ['config change on resume: steps: 10 -> 30']
   moved = text_run_config(tmp_path, steps=30, optim=dict(decay_steps=30))
   with pytest.raises(config.ConfigError, match='optim.decay_steps 10 -> 30'):
-    train.resume_changes(moved.workdir, moved, resuming=True)
+    resume.resume_changes(moved.workdir, moved, resuming=True)
 
 
 def test_no_checkpoint_means_no_resume_and_no_check(tmp_path):
   saved_workdir(tmp_path, text_run_config(tmp_path))
   new = text_run_config(tmp_path, steps=99)
-  assert train.resume_changes(new.workdir, new, resuming=False) == []
+  assert resume.resume_changes(new.workdir, new, resuming=False) == []
 
 
 def test_classification_of_keys():
-  assert train.is_run_defining('model.d_model') and not train.is_run_defining('model.attention')
-  assert train.is_run_defining('optim.warmup_steps') and not train.is_run_defining('optim.b2')
-  assert not train.is_run_defining('finetune.lora_rank') and train.is_run_defining('finetune.lora_rank', finetune=True)
-  assert not train.is_run_defining('finetune.best_metric', finetune=True)
-  assert not train.is_run_defining('log_every') and not train.is_run_defining('microbatches')
+  assert resume.is_run_defining('model.d_model') and not resume.is_run_defining('model.attention')
+  assert resume.is_run_defining('optim.warmup_steps') and not resume.is_run_defining('optim.b2')
+  assert not resume.is_run_defining('finetune.lora_rank') and resume.is_run_defining('finetune.lora_rank', finetune=True)
+  assert not resume.is_run_defining('finetune.best_metric', finetune=True)
+  assert not resume.is_run_defining('log_every') and not resume.is_run_defining('microbatches')
 
 
 def test_refused_resume_in_train_leaves_the_workdir_untouched(tmp_path):

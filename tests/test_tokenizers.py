@@ -111,10 +111,10 @@ def test_cli(tmp_path, capsys):
     (corpus / f'{i}.txt').write_text(text)
   out = tmp_path / 'cli.model'
   assert train_tokenizer.main(['--input', str(corpus / '*.txt'), '--vocab-size', '400',
-                               '--output', str(out)]) == 0
+                               '--out', str(out)]) == 0
   assert load_tokenizer(str(out)).vocab_size == 400
   assert train_tokenizer.main(['--input', str(tmp_path / 'none/*.txt'), '--vocab-size', '400',
-                               '--output', str(out)]) == 2
+                               '--out', str(out)]) == 2
   assert 'matches no files' in capsys.readouterr().err
   with pytest.raises(SystemExit):
     train_tokenizer.main(['--help'])
@@ -150,7 +150,7 @@ def test_char_tokenizer_matches_nanogpt_and_round_trips(tmp_path):
 
 
 def test_char_tokenizer_is_recognised_by_content(tmp_path):
-  path = tmp_path / 'tokenizer.model'       # the name train.place_tokenizer gives the workdir copy
+  path = tmp_path / 'tokenizer.model'       # the name tokenizers.place_in_workdir gives the workdir copy
   path.write_text(json.dumps({'kind': 'char', 'chars': 'ba\n'}))
   tok = load_tokenizer(str(path))
   assert isinstance(tok, CharTokenizer) and tok.chars == '\nab' and tok.vocab_size == 6
@@ -168,7 +168,7 @@ def test_char_tokenizer_is_recognised_by_content(tmp_path):
 def test_char_cli(tmp_path, capsys):
   (tmp_path / 'input.txt').write_text(CHAR_TEXT)
   out = tmp_path / 'chars.json'
-  argv = ['--model-type', 'char', '--input', str(tmp_path / 'input.txt'), '--output', str(out)]
+  argv = ['--model-type', 'char', '--input', str(tmp_path / 'input.txt'), '--out', str(out)]
   assert train_tokenizer.main(argv) == 0
   n = len(set(CHAR_TEXT))
   assert f'vocab {n + 3}' in capsys.readouterr().out
@@ -179,11 +179,11 @@ def test_char_cli(tmp_path, capsys):
   with pytest.raises(SystemExit):
     train_tokenizer.main(argv + ['--vocab-size', '100'])
   with pytest.raises(SystemExit):
-    train_tokenizer.main(['--model-type', 'char', '--input', 'x', '--output', str(tmp_path / 'c.model')])
+    train_tokenizer.main(['--model-type', 'char', '--input', 'x', '--out', str(tmp_path / 'c.model')])
 
 
 def test_char_tokenizer_trains_and_restores_from_the_workdir(tmp_path):
-  """train.place_tokenizer copies the JSON into the workdir; restore loads it back, same characters."""
+  """tokenizers.place_in_workdir copies the JSON into the workdir; restore loads it back, same characters."""
   from fmjax import restore, train
   from helpers import tiny_config
   corpus = tmp_path / 'corpus'

@@ -70,6 +70,15 @@ def logged_losses(workdir) -> dict:
   return out
 
 
+def train_records(workdir) -> list[tuple[int, float]]:
+  """(step, loss) of every train record of metrics.jsonl, in file order; strict JSON (no bare NaN)."""
+  def refuse(name):
+    raise ValueError(f'metrics.jsonl holds the non-JSON constant {name}')
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line, parse_constant=refuse) for line in f]
+  return [(r['step'], r['loss']) for r in records if r['split'] == 'train']
+
+
 def checkpoints(workdir) -> list:
   d = os.path.join(workdir, 'checkpoints')
   return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
@@ -121,7 +130,8 @@ def test_sigkill_after_a_checkpoint_resumes_bit_identically(tmp_path, data):
   run = tmp_path / 'run'
   proc = subprocess.Popen(command(run, data, *_slow_run()), env=base_env(1, **SERIAL), cwd=ROOT)
   try:
-    assert _wait_for(lambda: 10 in checkpoints(run), 180, proc), 'no checkpoint at step 10'
+    assert _wait_for(lambda: 10 in checkpoints(run) and max(logged_losses(run), default=0) >= 12, 180, proc), \
+        'no checkpoint at step 10 followed by logged steps'
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
   finally:
@@ -129,11 +139,15 @@ def test_sigkill_after_a_checkpoint_resumes_bit_identically(tmp_path, data):
       proc.kill()
   assert checkpoints(run)[-1] < 40
   killed_at = max(logged_losses(run))
+  assert killed_at > checkpoints(run)[-1], 'steps after the last checkpoint were logged before the kill'
   assert train_cli(run, data, *_slow_run(), devices=1, env=SERIAL) == [0]
   want, got = logged_losses(ref), logged_losses(run)
   assert killed_at < 40 and set(range(11, 41)) <= set(got)
   for step in range(11, 41):
     assert got[step] == want[step], step                    # bit-identical (fp32, CPU)
+  # the log matches the resumed state: each step once (the steps logged after checkpoint 10 and
+  # before the kill were dropped on resume), equal to the uninterrupted run's log
+  assert train_records(run) == train_records(ref)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, data):

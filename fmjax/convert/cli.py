@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Sequence
 
+from fmjax import cli
+
 DESCRIPTION = """Convert fmjax checkpoints. Model config, layer layout and tokenizer come from the
 checkpoint's metadata; flags may fill in what it lacks, and a flag that contradicts it is an error.
 Only safetensors are read or written (no pickles)."""
@@ -21,7 +23,8 @@ def _bool(text: str) -> bool:
 
 
 def _source_flags(p: argparse.ArgumentParser) -> None:
-  p.add_argument('checkpoint', help='fmjax workdir, its checkpoints/ dir, or one checkpoints/<step> dir')
+  p.add_argument('--workdir', required=True, metavar='DIR',
+                 help='fmjax workdir, its checkpoints/ dir, or one checkpoints/<step> dir')
   p.add_argument('--step', type=int, default=None, help='checkpoint step (default: the latest)')
   p.add_argument('--model-config', default=None, help="JSON model config (or a run's config.json) when the "
                  'metadata lacks one')
@@ -38,7 +41,7 @@ def _verify_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog='fmjax-convert', description=DESCRIPTION)
+  parser = cli.ArgumentParser(prog='fmjax-convert', description=DESCRIPTION)
   sub = parser.add_subparsers(dest='command', required=True)
 
   p = sub.add_parser('to-hf', help='fmjax checkpoint -> Hugging Face directory (Llama or GPT-2)')
@@ -50,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
   _verify_flags(p)
 
   p = sub.add_parser('from-hf', help='Hugging Face directory (Llama, Mistral, GPT-2) -> params-only checkpoint')
-  p.add_argument('hf_dir', help='local directory with config.json and *.safetensors')
+  p.add_argument('--hf-dir', required=True, metavar='DIR', help='local directory with config.json and *.safetensors')
   p.add_argument('--out', required=True, help='output fmjax workdir (checkpoints/<step>/{state,meta})')
   p.add_argument('--layout', type=_bool, default=True, help='scanned (default) or unrolled layers')
   p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='param dtype to store')
@@ -78,7 +81,7 @@ def run(args) -> None:
     if args.verify:
       verify.verify(out['params'], out['model'], args.hf_dir, args.max_diff, args.max_kl)
     return
-  src = source.open_source(args.checkpoint, step=args.step, model_json=args.model_config,
+  src = source.open_source(args.workdir, step=args.step, model_json=args.model_config,
                            scanned=args.source_layout, tokenizer=args.tokenizer)
   if args.command == 'to-hf':
     out = driver.to_hf(src, args.out, family=args.family, dtype=args.dtype,
@@ -89,17 +92,13 @@ def run(args) -> None:
     driver.params_only(src, args.out, dtype=args.dtype, scan_layers=args.layout, mesh_spec=args.mesh)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-  from fmjax.checkpoint import CheckpointError
-  from fmjax.convert.mapping import ConversionError
-  from fmjax.sharding import MeshError
-  try:
-    run(args)
-  except (ConversionError, CheckpointError, MeshError) as e:
-    print(f'fmjax-convert: error: {e}', file=sys.stderr)
-    return 2
+def _convert_command(argv: Sequence[str]) -> int:
+  run(build_parser().parse_args(argv))
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return cli.run('fmjax-convert', _convert_command, argv)
 
 
 if __name__ == '__main__':

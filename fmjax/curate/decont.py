@@ -21,6 +21,7 @@ from datatrove.utils.hashing import create_hash_func
 from datatrove.utils.text import ngrams, simplify_text
 
 from fmjax.curate.words import WORD_TOKENIZER
+from fmjax.data import documents
 
 
 def eval_name(path: str) -> str:
@@ -35,7 +36,7 @@ def read_eval_texts(path: str, jsonl_field: str) -> list[str]:
   with folder.open(os.path.basename(path), 'rt', compression='infer', encoding='utf-8', errors='replace') as f:
     text = f.read()
   if '.jsonl' in os.path.basename(path):
-    return [str(json.loads(line).get(jsonl_field, '')) for line in text.splitlines() if line.strip()]
+    return list(documents.jsonl_texts(text, path, jsonl_field))
   return [text]
 
 

@@ -70,8 +70,9 @@ def split_paragraphs(text: str) -> list[str]:
   return [p.strip('\n') for p in _PARAGRAPH_BREAK.split(text)]
 
 
-def jsonl_texts(text: str, path: str, field: str) -> Iterator[str]:
-  """The `field` string of each JSON line (blank lines skipped)."""
+def jsonl_records(text: str, path: str) -> Iterator[tuple[int, dict]]:
+  """(line number, object) of each non-blank line of JSONL text: the one JSONL reader of fmjax
+  (pretraining documents and fine-tuning examples); a bad line is a one-line DataError."""
   for lineno, line in enumerate(text.split('\n'), 1):
     if not line.strip():
       continue
@@ -79,7 +80,16 @@ def jsonl_texts(text: str, path: str, field: str) -> Iterator[str]:
       record = json.loads(line)
     except json.JSONDecodeError as e:
       raise DataError(f'{path}:{lineno}: invalid JSON ({e.msg}); each line must be one JSON object') from None
-    if not isinstance(record, dict) or field not in record:
+    if not isinstance(record, dict):
+      raise DataError(f'{path}:{lineno}: a JSON {type(record).__name__}, not an object; each line must be one '
+                      'JSON object')
+    yield lineno, record
+
+
+def jsonl_texts(text: str, path: str, field: str) -> Iterator[str]:
+  """The `field` string of each JSON line (blank lines skipped)."""
+  for lineno, record in jsonl_records(text, path):
+    if field not in record:
       raise DataError(f'{path}:{lineno}: no field {field!r}; set data.jsonl_field to the text field')
     value = record[field]
     if not isinstance(value, str):

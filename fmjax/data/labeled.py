@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import zlib
 from typing import Sequence
@@ -24,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from fmjax.data import batches as batches_lib
+from fmjax.data import documents
 from fmjax.data.documents import resolve_files
 from fmjax.data.errors import DataError
 
@@ -60,16 +60,10 @@ def _read_csv(path: str, columns: Sequence[str]) -> dict[str, list[str]]:
 
 def _read_jsonl(path: str, columns: Sequence[str]) -> dict[str, list[str]]:
   out = {c: [] for c in columns}
-  for n, line in enumerate(io.StringIO(_read_text(path)), 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise DataError(f'{path}:{n}: not valid JSON ({e.msg})') from None
+  for n, record in documents.jsonl_records(_read_text(path), path):
     for c in columns:
-      if not isinstance(record, dict) or c not in record:
-        keys = ', '.join(record) if isinstance(record, dict) else type(record).__name__
+      if c not in record:
+        keys = ', '.join(record)
         raise DataError(f'{path}:{n}: no field {c!r} (it has {keys}); set finetune.text_feature / '
                         'label_feature')
       out[c].append(_as_text(record[c]))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -203,6 +204,19 @@ def train_char(paths: Sequence[str], output: str) -> CharTokenizer:
   tok = CharTokenizer(''.join(chars), output)
   _write_atomically(output, tok.to_json().encode('utf-8'))
   return tok
+
+
+def place_in_workdir(tokenizer: Tokenizer, workdir: str) -> str:
+  """Copy a tokenizer file into the workdir (process 0); return the spec checkpoints record
+  ('byte' or the copy's file name, relative to the workdir)."""
+  if tokenizer.path is None:
+    return tokenizer.spec
+  import jax  # pylint: disable=import-outside-toplevel
+  name = 'tokenizer.model'
+  target = os.path.join(workdir, name)
+  if jax.process_index() == 0 and os.path.abspath(tokenizer.path) != os.path.abspath(target):
+    shutil.copyfile(tokenizer.path, target)
+  return name
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:

@@ -6,7 +6,7 @@ of input.txt (65 for tiny Shakespeare) plus pad/bos/eos = 68 tokens. Paragraphs 
 documents; 10 % of them (by a stable hash) are the validation split. Two commands:
 
   python tools/train_tokenizer.py --model-type char --input data/tinyshakespeare/input.txt \
-      --output workdirs/shakespeare_chars.json
+      --out workdirs/shakespeare_chars.json
   python -m fmjax.train --config configs/nanogpt_cpu.py --workdir workdirs/nanogpt \
       --config.data.files=data/tinyshakespeare/input.txt \
       --config.data.tokenizer=workdirs/shakespeare_chars.json

@@ -1,0 +1,1 @@
+"""Shipped run configs: `get_config()` files, found by name (`--config default`) or path."""

@@ -1,0 +1,176 @@
+"""Fine-tune a pretrained model: `python -m fmjax.finetune --config configs/finetune_TASK.py
+--config.init_from=PRETRAIN_WORKDIR --workdir DIR`.
+
+The run is assembled by the pretraining builder (`fmjax.build.build_run` with the fine-tuning
+task of fmjax/finetune/parts.py) and driven by the pretraining loop, checkpoints and workdir
+lock. `--demo` fine-tunes the embedded stdlib task from the checkpoint and from random
+initialisation and prints both metric tables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Sequence
+
+import jax
+
+from fmjax import build, checkpoint, cli, distributed, loop, metric_writers, numerics, resume, restore
+from fmjax import config as config_lib
+from fmjax import sharding as shd
+from fmjax import task_metrics, workdir_lock
+from fmjax.data import tokenizers
+from fmjax.finetune import evaluation
+from fmjax.finetune.parts import Parts
+
+USAGE = """python -m fmjax.finetune --config configs/finetune_TASK.py --config.init_from=PRETRAIN_WORKDIR
+       --workdir DIR [--config.KEY=VALUE ...]
+python -m fmjax.finetune --demo --config.init_from=PRETRAIN_WORKDIR --workdir DIR
+
+Fine-tune a pretrained fmjax checkpoint (classification, continued pretraining or prompt/response
+tuning; see the finetune section of fmjax/config.py). --config.init_from is short for
+--config.finetune.init_from. --demo runs the shipped finetune_stdlib config from the checkpoint and
+from random initialisation and prints both metric tables side by side."""
+
+TASKS = ('classify', 'lm', 'prompt')
+CLASSIFY_METRICS = ('accuracy', 'macro_precision', 'macro_recall', 'macro_f1')
+DEMO_CONFIG = 'finetune_stdlib'
+
+
+def check_config(cfg) -> None:
+  """Fine-tuning choices that the schema cannot check."""
+  ft = cfg.finetune
+  choices = {'task': TASKS, 'pooling': ('last', 'mean'), 'best_mode': ('max', 'min')}
+  for key, allowed in choices.items():
+    if ft[key] not in allowed:
+      raise config_lib.ConfigError(f'finetune.{key}={ft[key]!r} is not one of {", ".join(allowed)}')
+  if ft.task == 'classify' and ft.best_metric not in CLASSIFY_METRICS:
+    raise config_lib.ConfigError(f'finetune.best_metric={ft.best_metric!r} is not one of {", ".join(CLASSIFY_METRICS)}')
+  if not 0 <= ft.freeze_layers <= cfg.model.num_layers:
+    raise config_lib.ConfigError(f'finetune.freeze_layers={ft.freeze_layers} must be in [0, '
+                                 f'model.num_layers={cfg.model.num_layers}]')
+  if ft.lora_rank < 0:
+    raise config_lib.ConfigError(f'finetune.lora_rank={ft.lora_rank} must be >= 0')
+
+
+def finetune(cfg) -> dict:
+  """Fine-tune per `cfg` (resolved); returns {'report', 'best', 'history', 'state', 'last_step'}."""
+
+  check_config(cfg)
+  ft, workdir = cfg.finetune, cfg.workdir
+  with contextlib.ExitStack() as cleanup:   # closed in reverse: writer, tracker, checkpointer, then the lock
+    lock = workdir_lock.lock_for_run(workdir, cfg.force_unlock)   # before anything in the workdir changes
+    if lock is not None:
+      cleanup.callback(lock.release)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.keep_checkpoints, cfg.async_checkpoints)
+    cleanup.callback(ckpt.close)
+    latest = ckpt.latest_step()
+    if latest is not None:
+      checkpoint.check_compatible(ckpt.read_metadata(latest), cfg.model, f'{ckpt.directory}/{latest}')
+    changes = resume.resume_changes(workdir, cfg, latest is not None, finetune=True)
+    if distributed.is_leader():
+      config_lib.save(cfg, os.path.join(workdir, 'config.json'))
+    source = meta = None
+    if ft.init_from:
+      source, source_step, pretrain_workdir = restore.locate_checkpoint(ft.init_from)
+      cleanup.callback(source.close)
+      meta = source.read_metadata(source_step)
+      checkpoint.check_compatible(meta, cfg.model, f'{source.directory}/{source_step}')
+      tokenizer = restore.load_tokenizer(pretrain_workdir, meta.get('tokenizer', 'byte'))
+    else:
+      tokenizer = tokenizers.load_tokenizer(cfg.data.tokenizer)
+    tokenizers.check_vocab(tokenizer, cfg.model.vocab_size)
+    mesh = shd.make_mesh(cfg.mesh)
+    build.check_batch(cfg, mesh)
+    start = int(latest or 0)
+    writer = metric_writers.MetricWriter(workdir, cfg.steps, initial_step=start, progress_bar=cfg.progress_bar,
+                                         resume_step=start)  # drops records of steps after the checkpoint
+    cleanup.callback(writer.close)
+    writer.log(f'fmjax.finetune: task {ft.task}; {distributed.describe()}; mesh {shd.describe(mesh)}')
+    for line in changes:
+      writer.log(line)
+
+    parts = Parts(cfg, mesh, tokenizer)        # data, model, optimizer, compiled step
+    run = parts.run
+    extra = {'finetune': ft.to_dict(), 'classes': list(parts.class_names), 'init_from': ft.init_from}
+    run_meta = checkpoint.make_metadata(cfg, tokenizers.place_in_workdir(tokenizer, workdir), extra)
+    if latest is not None:
+      state = ckpt.restore(latest, run.state.abstract, data_arg=parts.data_restore_arg())
+      writer.log(f'resumed from {ckpt.directory}/{latest}')
+    else:
+      state = run.init(jax.random.PRNGKey(cfg.seed))
+      if source is not None:
+        state = state.replace(params=parts.load_pretrained(state.params, source, source_step))
+        writer.log(f'loaded pretrained parameters from {source.directory}/{source_step}')
+    if hasattr(parts.batches, 'start'):
+      parts.batches.start(start)
+    writer.log(f'trainable: {parts.trainable_summary}; step compiled in {run.compile_seconds:.1f}s')
+
+    evaluate, tracker = evaluation.evaluation(cfg, parts, workdir, run_meta, writer)
+    cleanup.callback(tracker.close)
+
+    def save(step, state, wait):
+      ckpt.save(step, state, run_meta, data_arg=parts.data_save_arg(), force=True)
+      if wait:
+        ckpt.wait()
+
+    result = loop.LoopResult(state=state, last_step=start)
+    if start < cfg.steps:
+      result = loop.run_loop(
+          train_step=run.train_step, state=state, batches=parts.batches, batch_sharding=run.batch_sharding,
+          start_step=start, total_steps=cfg.steps, writer=writer, model_cfg=cfg.model, seq_len=cfg.seq_len,
+          tokens_per_step=cfg.global_batch_size * cfg.seq_len, log_every=cfg.log_every,
+          checkpoint_every=cfg.checkpoint_every, save=save, evaluate=evaluate,
+          eval_every=cfg.eval_every or cfg.steps, cpu_peak_flops=cfg.cpu_peak_flops,
+          compute_dtype=cfg.model.dtype, guards=numerics.GuardConfig.from_config(cfg))
+    else:
+      writer.log(f'nothing to do: the checkpoint is at step {start} and steps={cfg.steps}')
+    if ft.lora_rank and distributed.is_leader():
+      parts.save_adapters(result.state, os.path.join(workdir, 'adapters'), result.last_step, run_meta)
+  return {'report': tracker.last, 'best': tracker.best, 'history': result.history, 'state': result.state,
+          'last_step': result.last_step}
+
+
+def demo(cfg) -> dict:
+  """Fine-tune the same task from cfg.finetune.init_from and from random initialisation; print both."""
+  if not cfg.finetune.init_from:
+    raise config_lib.ConfigError('--demo needs --config.init_from=PRETRAIN_WORKDIR (pretrain one with: python -m '
+                                 'fmjax.train --config configs/default.py --workdir W)')
+  reports = {}
+  for name, init in (('pretrained', cfg.finetune.init_from), ('random init', '')):
+    c = cfg.copy_and_resolve_references()
+    c.finetune.init_from = init
+    c.workdir = os.path.join(cfg.workdir, name.replace(' ', '_'))
+    print(f'== fine-tuning from {name} ({c.workdir})', flush=True)
+    reports[name] = finetune(c)['report']
+  text = task_metrics.table(reports)
+  print(f'\nstdlib package classification, eval split, step {cfg.steps}:\n{text}', flush=True)
+  with open(os.path.join(cfg.workdir, 'demo.json'), 'w') as f:
+    json.dump(reports, f, indent=2)
+  return reports
+
+
+def _finetune_command(argv: Sequence[str]) -> int:
+  argv = [a.replace('--config.init_from', '--config.finetune.init_from', 1) if a.startswith('--config.init_from')
+          else a for a in argv]
+  parser = cli.ArgumentParser(prog='fmjax.finetune', usage=USAGE, description=__doc__.splitlines()[0])
+  cli.add_config_flags(parser, required=False)
+  cli.add_workdir_flags(parser, required=False, checkpoint=False)
+  parser.add_argument('--demo', action='store_true',
+                      help='fine-tune the embedded stdlib task from --config.init_from and from random init')
+  args, overrides = cli.parse(parser, argv)
+  if not args.config and not args.demo:
+    raise cli.UsageError('the following arguments are required: --config (or --demo)')
+  cfg = cli.load_run_config(args.config or DEMO_CONFIG, args.workdir, overrides)
+  check_config(cfg)
+  cli.start_run(cfg)
+  if args.demo:
+    demo(cfg)
+  else:
+    finetune(cfg)
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return cli.run('fmjax.finetune', _finetune_command, argv)
