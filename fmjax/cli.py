@@ -13,6 +13,7 @@ used: it needs absl's global flag registry, and its errors are multi-line absl u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -107,10 +108,29 @@ def start_run(cfg) -> None:
   distributed.initialize()
 
 
-def setup_logging() -> None:
-  """INFO logs of fmjax on stderr; absl/jax/orbax chatter at WARNING."""
-  logging.basicConfig(level=logging.WARNING, format='%(name)s: %(message)s', stream=sys.stderr)
-  logging.getLogger('fmjax').setLevel(logging.INFO)
+@contextlib.contextmanager
+def command_logging():
+  """While a command runs: fmjax's INFO logs on stdout (with the run's other progress lines), its
+  warnings on stderr, each once; other libraries' warnings as Python prints them. The logger is
+  restored afterwards (commands called from Python, e.g. in tests, leave no handlers behind)."""
+  log = logging.getLogger('fmjax')
+  saved = (log.level, log.propagate)
+  info = logging.StreamHandler(sys.stdout)
+  info.addFilter(lambda record: record.levelno < logging.WARNING)
+  warnings = logging.StreamHandler(sys.stderr)
+  warnings.setLevel(logging.WARNING)
+  for handler in (info, warnings):
+    handler.setFormatter(logging.Formatter('%(name)s: %(message)s'))
+    log.addHandler(handler)
+  log.setLevel(logging.INFO)
+  log.propagate = False
+  try:
+    yield
+  finally:
+    for handler in (info, warnings):
+      log.removeHandler(handler)
+    log.setLevel(saved[0])
+    log.propagate = saved[1]
 
 
 def run(prog: str, body: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> int:
@@ -122,9 +142,9 @@ def run(prog: str, body: Callable[[Sequence[str]], int | None], argv: Sequence[s
   if argv is None:
     hugepages.reexec_with_hugepages()
     argv = sys.argv[1:]
-  setup_logging()
   try:
-    code = body(list(argv))
+    with command_logging():
+      code = body(list(argv))
   except UserError as e:
     print(f'{prog}: error: {e}', file=sys.stderr, flush=True)
     return 2

@@ -46,6 +46,26 @@ def check_readable(path: str) -> os.stat_result:
   return st
 
 
+def read_utf8(path: str, what: str = 'file') -> str:
+  """A whole UTF-8 text file (a leading BOM dropped); unreadable, binary (NUL bytes) or non-UTF-8
+  content is a one-line DataError naming the file and the first bad byte."""
+  try:
+    with open(path, 'rb') as f:
+      raw = f.read()
+  except OSError as e:
+    raise DataError(f'cannot read {what} {path}: {e.strerror}') from None
+  try:
+    text = raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    line = raw.count(b'\n', 0, e.start) + 1
+    column = e.start - (raw.rfind(b'\n', 0, e.start) + 1) + 1
+    raise DataError(f'{what} {path} is not UTF-8: byte 0x{raw[e.start]:02x} at offset {e.start} (line {line}, '
+                    f'column {column}) cannot be decoded; save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)') from None
+  if '\0' in text:
+    raise DataError(f'{what} {path} is binary (NUL bytes): give a UTF-8 text file')
+  return text[1:] if text.startswith('\ufeff') else text
+
+
 def read_text(path: str) -> tuple[str, bool]:
   """The file decoded as UTF-8 (bad bytes replaced) and whether it is binary (NUL bytes or invalid UTF-8)."""
   try:

@@ -30,25 +30,8 @@ from fmjax.data.errors import DataError
 SOURCES = ('csv', 'jsonl', 'tfds', 'stdlib_packages')
 
 
-def _read_text(path: str) -> str:
-  """A whole UTF-8 file (a leading BOM dropped); another encoding is a DataError naming the first bad byte."""
-  try:
-    with open(path, 'rb') as f:
-      raw = f.read()
-  except OSError as e:
-    raise DataError(f'cannot read {path}: {e.strerror}') from None
-  try:
-    text = raw.decode('utf-8')
-  except UnicodeDecodeError as e:
-    line = raw.count(b'\n', 0, e.start) + 1
-    column = e.start - (raw.rfind(b'\n', 0, e.start) + 1) + 1
-    raise DataError(f'{path} is not UTF-8: byte 0x{raw[e.start]:02x} at offset {e.start} (line {line}, column '
-                    f'{column}) cannot be decoded; save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)') from None
-  return text[1:] if text.startswith('\ufeff') else text
-
-
 def _read_csv(path: str, columns: Sequence[str]) -> dict[str, list[str]]:
-  reader = csv.DictReader(io.StringIO(_read_text(path), newline=''))
+  reader = csv.DictReader(io.StringIO(documents.read_utf8(path), newline=''))
   header = reader.fieldnames or []
   for c in columns:
     if c not in header:
@@ -60,7 +43,7 @@ def _read_csv(path: str, columns: Sequence[str]) -> dict[str, list[str]]:
 
 def _read_jsonl(path: str, columns: Sequence[str]) -> dict[str, list[str]]:
   out = {c: [] for c in columns}
-  for n, record in documents.jsonl_records(_read_text(path), path):
+  for n, record in documents.jsonl_records(documents.read_utf8(path), path):
     for c in columns:
       if c not in record:
         keys = ', '.join(record)

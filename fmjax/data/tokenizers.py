@@ -21,6 +21,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from fmjax.data import documents
 from fmjax.data.errors import DataError
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -174,31 +175,15 @@ def load_tokenizer(spec: str) -> Tokenizer:
   except OSError as e:
     raise DataError(f'cannot read tokenizer {path}: {e.strerror}') from None
   if head.startswith(b'{'):
-    return CharTokenizer.from_file(path, _read_utf8(path, 'tokenizer'))
+    return CharTokenizer.from_file(path, documents.read_utf8(path, 'tokenizer'))
   return SentencePieceTokenizer(path)
-
-
-def _read_utf8(path: str, what: str) -> str:
-  """A text file's content; a binary or non-UTF-8 file is a DataError."""
-  try:
-    with open(path, 'rb') as f:
-      data = f.read()
-  except OSError as e:
-    raise DataError(f'cannot read {what} {path}: {e.strerror}') from None
-  try:
-    text = data.decode('utf-8')
-  except UnicodeDecodeError:
-    text = None
-  if text is None or '\0' in text:
-    raise DataError(f'{what} {path} is binary (NUL bytes or not UTF-8): give UTF-8 text files')
-  return text
 
 
 def train_char(paths: Sequence[str], output: str) -> CharTokenizer:
   """A char tokenizer of the sorted characters of the given UTF-8 text files, written to `output` (JSON)."""
   chars = set()
   for path in paths:
-    chars.update(_read_utf8(path, 'tokenizer input'))
+    chars.update(documents.read_utf8(path, 'tokenizer input'))
   if not chars:
     raise DataError('the tokenizer inputs are empty: give files with text')
   tok = CharTokenizer(''.join(chars), output)
