@@ -4,7 +4,8 @@ Runs the real compiled train step on synthetic tokens and reports compile time, 
 time, tokens/s, TFLOP/s per device, MFU against the device peak (a measured matmul peak on
 CPU) and peak memory, as a table and as JSON. `--sweep "a=1,b=2;a=3"` compares several sets
 of overrides in one run; `--torch-reference PATH` runs a PyTorch baseline script at the same
-shape, alternating with fmjax, and reports the ratio.
+shape, alternating with fmjax, and reports the ratio. `--data` measures the input pipeline of
+the config instead (no model): loader tokens/s for each `--workers` count (data.worker_count).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from fmjax import config as config_lib
 from fmjax import hugepages
 
 USAGE = """python -m fmjax.bench --config CONFIG.py [--config.KEY=VALUE ...] [--steps N] [--sweep "k=v,k=v;k=v"]
-                          [--torch-reference PATH --text FILE] [--out FILE] [--repeats R]"""
+                          [--torch-reference PATH --text FILE] [--out FILE] [--repeats R]
+       python -m fmjax.bench --data --config CONFIG.py [--workers 0,1,2] [--seconds S] [--out FILE]"""
 
 
 def bench_config(cfg, steps: int = 10, warmup: int = 2) -> dict:
@@ -69,6 +71,60 @@ def bench_config(cfg, steps: int = 10, warmup: int = 2) -> dict:
   return result
 
 
+def bench_data(cfg, workers: int, seconds: float = 10.0) -> dict:
+  """Loader throughput of cfg's train data with `workers` tokenizing processes (one process's share:
+  global_batch_size rows of seq_len tokens per batch, as a single-host run reads them)."""
+  from fmjax.data import pipeline, tokenizers
+  tokenizer = tokenizers.load_tokenizer(cfg.data.tokenizer)
+  data_cfg = cfg.data.copy_and_resolve_references()
+  data_cfg.worker_count = workers
+  started = time.perf_counter()
+  it = pipeline.make_train_iterator(data_cfg, tokenizer, seq_len=cfg.seq_len, batch_size=cfg.global_batch_size,
+                                    seed=cfg.seed)
+  try:
+    next(it)   # opens (builds) the data and starts the workers
+    first_s = time.perf_counter() - started
+    cpu0, start, batches = time.process_time(), time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+      next(it)
+      batches += 1
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
+  finally:
+    it.close()
+  tokens = batches * cfg.global_batch_size * cfg.seq_len
+  return {'name': f'workers={workers}', 'worker_count': workers, 'first_batch_s': first_s, 'batches': batches,
+          'tokens_per_s': tokens / elapsed, 'main_process_cpu_share': cpu / elapsed}
+
+
+def format_data_table(rows: list[dict]) -> str:
+  cols = ['name', 'tokens_per_s', 'batches', 'first_batch_s', 'main_process_cpu_share']
+  fmt = lambda v: f'{v:,.4g}' if isinstance(v, float) else str(v)
+  cells = [[fmt(r.get(c, '')) for c in cols] for r in rows]
+  widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+  line = lambda vals: '  '.join(v.rjust(w) for v, w in zip(vals, widths))
+  return '\n'.join([line(cols)] + [line(r) for r in cells])
+
+
+def _data_command(args, overrides: list[str]) -> int:
+  cfg = config_lib.resolve(cli.config_path(args.config), overrides)
+  try:
+    counts = [int(w) for w in args.workers.split(',') if w.strip()]
+  except ValueError:
+    counts = []
+  if not counts or min(counts) < 0:
+    raise config_lib.ConfigError(f'--workers {args.workers!r} must be a comma-separated list of counts >= 0')
+  rows = []
+  for workers in counts:
+    rows.append(bench_data(cfg, workers, args.seconds))
+    print(format_data_table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+  print(format_data_table(rows))
+  print(json.dumps(rows))
+  if args.out:
+    with open(args.out, 'w') as f:
+      json.dump(rows, f, indent=2)
+  return 0
+
+
 def torch_reference(script: str, text: str, cfg, steps: int) -> dict:
   """Run the PyTorch baseline at cfg's shape; returns its JSON line."""
   m = cfg.model
@@ -103,7 +159,12 @@ def _bench_command(argv: Sequence[str]) -> int:
   parser.add_argument('--torch-reference', default='', metavar='PATH', help='a PyTorch baseline script')
   parser.add_argument('--text', default='', metavar='FILE', help='training text for the PyTorch baseline')
   parser.add_argument('--out', default='', metavar='FILE', help='also write the rows as JSON to FILE')
+  parser.add_argument('--data', action='store_true', help="time the config's input pipeline, not the model")
+  parser.add_argument('--workers', default='0,1,2', help='--data: data.worker_count values to time (default 0,1,2)')
+  parser.add_argument('--seconds', type=float, default=10.0, help='--data: seconds timed per worker count')
   args, overrides = cli.parse(parser, argv)
+  if args.data:
+    return _data_command(args, overrides)
   config_path = cli.config_path(args.config)
   if args.torch_reference and (not os.path.isfile(args.torch_reference) or not os.path.isfile(args.text)):
     raise config_lib.ConfigError('--torch-reference and --text must name existing files')

@@ -24,8 +24,9 @@ class ConfigError(UserError):
 
 
 def model_defaults() -> ml_collections.ConfigDict:
-  """Decoder-only Transformer options (LLaMA-style by default)."""
+  """Transformer options (a LLaMA-style decoder by default; model.kind='encoder' for BERT-style)."""
   return ml_collections.ConfigDict(dict(
+      kind='decoder',          # decoder (causal LM) | encoder (bidirectional, MLM head; see the mlm section)
       vocab_size=259,          # byte tokenizer: 256 bytes + pad/bos/eos
       d_model=128,
       num_layers=4,
@@ -34,11 +35,21 @@ def model_defaults() -> ml_collections.ConfigDict:
       head_dim=0,              # 0 = d_model // num_heads
       mlp_dim=512,
       max_seq_len=128,         # learned positions table size; RoPE needs none
-      activation='swiglu',     # swiglu | gelu
+      position_offset=0,       # learned positions: token i reads table row i + this (RoBERTa: 2); the
+                               # table has max_seq_len + position_offset rows
+      activation='swiglu',     # swiglu | gelu (tanh approximation) | gelu_exact (erf: BERT)
       norm='rmsnorm',          # rmsnorm | layernorm
+      norm_position='pre',     # pre (norm before attention/MLP) | post (BERT: after each residual add,
+                               # a norm on the embeddings, no final norm)
+      type_vocab_size=0,       # > 0: token-type (segment) embeddings, all type 0 unless given (BERT: 2)
       norm_eps=1e-5,
       positions='rope',        # rope | learned
       rope_theta=10000.0,
+      rope_scaling='none',     # none | linear | llama3 (Llama 3.1+ frequency scaling; fmjax/model/layers.py)
+      rope_factor=1.0,         # linear / llama3: context extension factor
+      rope_low_freq_factor=1.0,   # llama3: wavelengths above original_max_len / this are divided by the factor
+      rope_high_freq_factor=4.0,  # llama3: wavelengths below original_max_len / this are kept
+      rope_original_max_len=8192,  # llama3: the context the model was pretrained with
       use_bias=False,          # biases on projections (GPT-2 style)
       tie_embeddings=False,
       dropout=0.0,
@@ -57,10 +68,13 @@ def model_defaults() -> ml_collections.ConfigDict:
 def data_defaults() -> ml_collections.ConfigDict:
   """Input pipeline options: source, tokenizer, packing, loader."""
   return ml_collections.ConfigDict(dict(
-      source='stdlib',         # stdlib | text | jsonl | tfds
-      files='',                # glob for text / jsonl sources
+      source='stdlib',         # stdlib | text | jsonl | parquet | tfds (files may be .gz / .zst compressed)
+      files='',                # glob for text / jsonl / parquet sources; one text file is cut into paragraphs
+      eval_files='',           # glob of validation files (then every document of `files` trains)
+      mixture='',              # weighted sources, replacing source/files/tfds_name, e.g.
+                               # 'web:0.7:/data/web/*.jsonl.zst,code:0.3:parquet:/data/code/*,c4:0.1:tfds:c4/en:3.1.0'
       split_by='file',         # text source: file | paragraph (one document per ...)
-      jsonl_field='text',      # jsonl source: the field holding the text
+      jsonl_field='text',      # jsonl / parquet source: the field / column holding the text
       tfds_name='',            # tfds source: dataset name, e.g. 'c4/en:3.1.0'
       tfds_data_dir='',        # tfds source: data_dir ('' = TFDS default)
       text_feature='text',     # tfds source: the feature holding the text
@@ -71,7 +85,8 @@ def data_defaults() -> ml_collections.ConfigDict:
       packing=True,            # pack documents into rows (segment ids); else pad each
       add_bos=True,
       add_eos=True,
-      worker_count=0,          # Grain worker processes for tokenization
+      worker_count=0,          # Grain worker processes tokenizing each stream (0 = in the train process);
+                               # 1-2 feed a GPU host with SentencePiece, bytes need none
       num_streams=0,           # independent document streams (0 = one per process); fix it to make
                                # the batch order independent of the process count
       cache_dir='',            # where built TFDS datasets live ('' = ~/.cache/fmjax/tfds)
@@ -154,6 +169,16 @@ def finetune_defaults() -> ml_collections.ConfigDict:
   ))
 
 
+def mlm_defaults() -> ml_collections.ConfigDict:
+  """Masked-language-model objective of model.kind='encoder' (fmjax/mlm.py); decoders ignore it."""
+  return ml_collections.ConfigDict(dict(
+      mask_rate=0.15,          # share of real tokens chosen for prediction
+      mask_token_rate=0.8,     # of the chosen: replaced by the tokenizer's mask token
+      random_token_rate=0.1,   # of the chosen: replaced by a random token (the rest stay as they are)
+      whole_word=False,        # choose whole words (all tokens of a word together) where the tokenizer tells words
+  ))
+
+
 def base_config() -> ml_collections.ConfigDict:
   """The full schema with defaults. Config files start here."""
   c = ml_collections.ConfigDict()
@@ -187,7 +212,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.gpu_extra_xla_flags = ''   # more XLA flags for GPU runs (space-separated), applied after fmjax's
   c.gpu_memory_fraction = 0.9  # XLA_PYTHON_CLIENT_MEM_FRACTION on GPUs unless set in the env (0 = JAX's)
   c.workdir = ''
+  c.topology = ''             # the slice the config is sized for (e.g. v5p-8): what fmjax.plan checks by default
   c.finetune = finetune_defaults()
+  c.mlm = mlm_defaults()
   return c
 
 
@@ -305,14 +332,17 @@ def check_schema(cfg: ml_collections.ConfigDict, schema: ml_collections.ConfigDi
 
 
 _CHOICES = {
-    'model.activation': ('swiglu', 'gelu'),
+    'model.kind': ('decoder', 'encoder'),
+    'model.activation': ('swiglu', 'gelu', 'gelu_exact'),
+    'model.norm_position': ('pre', 'post'),
     'model.norm': ('rmsnorm', 'layernorm'),
     'model.positions': ('rope', 'learned'),
+    'model.rope_scaling': ('none', 'linear', 'llama3'),
     'model.remat': ('none', 'full', 'dots', 'names'),
     'model.attention': ('auto', 'xla', 'dense', 'cudnn', 'pallas_gpu', 'splash', 'chunked'),
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.dtype': ('float32', 'bfloat16'),
-    'data.source': ('stdlib', 'text', 'jsonl', 'tfds'),
+    'data.source': ('stdlib', 'text', 'jsonl', 'parquet', 'tfds'),
     'data.split_by': ('file', 'paragraph'),
 }
 
@@ -335,6 +365,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       'set model.head_dim')
   if m.loss_vocab_chunk < 0:
     raise ConfigError(f'model.loss_vocab_chunk must be >= 0 (0 = off), got {m.loss_vocab_chunk}')
+  _check_encoder(cfg)
+  _check_data(cfg)
   if m.remat == 'names':
     from fmjax.model.transformer import REMAT_NAMES  # pylint: disable=import-outside-toplevel
     unknown = [n for n in m.remat_names.split(',') if n.strip() not in REMAT_NAMES]
@@ -356,6 +388,41 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return cfg
 
 
+def _check_data(cfg: ml_collections.ConfigDict) -> None:
+  """Data options that can be checked without reading files (the mixture syntax, the fraction)."""
+  data = cfg.get('data')
+  if data is None:
+    return
+  if data.get('mixture'):
+    from fmjax.data import mixture  # pylint: disable=import-outside-toplevel
+    from fmjax.data.errors import DataError  # pylint: disable=import-outside-toplevel
+    try:
+      mixture.parse(data.mixture)
+    except DataError as e:
+      raise ConfigError(str(e)) from None
+  fraction = data.get('validation_fraction', 0.0)
+  if not 0.0 <= fraction < 1.0:
+    raise ConfigError(f'data.validation_fraction={fraction} must be in [0, 1)')
+
+
+def _check_encoder(cfg: ml_collections.ConfigDict) -> None:
+  """Options the encoder and its MLM objective cannot combine with."""
+  m = cfg.model
+  if m.get('position_offset', 0) < 0:
+    raise ConfigError(f'model.position_offset must be >= 0, got {m.position_offset}')
+  if m.get('type_vocab_size', 0) < 0:
+    raise ConfigError(f'model.type_vocab_size must be >= 0 (0 = no token-type embeddings), got {m.type_vocab_size}')
+  if m.get('kind', 'decoder') != 'encoder':
+    return
+  if m.loss_vocab_chunk:
+    raise ConfigError('model.loss_vocab_chunk > 0 is for decoders: the encoder\'s MLM head has a bias; '
+                      'set model.loss_vocab_chunk=0')
+  mlm = cfg.get('mlm')
+  if mlm is not None and mlm.mask_token_rate + mlm.random_token_rate > 1:
+    raise ConfigError(f'mlm.mask_token_rate + mlm.random_token_rate must be <= 1, got '
+                      f'{mlm.mask_token_rate} + {mlm.random_token_rate}')
+
+
 # Numbers that must be finite and in range: (key, lowest, lowest allowed, highest (excluded) or None).
 _RANGES = (
     ('optim.learning_rate', 0, False, None), ('optim.end_learning_rate', 0, True, None),
@@ -367,6 +434,7 @@ _RANGES = (
     ('keep_checkpoints', 1, True, None), ('cpu_peak_flops', 0, True, None), ('skip_nonfinite_steps', 0, True, None),
     ('divergence_factor', 0, True, None), ('grad_spike_factor', 0, True, None),
     ('finetune.head_learning_rate', 0, True, None), ('finetune.lora_alpha', 0, False, None),
+    ('mlm.mask_rate', 0, False, 1), ('mlm.mask_token_rate', 0, True, None), ('mlm.random_token_rate', 0, True, None),
 )
 
 

@@ -159,8 +159,9 @@ def compile_decoder(decoder: Decoder, params, mesh, rules, batch: int, width: in
   """
   from fmjax import sharding as shd  # pylint: disable=import-outside-toplevel
   length = width + decoder.max_new_tokens
+  shapes = _dense_attention(decoder.model)   # creates the cache: its attention never runs (see below)
   with shd.activate(mesh, rules):
-    abstract_cache = jax.eval_shape(lambda: init_cache(decoder.model, batch, length))
+    abstract_cache = jax.eval_shape(lambda: init_cache(shapes, batch, length))
   cache_sh = cache_shardings(abstract_cache, mesh, rules)
   row = shd.batch_sharding(mesh, rules, ndim=2)
   vec = shd.batch_sharding(mesh, rules, ndim=1)
@@ -168,7 +169,7 @@ def compile_decoder(decoder: Decoder, params, mesh, rules, batch: int, width: in
   rep = shd.replicated(mesh)
 
   def prefill(params, tokens, positions, segment_ids):
-    cache = init_cache(decoder.model, batch, length)
+    cache = init_cache(shapes, batch, length)
     cache = jax.lax.with_sharding_constraint(cache, cache_sh)
     return decoder.prefill(params, cache, tokens, positions, segment_ids)
 
@@ -178,10 +179,21 @@ def compile_decoder(decoder: Decoder, params, mesh, rules, batch: int, width: in
     pre = pre.lower(params, tok, tok, tok).compile()
     lp = jax.jit(decoder.loop, in_shardings=(param_sh, cache_sh, vec, vec, rep, rep), out_shardings=(row, vec, rep))
     abstract_logits = jax.ShapeDtypeStruct((batch, decoder.model.cfg.vocab_size), jnp.float32, sharding=vec)
+    # Shapes only (eval_shape): no op runs on the mesh, which may be compile-only TPU devices.
     lp = lp.lower(params, jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                        abstract_cache, cache_sh),
                   abstract_logits, jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=vec),
                   jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
                   jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                               Sampling().as_arrays())).compile()
+                               jax.eval_shape(lambda: Sampling().as_arrays()))).compile()
   return pre, lp
+
+
+def _dense_attention(model: nn.Module) -> nn.Module:
+  """`model` with dense attention, to create the KV cache (`init_cache` traces a forward pass over
+  prompt + new tokens only for its shapes). Kernels such as splash accept only tiled lengths, which
+  prompt + new tokens need not be; decoding itself attends over the cache with XLA either way."""
+  cfg = model.cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.attention = 'dense'
+  return model.clone(cfg=cfg)

@@ -11,6 +11,7 @@ left out of the throughput window.
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -33,12 +34,19 @@ class LoopResult:
 
 
 class PreemptionWatch:
-  """Notices SIGTERM; in multi-process runs all processes agree on the step to stop at."""
+  """Notices SIGTERM; in multi-process runs all processes agree on the step to stop at.
+
+  One process: a Python SIGTERM handler. Several: JAX's preemption sync manager (started by
+  `jax.distributed.initialize`, see fmjax/distributed.py) catches SIGTERM in whichever process
+  gets it and tells the others; every process stops at the same step, which all of them save.
+  Must be asked at every step, with the same step numbers in every process.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
-    if jax.process_count() == 1:
+    self._multi = jax.process_count() > 1
+    if not self._multi:
       try:
         self._previous = signal.signal(signal.SIGTERM, self._handler)
       except ValueError:  # not the main thread
@@ -48,9 +56,12 @@ class PreemptionWatch:
     self.requested = True
 
   def should_stop(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
+    """Whether to save and stop after `step` (the same answer in every process)."""
+    stop = multihost_utils.reached_preemption_sync_point(step) if self._multi else self.requested
+    if stop and self._multi:  # on every process (the writer logs on process 0 only)
+      print(f'fmjax: process {jax.process_index()}: preemption: saving at step {step} and stopping',
+            file=sys.stderr, flush=True)
+    return stop
 
   def close(self):
     if self._previous is not None:
@@ -65,6 +76,44 @@ def to_global(batch: dict, sharding) -> dict:
     global_shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
     out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
   return out
+
+
+class DataWait:
+  """Times the host's wait in `next(batches)`: per-step mean and share of the step time, logged with
+  the train metrics (with per-source tokens of a data.mixture), and one warning when noticeable."""
+
+  WARN_SHARE = 0.1      # warn when the wait is this share of the train time ...
+  WARN_AFTER = 20       # ... over this many steps after the first logged window (compilation, warm-up)
+
+  def __init__(self, batches: Iterator[dict], seq_len: int, log: Callable[[str], None]):
+    self._batches, self._seq_len, self._log = batches, seq_len, log
+    self._waited, self._warned, self._windows = 0.0, False, 0
+    self._total = [0.0, 0.0, 0]   # wait, train seconds, steps after the first window
+
+  def next(self) -> dict:
+    started = time.perf_counter()
+    batch = next(self._batches)
+    self._waited += time.perf_counter() - started
+    return batch
+
+  def metrics(self, step: int, steps: int, seconds: float) -> dict:
+    """The wait over the last `steps` steps (`seconds` of train time), as `data_wait_s` (per step)
+    and `data_wait_share`; and the tokens each mixture source gave up to `step`."""
+    share = min(self._waited / max(seconds, 1e-9), 1.0)
+    out = {'data_wait_s': self._waited / steps, 'data_wait_share': share}
+    if self._windows:
+      self._total = [self._total[0] + self._waited, self._total[1] + seconds, self._total[2] + steps]
+    self._waited, self._windows = 0.0, self._windows + 1
+    wait, total, counted = self._total
+    if not self._warned and counted >= self.WARN_AFTER and wait > self.WARN_SHARE * total:
+      self._warned = True
+      self._log(f'the host waited for input data {wait / total:.0%} of the train time over {counted} '
+                f'steps (to step {step}): raise data.worker_count (tokenizing processes), use a faster '
+                'tokenizer, or pre-tokenize')
+    rows_at = getattr(self._batches, 'rows_seen_at', None)
+    for name, rows in (rows_at(step) if rows_at else {}).items():
+      out[f'data_tokens/{name}'] = float(rows * self._seq_len)
+    return out
 
 
 def run_loop(*, train_step: Callable, state, batches: Iterator[dict], batch_sharding, start_step: int,
@@ -91,6 +140,7 @@ def run_loop(*, train_step: Callable, state, batches: Iterator[dict], batch_shar
   pending = None                       # (step, device metrics) of the step before the current one
   mark_time, mark_step = time.perf_counter(), start_step
   paused = 0.0                         # seconds spent in eval/save since the mark: not train time
+  data_wait = DataWait(batches, seq_len, writer.log)
   step = start_step
 
   def report(step_done: int, device_metrics) -> None:
@@ -105,6 +155,7 @@ def run_loop(*, train_step: Callable, state, batches: Iterator[dict], batch_shar
       seconds = max(now - mark_time - paused, 1e-9)
       host.update(metrics_lib.throughput(model_cfg, seq_len, steps * tokens_per_step, seconds, flop_devices, peak))
       host['step_time'] = seconds / steps
+      host.update(data_wait.metrics(step_done, steps, seconds))
     mark_time, mark_step, paused = now, step_done, 0.0
     for warning in monitor.update(step_done, host):
       writer.log(warning)
@@ -113,7 +164,7 @@ def run_loop(*, train_step: Callable, state, batches: Iterator[dict], batch_shar
 
   try:
     while step < total_steps:
-      batch = to_global(next(batches), batch_sharding)
+      batch = to_global(data_wait.next(), batch_sharding)
       state, device_metrics = train_step(state, batch)
       step += 1
       if pending is not None:  # step n-1 is done when step n is queued: at most two in flight

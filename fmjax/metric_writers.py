@@ -57,7 +57,7 @@ class MetricWriter:
     if time.monotonic() - self._tb.flushed_at > FLUSH_SECONDS:  # a live TensorBoard sees recent steps
       self.flush()
     if self._bar is not None:
-      shown = {k: scalars[k] for k in ('loss', 'tokens_per_s', 'mfu') if k in scalars}
+      shown = {k: scalars[k] for k in ('loss', 'tokens_per_s', 'mfu', 'data_wait_share') if k in scalars}
       self._bar.set_postfix({k: (f'{v:.3g}' if k != 'tokens_per_s' else f'{v:,.0f}') for k, v in shown.items()},
                             refresh=False)
       if prefix != 'train':  # eval results reach the console with the bar too

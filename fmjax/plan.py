@@ -4,7 +4,9 @@ Lowers and compiles the real train step ahead of time for the target devices and
 device: parameter, optimizer-state and activation (XLA temporaries) memory, the total against
 the device memory, FLOPs per step, and the step time predicted at a stated MFU.
 
-With libtpu installed, `--topology v5p-32` compiles for that TPU topology
+Without --topology or --devices it plans for the slice the config is sized for (`config.topology`,
+e.g. v5p-8 for configs/llama_1b.py). With libtpu installed, `--topology v5p-32` (or gcloud's
+`v5litepod-8` for v5e) compiles for that TPU topology
 (`jax.experimental.topologies`). Without it the step is compiled for fake CPU devices of the
 same count, which checks the shardings and gives XLA's memory estimate for those shardings.
 """
@@ -141,6 +143,12 @@ def report(p: dict, mfu: float) -> str:
   return '\n'.join(lines)
 
 
+def has_tpu_chips() -> bool:
+  """Whether this host has TPU chips (their device files), as opposed to compiling for TPUs from a CPU host."""
+  import glob  # pylint: disable=import-outside-toplevel
+  return bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*'))
+
+
 def _use_devices(kind: str | None, chips: int) -> None:
   """Select the devices to compile for; must run before jax is imported."""
   if 'jax' in sys.modules:
@@ -148,9 +156,14 @@ def _use_devices(kind: str | None, chips: int) -> None:
   if kind and kind.startswith('v'):
     try:
       import libtpu  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
-      return  # a real TPU topology is compiled against below
     except ImportError:
       pass
+    else:
+      if not has_tpu_chips():
+        # Compile-only: no chip to guard, so another JAX process holding libtpu's lockfile must not
+        # stop this one ("Internal error when accessing libtpu multi-process lockfile").
+        os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+      return  # a real TPU topology is compiled against below
   os.environ['JAX_PLATFORMS'] = 'cpu'
   flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '', os.environ.get('XLA_FLAGS', ''))
   os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={chips}'.strip()
@@ -165,11 +178,15 @@ def _plan_command(argv: Sequence[str]) -> int:
   parser.add_argument('--mfu', type=float, default=0.5, help='MFU assumed for the predicted step time')
   parser.add_argument('--tpu-topology-name', default='', help='libtpu chip layout, e.g. v5p:2x2x4')
   args, overrides = cli.parse(parser, argv)
-  kind, chips = parse_topology(args.topology) if args.topology else (None, args.devices or 0)
+  if args.topology and args.devices:
+    raise PlanError('pass --topology or --devices, not both')
+  from fmjax import config as config_lib  # no jax import: the device count is set below, before jax starts
+  cfg = config_lib.resolve(cli.config_path(args.config), overrides)
+  # Without --topology / --devices: the slice the config says it is sized for (config.topology).
+  topology = args.topology or ('' if args.devices else cfg.get('topology', ''))
+  kind, chips = parse_topology(topology) if topology else (None, args.devices or 0)
   if chips:
     _use_devices(kind, chips)  # before anything imports jax
-  from fmjax import config as config_lib
-  cfg = config_lib.resolve(cli.config_path(args.config), overrides)
   import jax
   from fmjax import metrics
   memory, peak = args.memory_gib or None, None
@@ -180,7 +197,7 @@ def _plan_command(argv: Sequence[str]) -> int:
     peak = metrics.device_peak_flops(jax.devices()[0]) or None
   devices = None
   if is_tpu(kind) and (jax.devices()[0].platform == 'tpu' or 'libtpu' in sys.modules):
-    devices = tpu_devices(args.topology, args.tpu_topology_name)
+    devices = tpu_devices(topology, args.tpu_topology_name)
   elif chips and chips != jax.device_count():
     raise PlanError(f'{chips} devices were asked for but {jax.device_count()} exist; run fmjax.plan in a fresh '
                     'process (it must set the device count before jax starts)')
@@ -190,6 +207,9 @@ def _plan_command(argv: Sequence[str]) -> int:
     if not str(e).startswith('does not fit'):
       raise
     raise PlanError(f'{e}; {suggest_batch(cfg, memory, devices)}') from None
+  if topology:
+    source = '--topology' if args.topology else 'config.topology: the slice this config is sized for'
+    print(f'topology: {topology} ({source})')
   print(report(result, args.mfu))
   if result.get('fits') is False:
     raise PlanError(f'does not fit: needs {result["total_bytes"] / 2**30:.2f} GiB per device but the limit is '

@@ -4,9 +4,13 @@
     WORKDIR/checkpoints/<step>/{state,meta}   Orbax checkpoints; meta records the model config
     WORKDIR/tokenizer.model                   copy of a SentencePiece tokenizer (meta names it)
 
-The model section comes from the checkpoint metadata (what the parameters were made with);
-`--config.*` overrides (e.g. the mesh or data) apply on top, and only the parameters are read,
-straight into the shardings the mesh and logical-axis rules give them.
+The model section comes from the checkpoint metadata (what the parameters were made with): every
+field that changes the function (shapes, RoPE theta and scaling, norm eps, activation, biases, tying)
+is the checkpoint's, and an override that contradicts one is a one-line error naming both values.
+Fields in MUTABLE_MODEL_KEYS (compute dtype, remat, attention implementation, ...) may change, and
+`model.max_seq_len` may lower the context of a RoPE model. `--config.*` overrides (e.g. the mesh or
+data) apply on top, and only the parameters are read, straight into the shardings the mesh and
+logical-axis rules give them.
 """
 
 from __future__ import annotations
@@ -22,6 +26,11 @@ import ml_collections
 from fmjax import config as config_lib
 from fmjax.checkpoint import CheckpointError
 
+# Model fields a run may set differently from the checkpoint it loads: how the function is computed
+# (precision, memory, kernels, layout), not which function it is.
+MUTABLE_MODEL_KEYS = ('dropout', 'dtype', 'param_dtype', 'remat', 'remat_names', 'attention', 'attention_chunk',
+                      'loss_vocab_chunk', 'init_std', 'scan_layers', 'lora')
+
 
 @dataclass
 class Restored:
@@ -33,6 +42,7 @@ class Restored:
   run: Any                 # fmjax.build.Run (uncompiled): mesh, rules, model, shardings
   params: Any
   compiled: dict = field(default_factory=dict)   # compiled functions by shape, reused across calls
+  context_limit: int | None = None                # a lower context asked for (model.max_seq_len override)
 
   @property
   def model(self):
@@ -44,9 +54,14 @@ class Restored:
 
   @property
   def context_length(self) -> int:
-    """The longest sequence the model was made for: max_seq_len (learned positions) or seq_len."""
+    """The longest sequence the model was made for: model.max_seq_len (the learned positions table, or an
+    imported model's max_position_embeddings) or the training seq_len if longer (RoPE), lowered by
+    `context_limit`."""
     m = self.cfg.model
-    return int(m.max_seq_len) if m.positions == 'learned' else int(self.meta.get('seq_len', self.cfg.seq_len))
+    natural = int(m.max_seq_len)
+    if m.positions != 'learned':
+      natural = max(natural, int(self.meta.get('seq_len', self.cfg.seq_len)))
+    return min(natural, self.context_limit) if self.context_limit else natural
 
 
 def mesh_overrides(spec: str | None) -> list[str]:
@@ -57,8 +72,52 @@ def mesh_overrides(spec: str | None) -> list[str]:
   return [f'mesh.{axis}={size}' for axis, size in shd.parse_mesh_spec(spec).items()]
 
 
+def explicit_model_keys(overrides: Sequence[str]) -> set[str]:
+  """Model fields named by `--config.model.KEY=VALUE` overrides."""
+  keys = set()
+  for item in overrides:
+    text = item[len('--config.'):] if item.startswith('--config.') else item
+    path = text.split('=', 1)[0].split('.')
+    if len(path) == 2 and path[0] == 'model':
+      keys.add(path[1])
+  return keys
+
+
+def _same(a, b) -> bool:
+  if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+    return float(a) == float(b)
+  if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+    return list(a) == list(b)
+  return a == b
+
+
+def adopt_model(model_cfg, meta: dict, explicit: Sequence[str] | set, where: str):
+  """`model_cfg` with every field the checkpoint defines taken from its metadata (MUTABLE_MODEL_KEYS kept).
+
+  A field in `explicit` (given on the command line) that contradicts the checkpoint is a CheckpointError
+  naming both values; `max_seq_len` may be lowered for RoPE models (the context, not a shape).
+  """
+  saved = meta.get('model') or {}
+  out = model_cfg.copy_and_resolve_references()
+  for key, value in saved.items():
+    if key not in out or key in MUTABLE_MODEL_KEYS or isinstance(out[key], ml_collections.ConfigDict):
+      continue
+    lowered = key == 'max_seq_len' and saved.get('positions') == 'rope' and out[key] <= value
+    if key in explicit and not _same(out[key], value) and not lowered:
+      raise CheckpointError(f'model.{key}={out[key]!r} (config) contradicts the checkpoint {where}, which has '
+                            f'model.{key}={value!r}: the checkpoint defines the model; drop the override')
+    if key in explicit and lowered:
+      continue
+    with out.unlocked():
+      out[key] = tuple(value) if isinstance(value, list) else value
+  if 'scan_layers' in meta:   # the saved layout (fmjax-convert params-only --layout changes it)
+    out.scan_layers = bool(meta['scan_layers'])
+  return out
+
+
 def load_config(workdir: str, meta: dict | None = None, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """The run config of `workdir` (config.json), with the model from `meta` and overrides applied."""
+  """The run config of `workdir` (config.json), with the model from `meta` and overrides applied (an
+  override contradicting the checkpoint's model is an error, see `adopt_model`)."""
   path = os.path.join(workdir, 'config.json')
   try:
     with open(path) as f:
@@ -72,9 +131,9 @@ def load_config(workdir: str, meta: dict | None = None, overrides: Sequence[str]
   cfg = config_lib.base_config()
   config_lib.check_schema(ml_collections.ConfigDict(saved), cfg)
   cfg.update(saved)
-  if meta and 'model' in meta:
-    cfg.model.update(meta['model'])
   cfg = config_lib.apply_overrides(cfg, list(overrides))
+  if meta and 'model' in meta:
+    cfg.model = adopt_model(cfg.model, meta, explicit_model_keys(overrides), os.path.join(workdir, 'checkpoints'))
   return config_lib.validate(cfg)
 
 
@@ -131,15 +190,20 @@ def restore(workdir: str, overrides: Sequence[str] = (), step: int | None = None
   try:
     meta = ckpt.read_metadata(step)
     cfg = load_config(workdir, meta, overrides)
-    if 'scan_layers' in meta:
-      cfg.model.scan_layers = bool(meta['scan_layers'])
-    tokenizer = load_tokenizer(workdir, meta.get('tokenizer', cfg.data.tokenizer))
+    saved_len = (meta.get('model') or {}).get('max_seq_len', cfg.model.max_seq_len)
+    limit = int(cfg.model.max_seq_len) if 'max_seq_len' in explicit_model_keys(overrides) else None
+    cfg.model.max_seq_len = saved_len
+    spec = meta.get('tokenizer', cfg.data.tokenizer)
+    if not spec:
+      raise CheckpointError(f'the checkpoint in {workdir} records no tokenizer: import the model again with one '
+                            '(fmjax-convert from-hf --tokenizer byte|FILE, or a HF directory with tokenizer files)')
+    tokenizer = load_tokenizer(workdir, spec)
     tokenizers.check_vocab(tokenizer, cfg.model.vocab_size)
     run = build.build_lm_run(cfg, shd.make_mesh(cfg.mesh), compile_step=False)
     params = ckpt.restore(step, run.state.abstract.params, params_only=True)
   finally:
     ckpt.close()
-  return Restored(cfg=cfg, meta=meta, step=step, tokenizer=tokenizer, run=run, params=params)
+  return Restored(cfg=cfg, meta=meta, step=step, tokenizer=tokenizer, run=run, params=params, context_limit=limit)
 
 
 def random_params(restored: Restored, seed: int = 0):

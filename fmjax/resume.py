@@ -25,7 +25,7 @@ FINETUNE_DEFINING = ('finetune.',)
 HARMLESS = ('model.attention', 'model.attention_chunk', 'model.remat', 'model.remat_names', 'model.dtype',
             'model.scan_layers', 'model.loss_vocab_chunk', 'finetune.best_metric', 'finetune.best_mode',
             'finetune.eval_files', 'finetune.eval_split', 'finetune.max_eval_examples')
-NOT_COMPARED = ('workdir', 'allow_config_change', 'force_unlock')
+NOT_COMPARED = ('workdir', 'allow_config_change', 'force_unlock', 'topology')
 _ABSENT = object()
 
 

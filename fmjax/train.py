@@ -5,6 +5,8 @@ Rerunning with the same workdir resumes from its latest complete checkpoint. One
 holds a workdir (fmjax/workdir_lock.py). On resume the changes from the saved config.json are
 printed, and run-defining ones (model, steps, schedule, seed, data, batch, seq_len) are refused
 unless `--config.allow_config_change=true`; the check comes before config.json is rewritten.
+`--init-from CHECKPOINT` starts from a checkpoint's parameters (e.g. one imported by fmjax-convert
+from-hf): its metadata defines the model and the tokenizer (restore.adopt_model).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from fmjax import cli
 from fmjax import config as config_lib
 from fmjax import distributed
 
-USAGE = """python -m fmjax.train --config CONFIG.py --workdir DIR [--config.KEY=VALUE ...]
+USAGE = """python -m fmjax.train --config CONFIG.py --workdir DIR [--init-from CHECKPOINT] [--config.KEY=VALUE ...]
 
 Pretrain a decoder-only Transformer. Every field of the config can be overridden with
 --config.a.b=value (e.g. --config.model.num_layers=2 --config.steps=200). Rerunning with the
@@ -26,8 +28,28 @@ same --workdir resumes from the latest complete checkpoint there (changing run-d
 as the model, steps or learning-rate schedule then needs --config.allow_config_change=true)."""
 
 
-def train(cfg) -> 'loop.LoopResult':
-  """Pretrain per `cfg` (resolved); returns the loop result (final state, logged history)."""
+def _adopt_checkpoint(cfg, init_from: str, overrides, cleanup):
+  """(Checkpointer, step) of `init_from`; cfg.model and cfg.data.tokenizer become the checkpoint's."""
+  from fmjax import restore
+  source, step, workdir = restore.locate_checkpoint(init_from)
+  cleanup.callback(source.close)
+  meta = source.read_metadata(step)
+  explicit = set(cfg.model.keys()) if overrides is None else restore.explicit_model_keys(overrides)
+  cfg.model = restore.adopt_model(cfg.model, meta, explicit, f'{source.directory}/{step}')
+  spec = meta.get('tokenizer', cfg.data.tokenizer)
+  if not spec:
+    raise restore.CheckpointError(f'{source.directory}/{step} records no tokenizer: import the model with one')
+  cfg.data.tokenizer = spec if spec == 'byte' else os.path.join(workdir, spec)
+  config_lib.validate(cfg)
+  return source, step
+
+
+def train(cfg, init_from: str | None = None, overrides: Sequence[str] | None = None) -> 'loop.LoopResult':
+  """Pretrain per `cfg` (resolved); returns the loop result (final state, logged history).
+
+  `init_from`: start from that checkpoint's parameters, with its model and tokenizer; `overrides` are the
+  command line's items (a `model.KEY` among them contradicting the checkpoint is refused; None: all of cfg.model).
+  """
   import jax
   from fmjax import build, checkpoint, loop, metric_writers, numerics, resume, workdir_lock
   from fmjax import evaluate as evaluate_lib
@@ -39,6 +61,7 @@ def train(cfg) -> 'loop.LoopResult':
     lock = workdir_lock.lock_for_run(workdir, cfg.force_unlock)   # before anything in the workdir changes
     if lock is not None:
       cleanup.callback(lock.release)
+    source = _adopt_checkpoint(cfg, init_from, overrides, cleanup) if init_from else None
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.keep_checkpoints,
                                    cfg.async_checkpoints)
     cleanup.callback(ckpt.close)
@@ -56,6 +79,8 @@ def train(cfg) -> 'loop.LoopResult':
     batches = pipeline.make_train_iterator(cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=local_batch,
                                            seed=cfg.seed, process_index=jax.process_index(),
                                            process_count=jax.process_count())
+    if cfg.eval_every:
+      pipeline.check_eval_split(cfg.data)   # an empty validation split is found before compiling
     start = latest or 0
     writer = metric_writers.MetricWriter(workdir, cfg.steps, initial_step=start, progress_bar=cfg.progress_bar,
                                          resume_step=start)  # drops records of steps after the checkpoint
@@ -81,6 +106,9 @@ def train(cfg) -> 'loop.LoopResult':
       writer.log(f'resumed from {ckpt.directory}/{latest}')
     else:
       state = run.init(jax.random.PRNGKey(cfg.seed))
+      if source is not None:
+        state = state.replace(params=source[0].restore(source[1], run.state.abstract.params, params_only=True))
+        writer.log(f'initialised from {source[0].directory}/{source[1]}')
     if start >= cfg.steps:
       writer.log(f'nothing to do: the checkpoint is at step {start} and steps={cfg.steps}')
       return loop.LoopResult(state=state, last_step=start)
@@ -113,10 +141,12 @@ def _train_command(argv: Sequence[str]) -> int:
   parser = cli.ArgumentParser(prog='fmjax.train', usage=USAGE, description=__doc__.splitlines()[0])
   cli.add_config_flags(parser)
   cli.add_workdir_flags(parser, required=False, checkpoint=False)
+  parser.add_argument('--init-from', default=None, metavar='CHECKPOINT',
+                      help="start from this checkpoint's parameters, model and tokenizer (a workdir or step dir)")
   args, overrides = cli.parse(parser, argv)
   cfg = cli.load_run_config(args.config, args.workdir, overrides)
   cli.start_run(cfg)
-  train(cfg)
+  train(cfg, args.init_from, overrides)
   return 0
 
 

@@ -170,13 +170,18 @@ def test_unsupported_hf_configs_are_named():
               intermediate_size=64, hidden_act='silu', max_position_embeddings=4096)
   with pytest.raises(ConversionError, match='sliding_window=1024'):
     llama.from_hf_config(dict(base, sliding_window=1024))
-  with pytest.raises(ConversionError, match="rope scaling 'llama3'"):
+  with pytest.raises(ConversionError, match="rope scaling 'llama3' needs rope_parameters.factor"):
     llama.from_hf_config(dict(base, rope_parameters=dict(rope_type='llama3', rope_theta=5e5)))
+  with pytest.raises(ConversionError, match="rope scaling 'yarn' is not supported"):
+    llama.from_hf_config(dict(base, rope_parameters=dict(rope_type='yarn', rope_theta=5e5, factor=4.0)))
   with pytest.raises(ConversionError, match='activation_function=.relu.'):
     gpt2.from_hf_config(dict(n_embd=32, n_head=4, n_layer=2, vocab_size=96, n_positions=32,
                              activation_function='relu'))
-  with pytest.raises(ConversionError, match="model_type='bert'"):
-    driver.family_for({'model_type': 'bert'})
+  with pytest.raises(ConversionError, match="model_type='falcon'"):
+    driver.family_for({'model_type': 'falcon'})
+  with pytest.raises(ConversionError, match="model_type=None"):
+    driver.family_for({'architectures': ['FalconForCausalLM']})
+  assert driver.family_for({'architectures': ['MistralForCausalLM']}) is llama
 
 
 def test_flags_contradicting_metadata_are_errors(tmp_path, capsys):

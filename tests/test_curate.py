@@ -314,20 +314,10 @@ def test_lsh_bands_put_the_s_curve_midpoint_at_the_threshold(threshold):
   assert found(threshold - 0.2) < 0.1 and found(threshold + 0.2) > 0.9
 
 
-def _data_layer_reads_gzip_jsonl(tmp_path) -> bool:
-  from fmjax.data.documents import DocumentReader  # pylint: disable=import-outside-toplevel
-  probe = tmp_path / 'probe.jsonl.gz'
-  with gzip.open(probe, 'wt') as f:
-    f.write(json.dumps({'text': 'hello'}) + '\n')
-  return DocumentReader([str(probe)], kind='jsonl').file_documents(0)[0] == [('00000000-00000000', 'hello')]
-
-
 @pytest.mark.slow
 def test_curated_shards_train(curated, tmp_path):
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
-  if not _data_layer_reads_gzip_jsonl(tmp_path):
-    pytest.skip('the data layer does not read .jsonl.gz yet (the data-layer part of issue 18)')
   cmd = [sys.executable, '-m', 'fmjax.train', '--config', os.path.join(REPO, 'configs', 'default.py'),
          '--workdir', str(tmp_path / 'run'), '--config.data.source=jsonl',
          f'--config.data.files={curated["out"]}/*.jsonl.gz', '--config.steps=2', '--config.model.d_model=32',

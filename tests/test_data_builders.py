@@ -4,11 +4,13 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
 
 import pytest
+import tensorflow_datasets as tfds
 
 from fmjax.config import data_defaults
 from fmjax.data import builders, corpora
@@ -128,27 +130,55 @@ def test_concurrent_builds_agree(tmp_path):
   assert sorted(_all(builders.open_split(cfg, 'train'))) == sorted(docs)
 
 
+class FmjaxTestText(tfds.core.GeneratorBasedBuilder):
+  """A tiny TFDS dataset with a `text` feature, prepared as ArrayRecord by the tests."""
+  VERSION = tfds.core.Version('1.0.0')
+  code_path = None
+  DOCS: list = []
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({'text': tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    return {'train': self._generate_examples()}
+
+  def _generate_examples(self):
+    for i, doc in enumerate(self.DOCS):
+      yield i, {'text': doc}
+
+
+def _prepare_tfds(data_dir, docs):
+  FmjaxTestText.DOCS = docs
+  tfds.display_progress_bar(False)
+  FmjaxTestText(data_dir=str(data_dir), file_format='array_record').download_and_prepare()
+  return os.path.join(str(data_dir), 'fmjax_test_text', '1.0.0')
+
+
 def test_tfds_source_reads_array_record_by_name(tmp_path):
-  docs = _write_docs(tmp_path / 'txt', 10)
-  cfg = _cfg(tmp_path, source='text', files=str(tmp_path / 'txt' / '*.txt'), validation_fraction=0.0)
-  data_dir = builders.build_local(cfg)
-  tcfg = _cfg(tmp_path, source='tfds', tfds_name='fmjax_text', tfds_data_dir=data_dir)
+  docs = [f'tfds doc {i} ☃' for i in range(10)]
+  version_dir = _prepare_tfds(tmp_path / 'tfds', docs)
+  tcfg = _cfg(tmp_path, source='tfds', tfds_name='fmjax_test_text', tfds_data_dir=str(tmp_path / 'tfds'))
   assert sorted(_all(builders.open_split(tcfg, 'train'))) == sorted(docs)
   with pytest.raises(DataError, match="no split 'test'"):
     builders.open_split(tcfg, 'test')
   tcfg.text_feature = 'content'
   with pytest.raises(DataError, match="no feature 'content'.*data.text_feature"):
     builders.open_split(tcfg, 'train')
-  # A TFRecord-only dataset needs TensorFlow, which is not installed here.
-  info_path = os.path.join(data_dir, 'fmjax_text', '1.0.0', 'dataset_info.json')
+  tcfg.text_feature = 'text'
+  # A prepared dataset whose builder is not importable here (c4 without TensorFlow) is read from its folder.
+  shutil.copytree(version_dir, tmp_path / 'other' / 'web_like' / 'en' / '3.1.0')
+  ocfg = _cfg(tmp_path, source='tfds', tfds_name='web_like/en:3.1.0', tfds_data_dir=str(tmp_path / 'other'))
+  assert sorted(_all(builders.open_split(ocfg, 'train'))) == sorted(docs)
+  # A TFRecord dataset is not read into memory: one line with the exact conversion command.
+  info_path = os.path.join(version_dir, 'dataset_info.json')
   info = json.load(open(info_path))
   info['fileFormat'] = 'tfrecord'
   json.dump(info, open(info_path, 'w'))
-  tcfg.text_feature = 'text'
-  if builders._tensorflow_available():  # pylint: disable=protected-access
-    pytest.skip('TensorFlow is installed')
-  with pytest.raises(DataError, match=r"pip install 'fmjax\[tensorflow\]'"):
+  with pytest.raises(DataError) as e:
     builders.open_split(tcfg, 'train')
+  msg = str(e.value)
+  assert '\n' not in msg and 'stored as tfrecord' in msg
+  assert f'tfds convert_format --dataset_version_dir={version_dir} --out_file_format=array_record' in msg
 
 
 def test_unknown_tfds_dataset(tmp_path):

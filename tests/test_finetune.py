@@ -144,7 +144,8 @@ def test_mismatched_checkpoint_is_a_clear_error(pretrained, tmp_path, capsys):
   with pytest.raises(CheckpointError, match='d_model=32'):
     finetune.finetune(cfg)
   code = finetune.main(['--config', os.path.join(os.path.dirname(__file__), '..', 'configs', 'finetune_stdlib.py'),
-                        f'--config.init_from={cfg.finetune.init_from}', '--workdir', str(tmp_path / 'x')])
+                        f'--config.init_from={cfg.finetune.init_from}', '--workdir', str(tmp_path / 'x'),
+                        '--config.model.vocab_size=259'])   # an override contradicting the checkpoint's model
   assert code == 2
   assert 'model.vocab_size=260' in capsys.readouterr().err
 

@@ -128,8 +128,10 @@ esac
 
 # ------------------------------------------------------------------- setup.sh
 
-INSTALL = ("python3 -m pip install -U pip && python3 -m pip install -U "
-           "'\\''jax[tpu]'\\'' && cd fmjax && python3 -m pip install -e .")
+VENV_CHECK = ("'\\''import sys, jax; print(\"python\", sys.version.split()[0], \"jax\", jax.__version__)'\\''")
+INSTALL = ("cd fmjax && python3 -m pip install --user -q -U uv && python3 -m uv venv --python 3.11 .venv && "
+           "python3 -m uv pip install --python .venv/bin/python -e '\\''.[tpu,gcs]'\\'' && "
+           f".venv/bin/python -c {VENV_CHECK}")
 
 
 def test_setup_from_git_url():
@@ -142,41 +144,78 @@ def test_setup_from_git_url():
     ]
 
 
-def test_setup_from_local_path(tmp_path):
-    out = ok(SETUP, *TPU, "--dry-run", env={"REPO_URL": "."}, tmp=tmp_path)
+def test_setup_from_local_path_through_iap_with_other_extras(tmp_path):
+    out = ok(SETUP, *TPU, "--dry-run", "--tunnel-through-iap", "--extras=tpu", "--python", "3.12",
+             env={"REPO_URL": "."}, tmp=tmp_path)
     tarball = f"{tmp_path}/fmjax-src-my-tpu.tar.gz"
+    install = INSTALL.replace("3.11", "3.12").replace("tpu,gcs", "tpu")
     assert out == [
         f"+ tar -czf {tarball} -C . --exclude=.git --exclude=logs --exclude=workdirs "
         "--exclude=venv --exclude=.venv --exclude=__pycache__ '--exclude=*.egg-info' .",
-        f"+ gcloud compute tpus tpu-vm scp {tarball} my-tpu:fmjax-src.tar.gz {G} --worker=all",
-        f"+ gcloud compute tpus tpu-vm ssh my-tpu {G} --worker=all --command "
+        f"+ gcloud compute tpus tpu-vm scp {tarball} my-tpu:fmjax-src.tar.gz {G} --tunnel-through-iap --worker=all",
+        f"+ gcloud compute tpus tpu-vm ssh my-tpu {G} --tunnel-through-iap --worker=all --command "
         "'rm -rf fmjax && mkdir -p fmjax && tar -xzf fmjax-src.tar.gz -C fmjax && "
-        f"rm -f fmjax-src.tar.gz && {INSTALL}'",
+        f"rm -f fmjax-src.tar.gz && {install}'",
     ]
     assert not Path(tarball).exists()  # dry run creates nothing
 
 
+def test_setup_installs_exactly_the_project_with_the_pinned_jax():
+    """The venv gets the project and its extras, nothing unpinned beside it; the tpu extra pins jax."""
+    import tomllib
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert "jax[tpu]==0.10.2" in project["optional-dependencies"]["tpu"]
+    assert project["requires-python"] == ">=3.11"
+    (line,) = ok(SETUP, *TPU, "--repo", "https://x/fmjax.git", "--dry-run")
+    installs = [part for part in line.split(" && ") if " install" in part]
+    assert installs == ["python3 -m pip install --user -q -U uv",
+                        "python3 -m uv pip install --python .venv/bin/python -e '\\''.[tpu,gcs]'\\''"]
+
+
 # --------------------------------------------------------------------- run.sh
 
-KILL = ("+ gcloud compute tpus tpu-vm ssh my-tpu --zone=us-east5-a --worker=all --command "
-        "'pkill -9 -f '\\''[f]mjax[.-]train'\\'' || true; sudo rm -f /tmp/libtpu_lockfile'")
+FREE = ("pids=$(sudo lsof -t /dev/accel* /dev/vfio/[0-9]* 2>/dev/null | sort -u | tr \"\\n\" \" \"); "
+        "if [ -n \"$pids\" ]; then echo \"freeing the TPU from pids $pids\"; sudo kill -TERM $pids; "
+        "for _ in $(seq 30); do sudo kill -0 $pids 2>/dev/null || break; sleep 1; done; "
+        "sudo kill -KILL $pids 2>/dev/null || true; fi; sudo rm -f /tmp/libtpu_lockfile")
+FOLLOW = ("tail -n +1 -F --pid=$(cat $HOME/fmjax-run/pid) $HOME/fmjax-run/log 2>/dev/null; "
+          "exit $(cat $HOME/fmjax-run/rc 2>/dev/null || echo 255)")
 
 
-def worker_line(i, cmd=f"python3 -m fmjax.train {TRAIN_STR}", log_dir="logs/my-tpu"):
-    return (f"+ gcloud compute tpus tpu-vm ssh my-tpu {G} --worker={i} --command "
-            f"'cd fmjax && {cmd}' > {log_dir}/worker-{i}.log 2>&1 &")
+def q(text: str) -> str:
+    """POSIX single-quoting as launch/lib.sh's `quote` does it (plain when safe)."""
+    import re
+    return text if re.fullmatch(r"[A-Za-z0-9_./:=@%+,-]+", text) else "'" + text.replace("'", "'\\''") + "'"
+
+
+def start_line(cmd, ssh=f"my-tpu {G}"):
+    inner = f"trap : TERM; cd fmjax && . .venv/bin/activate && {cmd}; echo $? > $HOME/fmjax-run/rc"
+    start = (f"mkdir -p $HOME/fmjax-run && rm -f $HOME/fmjax-run/rc && (setsid nohup bash -c {q(inner)} "
+             "> $HOME/fmjax-run/log 2>&1 < /dev/null & echo $! > $HOME/fmjax-run/pid)")
+    return f"+ gcloud compute tpus tpu-vm ssh {ssh} --worker=all --command {q(start)}"
+
+
+def worker_line(i, log_dir="logs/my-tpu", ssh=f"my-tpu {G}"):
+    return f"+ gcloud compute tpus tpu-vm ssh {ssh} --worker={i} --command '{FOLLOW}' > {log_dir}/worker-{i}.log 2>&1 &"
 
 
 def test_run_exact_output():
     out = ok(RUN, *TPU, "--accelerator-type", "v5p-32", "--dry-run", "--",
-             "python3", "-m", "fmjax.train", *TRAIN_ARGS)
-    assert out == [KILL, "+ mkdir -p logs/my-tpu", *[worker_line(i) for i in range(4)], "+ wait"]
+             "python", "-m", "fmjax.train", *TRAIN_ARGS)
+    assert out == [f"+ gcloud compute tpus tpu-vm ssh my-tpu {G} --worker=all --command '{FREE}'",
+                   start_line(f"python -m fmjax.train {TRAIN_STR}"), "+ mkdir -p logs/my-tpu",
+                   *[worker_line(i) for i in range(4)], "+ wait"]
+
+
+def test_run_frees_the_tpu_by_device_holders_not_by_name():
+    (free, *_) = ok(RUN, *TPU, "--num-workers=1", "--dry-run", "--", "true")
+    assert "lsof -t /dev/accel* /dev/vfio/" in free and "pkill" not in free and "fmjax" not in free
 
 
 @pytest.mark.parametrize("accel,workers", [
     ("v5p-8", 1), ("v5p-32", 4), ("v5p-128", 16), ("v4-8", 1), ("v4-32", 4), ("v3-8", 1),
-    ("v2-32", 4), ("v5litepod-8", 1), ("v5litepod-64", 16), ("v6e-4", 1), ("v6e-16", 4),
-    ("v6e-256", 64),
+    ("v2-32", 4), ("v5litepod-8", 1), ("v5litepod-16", 4), ("v5litepod-64", 16), ("v5e-16", 4),
+    ("v6e-4", 1), ("v6e-16", 4), ("v6e-256", 64),
 ])
 def test_run_worker_count_from_accelerator_type(accel, workers):
     out = ok(RUN, *TPU, "--dry-run", "--", "true", env={"ACCELERATOR_TYPE": accel})
@@ -184,37 +223,143 @@ def test_run_worker_count_from_accelerator_type(accel, workers):
     assert [line.split("--worker=")[1].split()[0] for line in ssh] == [str(i) for i in range(workers)]
 
 
-def test_run_num_workers_flag_log_dir_no_kill_and_quoting():
-    out = ok(RUN, *TPU, "--num-workers=2", "--accelerator-type=v5p-128", "--no-kill",
-             "--log-dir", "/tmp/L", "--dry-run", "--", "python3", "-m", "fmjax.train",
+def test_run_num_workers_flag_log_dir_no_kill_quoting_and_internal_ip():
+    out = ok(RUN, *TPU, "--num-workers=2", "--accelerator-type=v5p-128", "--no-kill", "--internal-ip",
+             "--log-dir", "/tmp/L", "--dry-run", "--", "python", "-m", "fmjax.train",
              "--config.model.name=big one")
-    cmd = "python3 -m fmjax.train '\\''--config.model.name=big one'\\''"
-    assert out == ["+ mkdir -p /tmp/L", worker_line(0, cmd, "/tmp/L"),
-                   worker_line(1, cmd, "/tmp/L"), "+ wait"]
+    cmd = "python -m fmjax.train '--config.model.name=big one'"
+    ssh = f"my-tpu {G} --internal-ip"
+    assert out == [start_line(cmd, ssh), "+ mkdir -p /tmp/L", worker_line(0, "/tmp/L", ssh),
+                   worker_line(1, "/tmp/L", ssh), "+ wait"]
 
 
-def test_run_streams_logs_and_fails_if_a_worker_fails(tmp_path):
-    # Fake gcloud: prints its worker; worker 1 fails.
-    write_exe(tmp_path / "gcloud", """#!/bin/bash
-for a in "$@"; do case $a in --worker=*) w=${a#--worker=} ;; esac; done
-echo "hello from worker $w: ${*: -1}"
-[ "$w" != 1 ]
+def test_run_attach_and_stop_dry_run():
+    assert ok(RUN, *TPU, "--num-workers=2", "--attach", "--dry-run") == [
+        "+ mkdir -p logs/my-tpu", worker_line(0), worker_line(1), "+ wait"]
+    (stop,) = ok(RUN, *TPU, "--num-workers=2", "--stop", "--tunnel-through-iap", "--dry-run")
+    assert stop.startswith(f"+ gcloud compute tpus tpu-vm ssh my-tpu {G} --tunnel-through-iap --worker=all "
+                           "--command 'if [ -f $HOME/fmjax-run/pid ]; then p=$(cat $HOME/fmjax-run/pid); "
+                           "kill -TERM -- -$p")
+
+
+def fake_slice(tmp_path, workers: int) -> Path:
+    """A fake gcloud whose `tpu-vm ssh --worker=I --command C` runs C here as worker I (HOME=tmp/wI, with
+    an empty .venv), plus sudo (runs its command) and lsof (holders listed in tmp/holders)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for i in range(workers):
+        (tmp_path / f"w{i}" / "fmjax" / ".venv" / "bin").mkdir(parents=True)
+        (tmp_path / f"w{i}" / "fmjax" / ".venv" / "bin" / "activate").write_text("")
+    write_exe(bin_dir / "gcloud", f"""#!/bin/bash
+w=; cmd=
+while [ $# -gt 0 ]; do case $1 in --worker=*) w=${{1#--worker=}} ;; --command) cmd=$2; shift ;; esac; shift; done
+[ "$w" = all ] && ws=$(seq 0 {workers - 1}) || ws=$w
+rc=0
+for x in $ws; do (cd {tmp_path}/w$x && HOME=$PWD WORKER=$x bash -c "$cmd") || rc=$?; done
+exit $rc
 """)
-    log_dir = tmp_path / "logs"
-    r = sh(RUN, *TPU, "--num-workers", "3", "--log-dir", str(log_dir), "--", "echo", "hi",
-           path_prepend=tmp_path)
-    assert r.returncode == 1
-    assert f"worker 1 failed (exit 1), see {log_dir}/worker-1.log" in r.stderr
-    assert "worker 0 failed" not in r.stderr and "worker 2 failed" not in r.stderr
-    for i in range(3):
-        text = (log_dir / f"worker-{i}.log").read_text()
-        assert text == f"hello from worker {i}: cd fmjax && echo hi\n"
+    write_exe(bin_dir / "sudo", '#!/bin/bash\nexec "$@"\n')
+    write_exe(bin_dir / "lsof", f"#!/bin/bash\ncat {tmp_path}/holders 2>/dev/null\n")
+    return bin_dir
 
-    write_exe(tmp_path / "gcloud", "#!/bin/sh\necho ok\n")
-    r = sh(RUN, *TPU, "--num-workers", "2", "--log-dir", str(log_dir), "--", "true",
-           path_prepend=tmp_path)
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def run_pid(tmp_path, worker: int) -> int:
+    return int((tmp_path / f"w{worker}" / "fmjax-run" / "pid").read_text())
+
+
+def test_run_streams_logs_and_a_failing_worker_stops_every_worker(tmp_path):
+    import time
+    bin_dir = fake_slice(tmp_path, 3)
+    job = 'echo "hello from worker $WORKER"; if [ "$WORKER" = 1 ]; then sleep 1; exit 3; fi; sleep 120'
+    start = time.time()
+    r = sh(RUN, *TPU, "--num-workers", "3", "--log-dir", str(tmp_path / "logs"), "--", "bash", "-c", job,
+           path_prepend=bin_dir)
+    assert r.returncode == 1, r.stderr
+    assert time.time() - start < 60
+    assert f"worker 1 failed (exit 3), see {tmp_path}/logs/worker-1.log; stopping every worker" in r.stderr
+    assert "worker 0 failed" not in r.stderr and "worker 2 failed" not in r.stderr   # stopped, not failed
+    for i in range(3):
+        assert (tmp_path / "logs" / f"worker-{i}.log").read_text().startswith(f"hello from worker {i}\n")
+        assert not alive(run_pid(tmp_path, i))
+
+    r = sh(RUN, *TPU, "--num-workers", "2", "--log-dir", str(tmp_path / "logs"), "--", "true",
+           path_prepend=bin_dir)
     assert r.returncode == 0, r.stderr
     assert "all 2 workers finished" in r.stderr
+
+
+def test_run_survives_the_terminal_closing_then_attach_and_stop(tmp_path):
+    import signal
+    import time
+    bin_dir = fake_slice(tmp_path, 2)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}", "HOME": str(tmp_path),
+           "LC_ALL": "C", "TMPDIR": str(tmp_path)}
+    job = 'trap "echo saved at TERM; exit 0" TERM; echo "up $WORKER"; while :; do sleep 0.1; done'
+    local = subprocess.Popen(["bash", RUN, *TPU, "--num-workers", "2", "--log-dir", str(tmp_path / "logs"),
+                              "--", "bash", "-c", job], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline and "up 1" not in _read(tmp_path / "logs" / "worker-1.log"):
+            time.sleep(0.1)
+        local.send_signal(signal.SIGHUP)            # the terminal closes
+        local.wait(timeout=30)
+    finally:
+        if local.poll() is None:
+            local.kill()
+    pids = [run_pid(tmp_path, i) for i in range(2)]
+    time.sleep(0.5)
+    assert all(alive(p) for p in pids), "the run died with the terminal"
+    attach = subprocess.Popen(["bash", RUN, *TPU, "--num-workers", "2", "--log-dir", str(tmp_path / "again"),
+                               "--attach"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline and "up 1" not in _read(tmp_path / "again" / "worker-1.log"):
+            time.sleep(0.1)
+        assert "up 0" in _read(tmp_path / "again" / "worker-0.log")
+        r = sh(RUN, *TPU, "--num-workers", "2", "--stop", path_prepend=bin_dir)
+        assert r.returncode == 0, r.stderr
+        assert attach.wait(timeout=30) == 0          # the workers exited 0 after saving
+    finally:
+        if attach.poll() is None:
+            attach.kill()
+    assert not any(alive(p) for p in pids)
+    assert all("saved at TERM" in _read(tmp_path / "again" / f"worker-{i}.log") for i in range(2))
+
+
+def test_run_frees_a_tpu_held_by_a_stale_process(tmp_path):
+    import time
+    bin_dir = fake_slice(tmp_path, 1)
+    # A stale holder of any name (an orphan, as a run left behind by a lost ssh session is); it notes SIGTERM.
+    marker = tmp_path / "got-term"
+    stale = subprocess.run(["bash", "-c", f'(trap "echo TERM > {marker}; exit 0" TERM; '
+                            'while :; do sleep 0.1; done) > /dev/null 2>&1 & echo $!'],
+                           capture_output=True, text=True, timeout=10)
+    pid = int(stale.stdout)
+    try:
+        (tmp_path / "holders").write_text(f"{pid}\n")
+        r = sh(RUN, *TPU, "--num-workers", "1", "--log-dir", str(tmp_path / "logs"), "--", "true",
+               path_prepend=bin_dir)
+        assert r.returncode == 0, r.stderr
+        assert f"freeing the TPU from pids {pid}" in (tmp_path / "logs" / "worker-0.log").read_text() + r.stdout
+        deadline = time.time() + 10
+        while alive(pid) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not alive(pid) and marker.read_text() == "TERM\n"
+    finally:
+        if alive(pid):
+            os.kill(pid, 9)
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
 
 
 # ------------------------------------------------------------------ delete.sh

@@ -104,3 +104,73 @@ def test_cpu_peak_is_a_plausible_measurement_in_the_compute_dtype():
   assert 0.2 < bf16_peak / fp32_peak < 10, (bf16_peak, fp32_peak)
   assert 0.1 < fp32_peak / reference < 10, (fp32_peak, reference)
   assert metrics.device_peak_flops(cpu, 123.0, 'bfloat16') == 123.0   # a configured peak wins
+
+
+# ------------------------------------------------------------------------ the CLI on targets
+# In subprocesses: fmjax.plan picks its devices before jax starts, as a user's command does.
+
+def plan_cli(*args, timeout=600):
+  import os
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run([sys.executable, '-m', 'fmjax.plan', *args], cwd=root, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def gib(out: str, row: str) -> float:
+  import re
+  return float(re.search(rf'^  {row} +([\d.,]+) GiB', out, re.M).group(1).replace(',', ''))
+
+
+needs_libtpu = pytest.mark.skipif(__import__('importlib').util.find_spec('libtpu') is None,
+                                  reason='needs the tpu extra (libtpu) to compile for TPU topologies')
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_llama_1b_names_its_slice_and_fits_it_with_splash():
+  """No --topology: the plan uses config.topology; the shipped batch fits with the splash kernel, and the
+  per-chip memory agrees with a hand count (fp32 params + 2 AdamW moments, fully sharded)."""
+  from fmjax import cli, config as config_lib
+  cfg = config_lib.resolve(cli.config_path('llama_1b'), [])
+  kind, chips = plan.parse_topology(cfg.topology)
+  r = plan_cli('--config', 'configs/llama_1b.py')
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f'topology: {cfg.topology} (config.topology' in r.stdout
+  assert 'attention: splash' in r.stdout + r.stderr
+  assert f'devices: {chips} ' in r.stdout and '(fits)' in r.stdout
+  m = cfg.model
+  n_params = (2 * m.vocab_size * m.d_model + m.num_layers * (
+      m.d_model * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads) + 3 * m.d_model * m.mlp_dim + 2 * m.d_model)
+      + m.d_model)
+  assert gib(r.stdout, 'parameters') == pytest.approx(n_params * 4 / chips / 2**30, rel=0.02)
+  assert gib(r.stdout, 'optimizer state') == pytest.approx(2 * n_params * 4 / chips / 2**30, rel=0.02)
+  assert gib(r.stdout, 'total') < metrics.ACCELERATORS[kind].hbm_gib
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_an_oversize_config_exits_2_with_one_line_naming_needed_and_available():
+  """Embedding + head of 2 x 524288 x 4096 in fp32 with AdamW: ~17 GiB per v5e chip of 16 GiB before
+  any activation. `v5litepod-4` is gcloud's name for the slice."""
+  r = plan_cli('--config', 'configs/default.py', '--topology', 'v5litepod-4', '--config.model.vocab_size=524288',
+               '--config.model.d_model=4096', '--config.model.num_layers=1', '--config.model.mlp_dim=512',
+               '--config.global_batch_size=4')
+  assert r.returncode == 2, r.stderr[-3000:]
+  errors = [line for line in r.stderr.splitlines() if line.startswith('fmjax.plan: error: ')]
+  assert len(errors) == 1 and 'does not fit' in errors[0], r.stderr[-3000:]
+  assert 'Traceback' not in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('target', [['--devices', '4'], ['--topology', 'h100-4']], ids=['devices', 'gpu-topology'])
+def test_devices_and_gpu_topologies_plan_with_libtpu_installed(target):
+  """With libtpu importable (it loads with jax), a CPU-device plan still works: N fake devices, the
+  GPU's memory for a GPU topology."""
+  r = plan_cli('--config', 'configs/default.py', *target, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'devices: 4 ' in r.stdout
+  if target[0] == '--topology':
+    assert 'of 80.000 GiB (fits)' in r.stdout and 'predicted at 50% MFU' in r.stdout

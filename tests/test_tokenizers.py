@@ -176,7 +176,7 @@ def test_char_cli(tmp_path, capsys):
   (tmp_path / 'input.txt').write_bytes(b'\x89PNG\x00\x00')
   assert train_tokenizer.main(argv) == 2
   err = capsys.readouterr().err
-  assert 'input.txt is not UTF-8' in err and err.count('\n') == 1   # binary input refused, named, one line
+  assert 'input.txt is binary' in err and err.count('\n') == 1   # binary input refused, named, one line
   assert train_tokenizer.main(argv + ['--vocab-size', '100']) == 2
   assert train_tokenizer.main(['--model-type', 'char', '--input', 'x', '--out', str(tmp_path / 'c.model')]) == 2
   errors = capsys.readouterr().err.strip().splitlines()
@@ -204,3 +204,55 @@ def test_char_tokenizer_trains_and_restores_from_the_workdir(tmp_path):
   assert isinstance(restored.tokenizer, CharTokenizer)
   assert restored.tokenizer.chars == ''.join(sorted(set(CHAR_TEXT + 'line 0123456789')))
   assert restored.tokenizer.vocab_size == vocab
+
+
+def _jsonl(path, texts):
+  import gzip
+  with gzip.open(path, 'wt', encoding='utf-8') as f:
+    for t in texts:
+      f.write(json.dumps({'body': t, 'meta': '{"not": "text"}'}) + '\n')
+
+
+def test_cli_reads_jsonl_and_parquet_fields_not_json_syntax(tmp_path, capsys):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  texts = _sample_texts(8)
+  _jsonl(tmp_path / 'a.jsonl.gz', texts[:4])
+  pq.write_table(pa.table({'body': texts[4:]}), tmp_path / 'b.parquet')
+  out = tmp_path / 'mix.json'
+  argv = ['--model-type', 'char', '--mixture', f'a:1:{tmp_path}/a.jsonl.gz,b:1:{tmp_path}/b.parquet',
+          '--field', 'body', '--out', str(out)]
+  assert train_tokenizer.main(argv) == 0
+  chars = json.loads(out.read_text(encoding='utf-8'))['chars']
+  assert chars == ''.join(sorted(set(''.join(texts))))   # the field's text only: no JSON quotes/braces
+  assert 'from 8 documents' in capsys.readouterr().out
+
+
+def test_long_lines_are_split_and_counted_not_skipped(tmp_path, capsys):
+  from fmjax.data import tokenizer_inputs
+  long_line = ' '.join(f'w{i}' for i in range(9000))          # ~50 KB: SentencePiece would skip it
+  stats = tokenizer_inputs.LineStats()
+  lines = list(tokenizer_inputs.training_lines(['short one\n\n' + long_line, 'é' * 9000], stats))
+  assert lines[0] == 'short one' and ''.join(lines[1:-2]) == long_line and ''.join(lines[-2:]) == 'é' * 9000
+  assert all(len(line.encode('utf-8')) <= tokenizer_inputs.MAX_LINE_BYTES for line in lines)
+  assert all(p.endswith(' ') for p in lines[1:-3])                    # cut at whitespace
+  assert (stats.documents, stats.split_lines, stats.pieces) == (2, 2, len(lines) - 1)
+  others = [t for t in _sample_texts(20) if t.strip()]   # (stdlib files may be empty)
+  _jsonl(tmp_path / 'long.jsonl.gz', [long_line] + others)
+  out = tmp_path / 'long.model'
+  assert train_tokenizer.main(['--input', str(tmp_path / '*.jsonl.gz'), '--field', 'body', '--vocab-size', '400',
+                               '--out', str(out)]) == 0
+  printed = capsys.readouterr().out
+  assert f'from {len(others) + 1} documents' in printed and '1 lines over 16 KiB were split into 4 pieces' in printed
+  tok = load_tokenizer(str(out))
+  assert tok.decode(tok.encode(long_line)) == long_line
+
+
+def test_documents_are_sampled_evenly_across_files(tmp_path):
+  from fmjax.data import tokenizer_inputs
+  for f in range(4):
+    (tmp_path / f'{f}.jsonl').write_text(''.join(json.dumps({'text': f'f{f} d{d}'}) + '\n' for d in range(10)))
+  docs = list(tokenizer_inputs.sample_documents(str(tmp_path / '*.jsonl'), max_documents=8))
+  assert len(docs) == 8 and sorted({d.split()[0] for d in docs}) == ['f0', 'f1', 'f2', 'f3']
+  assert docs == list(tokenizer_inputs.sample_documents(str(tmp_path / '*.jsonl'), max_documents=8))
+  assert docs != list(tokenizer_inputs.sample_documents(str(tmp_path / '*.jsonl'), max_documents=8, seed=1))

@@ -90,3 +90,50 @@ def test_init_and_eval_compile_for_the_slice(compiled_run):
   assert jax.tree.structure(init.output_shardings) == jax.tree.structure(run.state.shardings)
   evaluate = run.jit_eval_step().lower(run.state.abstract.params, run.abstract_batch()).compile()
   assert any(k.startswith('splash_mha_fwd') for k in kernels(evaluate))
+
+
+# Fine-tuning and decoding: the same checks on a single-host and a multi-host slice (within CI's time).
+SLICES = [('v5p-8', 4), ('v5p-16', 8)]
+
+
+@pytest.mark.parametrize('name,chips', SLICES, ids=[s[0] for s in SLICES])
+def test_finetune_classifier_step_compiles_with_splash_lora_and_the_head(name, chips):
+  """The fine-tuning task as `finetune` builds it (finetune.parts.task through build.build_run):
+  LoRA adapters and a classification head, splash forward and backward, sharded, within the chip."""
+  from fmjax.finetune import parts
+  from fmjax.finetune.classifier import HEAD
+  kind, _ = plan.parse_topology(name)
+  cfg = splash_config()
+  cfg.finetune.task, cfg.finetune.lora_rank = 'classify', 8
+  run = build.build_run(cfg, shd.make_mesh(cfg.mesh, plan.tpu_devices(name)), parts.task(cfg, num_classes=3))
+  assert run.mesh.size == chips
+  found = kernels(run.train_step)
+  assert {k for k in SPLASH_KERNELS if any(f.startswith(k) for f in found)} == set(SPLASH_KERNELS), found
+  params = run.train_step.input_shardings[0][0].params
+  assert HEAD in params and any('lora' in jax.tree_util.keystr(p).lower()
+                                for p, _ in jax.tree_util.tree_leaves_with_path(params))
+  assert params['embedding'].shard_shape((512, 256)) == (512, 256 // chips)   # the base as in pretraining
+  mem = run.train_step.memory_analysis()
+  assert 0 < mem.argument_size_in_bytes + mem.temp_size_in_bytes < metrics.ACCELERATORS[kind].hbm_gib * 2**30
+
+
+@pytest.mark.parametrize('name,chips', SLICES, ids=[s[0] for s in SLICES])
+def test_generate_prefill_and_decode_loop_compile_for_the_slice(name, chips):
+  """`generate`'s decoder (decode.compile_decoder: prefill + the decode loop) compiled for the slice, on
+  the parameters' training shardings; the KV cache is split over the batch axes and fits the chip."""
+  from fmjax import decode
+  kind, _ = plan.parse_topology(name)
+  cfg = splash_config()
+  run = build.build_lm_run(cfg, shd.make_mesh(cfg.mesh, plan.tpu_devices(name)), compile_step=False)
+  decoder = decode.Decoder(run.model, max_new_tokens=8, eos_id=1, pad_id=0)
+  batch, width = chips, 128
+  prefill, loop = decode.compile_decoder(decoder, run.state.abstract.params, run.mesh, run.rules, batch, width)
+  cache_in, cache_args = loop.input_shardings[0][1], loop.args_info[0][1]
+  keys = [(s, a.shape) for (p, s), a in zip(jax.tree_util.tree_leaves_with_path(cache_in),
+                                            jax.tree_util.tree_leaves(cache_args))
+          if jax.tree_util.keystr(p).endswith("['key']")]
+  assert keys and all(shape[-4] == batch for _, shape in keys)
+  assert all(s.shard_shape(shape)[-4] == batch // chips for s, shape in keys)   # rows split over the chips
+  for compiled in (prefill, loop):
+    mem = compiled.memory_analysis()
+    assert 0 < mem.argument_size_in_bytes + mem.temp_size_in_bytes < metrics.ACCELERATORS[kind].hbm_gib * 2**30

@@ -32,6 +32,11 @@ def _source_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument('--tokenizer', default=None, help="'byte' or a SentencePiece .model, when the metadata lacks it")
 
 
+def _overwrite_flag(p: argparse.ArgumentParser) -> None:
+  p.add_argument('--overwrite', action='store_true',
+                 help='replace a non-empty --out (its old contents are removed; by default it is refused)')
+
+
 def _verify_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument('--verify', action='store_true', help='compare logits with transformers (needs torch)')
   p.add_argument('--max-diff', type=float, default=None,
@@ -50,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--family', choices=('llama', 'gpt2'), default=None, help='default: from the model config')
   p.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None, help='default: the params dtype')
   p.add_argument('--max-shard-size', default='5GB', help='split safetensors above this size (e.g. 2GB, 500MB)')
+  _overwrite_flag(p)
   _verify_flags(p)
 
   p = sub.add_parser('from-hf', help='Hugging Face directory (Llama, Mistral, GPT-2) -> params-only checkpoint')
@@ -59,8 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='param dtype to store')
   p.add_argument('--mesh', default=None, help='data,fsdp,tensor to shard onto (default: one device)')
   p.add_argument('--step', type=int, default=0, help='step number of the written checkpoint')
-  p.add_argument('--tokenizer', default=None, help="'byte' or a SentencePiece .model to record, when the HF "
-                 'directory has no tokenizer.model')
+  p.add_argument('--tokenizer', default=None, help="'byte', a tokenizer.json or a SentencePiece .model to record "
+                 'when the HF directory has none (tokenizer.json, vocab.json + merges.txt or tokenizer.model)')
+  p.add_argument('--max-seq-len', type=int, default=None,
+                 help='lower the context of a RoPE model (default: max_position_embeddings of config.json)')
+  _overwrite_flag(p)
   _verify_flags(p)
 
   p = sub.add_parser('params-only', help='training checkpoint -> params-only (cast, relayout, reshard)')
@@ -69,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None, help='default: keep')
   p.add_argument('--layout', type=_bool, default=None, help='scanned|unrolled (default: keep)')
   p.add_argument('--mesh', default=None, help='data,fsdp,tensor to restore onto and save from (default: 1,1,1)')
+  _overwrite_flag(p)
   return parser
 
 
@@ -76,20 +86,22 @@ def run(args) -> None:
   from fmjax.convert import driver, source, hf_io, verify
 
   if args.command == 'from-hf':
-    out = driver.from_hf(args.hf_dir, args.out, scan_layers=args.layout, dtype=args.dtype, mesh_spec=args.mesh,
-                         step=args.step, tokenizer=args.tokenizer)
-    if args.verify:
-      verify.verify(out['params'], out['model'], args.hf_dir, args.max_diff, args.max_kl)
+    check = (lambda hf_dir, out: verify.verify(out['params'], out['model'], hf_dir, args.max_diff, args.max_kl)) \
+        if args.verify else None
+    driver.from_hf(args.hf_dir, args.out, scan_layers=args.layout, dtype=args.dtype, mesh_spec=args.mesh,
+                   step=args.step, tokenizer=args.tokenizer, max_seq_len=args.max_seq_len, overwrite=args.overwrite,
+                   check=check)
     return
   src = source.open_source(args.workdir, step=args.step, model_json=args.model_config,
                            scanned=args.source_layout, tokenizer=args.tokenizer)
   if args.command == 'to-hf':
-    out = driver.to_hf(src, args.out, family=args.family, dtype=args.dtype,
-                       max_shard_bytes=hf_io.parse_size(args.max_shard_size))
-    if args.verify:
-      verify.verify(out['params'], src.model, args.out, args.max_diff, args.max_kl)
+    check = (lambda out_dir, out: verify.verify(out['params'], src.model, out_dir, args.max_diff, args.max_kl)) \
+        if args.verify else None
+    driver.to_hf(src, args.out, family=args.family, dtype=args.dtype,
+                 max_shard_bytes=hf_io.parse_size(args.max_shard_size), overwrite=args.overwrite, check=check)
   else:
-    driver.params_only(src, args.out, dtype=args.dtype, scan_layers=args.layout, mesh_spec=args.mesh)
+    driver.params_only(src, args.out, dtype=args.dtype, scan_layers=args.layout, mesh_spec=args.mesh,
+                       overwrite=args.overwrite)
 
 
 def _convert_command(argv: Sequence[str]) -> int:

@@ -14,12 +14,13 @@ import numpy as np
 
 from fmjax import config as config_lib
 from fmjax.checkpoint import Checkpointer, make_metadata
-from fmjax.convert import gpt2, hf_io, hf_tokenizer, llama, source
+from fmjax.convert import bert, gpt2, hf_io, hf_tokenizer, llama, output, source
 from fmjax.convert.mapping import ConversionError, expand, locate
 from fmjax.model import layout
+from fmjax.data import tokenizers as fm_tokenizers
 from fmjax.model.layers import dtype_of
 
-FAMILIES = {'llama': llama, 'gpt2': gpt2}
+FAMILIES = {'bert': bert.BERT, 'roberta': bert.ROBERTA, 'llama': llama, 'gpt2': gpt2}  # encoders first
 
 
 def pick_family(model_cfg, name: str | None = None):
@@ -41,12 +42,26 @@ def pick_family(model_cfg, name: str | None = None):
 
 
 def family_for(hf_config: dict):
+  """The family of a config.json by its model_type (or, without one, by the class in `architectures`)."""
   kind = hf_config.get('model_type')
+  if kind is None:
+    archs = [a.lower() for a in hf_config.get('architectures') or [] if isinstance(a, str)]
+    kind = next((t for a in archs for f in FAMILIES.values() for t in f.MODEL_TYPES if a.startswith(t)), None)
   for fam in FAMILIES.values():
     if kind in fam.MODEL_TYPES:
       return fam
   known = ', '.join(t for f in FAMILIES.values() for t in f.MODEL_TYPES)
   raise ConversionError(f'config.json: model_type={kind!r} is not supported (supported: {known})')
+
+
+def model_from_hf_config(hf_config: dict, fam):
+  """The fmjax model config of a config.json (a missing key is a one-line error)."""
+  try:
+    return source.model_config(fam.from_hf_config(hf_config))
+  except KeyError as e:
+    raise ConversionError(f'config.json has no {e.args[0]!r}, which a {fam.NAME} model needs') from None
+  except (TypeError, ValueError) as e:
+    raise ConversionError(f'config.json has a value of the wrong type ({e})') from None
 
 
 def _leaf_paths(tree) -> set:
@@ -68,9 +83,13 @@ def _check_coverage(table, tree, scanned: bool) -> None:
 # -- fmjax -> Hugging Face -------------------------------------------------------------------------
 
 def to_hf(src: source.Source, out_dir: str, family: str | None = None, dtype: str | None = None,
-          max_shard_bytes: int = 5 * 10**9, log=print) -> dict:
-  """Export a checkpoint as a HF model directory (config.json, safetensors, tokenizer, README.md)."""
+          max_shard_bytes: int = 5 * 10**9, overwrite: bool = False, check=None, log=print) -> dict:
+  """Export a checkpoint as a HF model directory (config.json, safetensors, tokenizer, README.md).
+
+  `check(directory, result)` (e.g. --verify) runs on the written files before they become `out_dir`.
+  """
   start = time.perf_counter()
+  output.check_writable(out_dir, overwrite)
   m = src.model
   fam = pick_family(m, family)
   dtype = dtype or m.param_dtype
@@ -93,18 +112,23 @@ def to_hf(src: source.Source, out_dir: str, family: str | None = None, dtype: st
       arrays.append(np.asarray(jax.device_get(leaf if index is None else leaf[index])))
     return rule.to_hf(*arrays)
 
-  os.makedirs(out_dir, exist_ok=True)
-  files = hf_io.write_shards(out_dir, shards, produce)
-  hf_config = dict(fam.to_hf_config(m), dtype=dtype, torch_dtype=dtype)
-  with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-    json.dump(hf_config, f, indent=2, sort_keys=True)
-  tok_note = hf_tokenizer.export_tokenizer(src.tokenizer, src.workdir, out_dir, src.meta.get('seq_len', m.max_seq_len))
-  with open(os.path.join(out_dir, 'README.md'), 'w') as f:
-    f.write(f'# {fam.ARCHITECTURE} exported by fmjax\n\nFrom `{src.workdir}` step {src.step} '
-            f'({dtype}, {len(files)} safetensors file(s)).\n\n{tok_note}')
-  seconds = time.perf_counter() - start
+  with output.staged(out_dir, overwrite, protect=(src.workdir,)) as tmp:
+    files = hf_io.write_shards(tmp, shards, produce)
+    hf_config = dict(fam.to_hf_config(m), dtype=dtype, torch_dtype=dtype)
+    hf_config.update(hf_tokenizer.special_token_ids(src.tokenizer, src.workdir))
+    with open(os.path.join(tmp, 'config.json'), 'w') as f:
+      json.dump(hf_config, f, indent=2, sort_keys=True)
+    context = max(m.max_seq_len, src.meta.get('seq_len', 0))
+    tok_note = hf_tokenizer.export_tokenizer(src.tokenizer, src.workdir, tmp, context)
+    with open(os.path.join(tmp, 'README.md'), 'w') as f:
+      f.write(f'# {fam.ARCHITECTURE} exported by fmjax\n\nFrom `{src.workdir}` step {src.step} '
+              f'({dtype}, {len(files)} safetensors file(s)).\n\n{tok_note}')
+    result = dict(params=params, family=fam, files=files)
+    if check is not None:
+      check(tmp, result)
+  result['seconds'] = seconds = time.perf_counter() - start
   log(f'wrote {out_dir}: {fam.ARCHITECTURE}, {len(table)} tensors in {len(files)} file(s), {dtype}, {seconds:.1f}s')
-  return dict(params=params, family=fam, files=files, seconds=seconds)
+  return result
 
 
 # -- Hugging Face -> fmjax -------------------------------------------------------------------------
@@ -144,6 +168,8 @@ def read_hf_params(hf_dir: str, model_cfg, fam, abstract):
           out[key] = np.empty(target.shape, target.dtype)
         out[key][index] = part
       filled.add(key)
+  if model_cfg.tie_embeddings and 'lm_head.weight' in names:
+    _check_tied_head(reader, hf_dir, _find(table[0][0], names, fam.OPTIONAL_PREFIX))
   reader.close()
   ignored = [re.compile(p) for p in fam.IGNORED]
   extra = sorted(n for n in names - used if not any(p.search(n) for p in ignored)
@@ -155,6 +181,14 @@ def read_hf_params(hf_dir: str, model_cfg, fam, abstract):
   if missing:
     raise ConversionError(f'fmjax parameter {missing[0]} was not filled from {hf_dir}')
   return out
+
+
+def _check_tied_head(reader, hf_dir: str, embedding: str) -> None:
+  """tie_word_embeddings with a different lm_head.weight in the file: two models in one; refuse."""
+  head, table = reader.get('lm_head.weight'), reader.get(embedding)
+  if head.shape != table.shape or not np.array_equal(head, table):
+    raise ConversionError(f'config.json says tie_word_embeddings=true but {hf_dir} holds an lm_head.weight that '
+                          f'differs from {embedding}; set tie_word_embeddings to false (or drop lm_head.weight)')
 
 
 def _nest(flat: dict) -> dict:
@@ -210,44 +244,71 @@ def run_config(model_cfg, seq_len: int | None = None, mesh=None):
 
 
 def _tokenizer_spec(found: str | None, flag: str | None, out_workdir: str, hf_dir: str) -> str | None:
-  """The HF dir's tokenizer.model, else --tokenizer ('byte' or a .model copied in); both: an error."""
+  """The HF dir's tokenizer, else --tokenizer ('byte', a tokenizer.json or a .model, copied in); both: an error."""
   if flag is None:
     return found
   if found is not None:
-    raise ConversionError(f'--tokenizer={flag!r} contradicts the tokenizer.model in {hf_dir}')
+    raise ConversionError(f'--tokenizer={flag!r} contradicts the tokenizer files in {hf_dir}')
   if flag == 'byte':
     return flag
   if not os.path.isfile(flag):
-    raise ConversionError(f"--tokenizer={flag!r}: not 'byte' or an existing SentencePiece .model file")
+    raise ConversionError(f"--tokenizer={flag!r}: not 'byte' or an existing tokenizer.json / SentencePiece .model")
+  tok = fm_tokenizers.load_tokenizer(flag)
+  if isinstance(tok, fm_tokenizers.HFTokenizer):
+    return fm_tokenizers.place_in_workdir(tok, out_workdir)
   shutil.copyfile(flag, os.path.join(out_workdir, 'tokenizer.model'))
   return 'tokenizer.model'
 
 
+def _adds_bos(workdir: str, spec: str | None) -> bool:
+  """Whether the imported tokenizer puts bos before a text (Llama yes, GPT-2 no): fmjax's data.add_bos."""
+  if spec is None or spec == 'byte' or not spec.endswith('.json'):
+    return True
+  tok = fm_tokenizers.HFTokenizer(os.path.join(workdir, spec))
+  return tok.bos_id in tok.encode_with_specials('a')[:1]
+
+
 def from_hf(hf_dir: str, out_workdir: str, scan_layers: bool = True, dtype: str = 'float32', mesh_spec=None,
-            step: int = 0, tokenizer: str | None = None, log=print) -> dict:
-  """Import a HF Llama/Mistral/GPT-2 directory as a params-only fmjax checkpoint."""
+            step: int = 0, tokenizer: str | None = None, max_seq_len: int | None = None, overwrite: bool = False,
+            check=None, log=print) -> dict:
+  """Import a HF Llama/Mistral/GPT-2 directory as a params-only fmjax checkpoint (a new workdir).
+
+  `max_seq_len` lowers the context (RoPE models); `check(hf_dir, result)` runs before the output is kept.
+  """
   start = time.perf_counter()
+  output.check_writable(out_workdir, overwrite)
   hf_config = hf_io.read_config(hf_dir)
   fam = family_for(hf_config)
-  m = source.model_config(fam.from_hf_config(hf_config))
+  m = model_from_hf_config(hf_config, fam)
   m.scan_layers, m.param_dtype = bool(scan_layers), dtype
+  if max_seq_len:
+    if m.positions != 'rope' or max_seq_len > m.max_seq_len:
+      raise ConversionError(f'--max-seq-len {max_seq_len}: only lowers the context of a RoPE model (this one: '
+                            f'{m.positions} positions, max_position_embeddings={m.max_seq_len})')
+    m.max_seq_len = max_seq_len
   mesh = source.mesh_of(mesh_spec)
-  cfg = run_config(m, mesh=mesh)
+  cfg = run_config(m)   # the default mesh (all devices) for the commands that load it; --mesh is for the copy
   abstract = source.abstract_params(m, mesh)
   params = to_device(_nest(read_hf_params(hf_dir, m, fam, abstract)), abstract)
-  os.makedirs(out_workdir, exist_ok=True)
-  spec = _tokenizer_spec(hf_tokenizer.import_tokenizer(hf_dir, out_workdir), tokenizer, out_workdir, hf_dir)
-  if spec is None:
-    log(f'note: {hf_dir} has no SentencePiece tokenizer.model; its tokenizer files are kept in '
-        f'{hf_tokenizer.KEPT_DIR}/ but fmjax cannot run them (pass --tokenizer to record one)')
-  meta = make_metadata(cfg, spec, extra=dict(tokenizer=spec, params_only=True, converted_from=os.path.abspath(hf_dir),
-                                             hf_architecture=fam.ARCHITECTURE))
-  config_lib.save(cfg, os.path.join(out_workdir, 'config.json'))
-  path = save_params(out_workdir, step, params, meta)
+  with output.staged(out_workdir, overwrite, protect=(hf_dir,)) as tmp:
+    spec = _tokenizer_spec(hf_tokenizer.import_tokenizer(hf_dir, tmp, hf_config), tokenizer, tmp, hf_dir)
+    if spec is None:
+      log(f'note: {hf_dir} has no tokenizer (tokenizer.json, vocab.json + merges.txt or tokenizer.model): pass '
+          '--tokenizer to record one')
+    cfg.data.add_bos = _adds_bos(tmp, spec)
+    meta = make_metadata(cfg, spec, extra=dict(tokenizer=spec, params_only=True,
+                                               converted_from=os.path.abspath(hf_dir),
+                                               hf_architecture=fam.ARCHITECTURE))
+    config_lib.save(cfg, os.path.join(tmp, 'config.json'))
+    save_params(tmp, step, params, meta)
+    result = dict(params=params, model=m, family=fam)
+    if check is not None:
+      check(hf_dir, result)
+  path = os.path.join(os.path.abspath(out_workdir), 'checkpoints', str(step))
   seconds = time.perf_counter() - start
   log(f'wrote {path}: {fam.NAME} model, {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.2f}M params, '
-      f'{dtype}, {"scanned" if m.scan_layers else "unrolled"} layers, {seconds:.1f}s')
-  return dict(params=params, model=m, family=fam, path=path, seconds=seconds)
+      f'{dtype}, {"scanned" if m.scan_layers else "unrolled"} layers, context {m.max_seq_len}, {seconds:.1f}s')
+  return dict(result, path=path, seconds=seconds)
 
 
 # -- training checkpoint -> params-only ------------------------------------------------------------
@@ -265,9 +326,10 @@ def _save_run_config(source_path: str, cfg, out_path: str) -> None:
 
 
 def params_only(src: source.Source, out_workdir: str, dtype: str | None = None, scan_layers: bool | None = None,
-                mesh_spec: str | None = None, log=print) -> dict:
-  """Drop the optimizer state; optionally cast, change the layer layout or the sharding; save."""
+                mesh_spec: str | None = None, overwrite: bool = False, log=print) -> dict:
+  """Drop the optimizer state; optionally cast, change the layer layout or the sharding; save (a new workdir)."""
   start = time.perf_counter()
+  output.check_writable(out_workdir, overwrite)
   dtype = dtype or src.model.param_dtype
   mesh = source.mesh_of(mesh_spec)
   params = source.restore_params(src, mesh, dtype_of(dtype))
@@ -283,16 +345,16 @@ def params_only(src: source.Source, out_workdir: str, dtype: str | None = None, 
   tok = meta.get('tokenizer')
   meta.update(make_metadata(cfg, tok if tok is not None else src.tokenizer))
   meta.update(params_only=True, converted_from=f'{src.workdir}/checkpoints/{src.step}')
-  os.makedirs(out_workdir, exist_ok=True)
-  for name in ('tokenizer.model', hf_tokenizer.KEPT_DIR):  # files the metadata refers to
-    here = os.path.join(src.workdir, name)
-    there = os.path.join(out_workdir, name)
-    if os.path.isfile(here):
-      shutil.copyfile(here, there)
-    elif os.path.isdir(here) and not os.path.exists(there):
-      shutil.copytree(here, there)
-  _save_run_config(os.path.join(src.workdir, 'config.json'), cfg, os.path.join(out_workdir, 'config.json'))
-  path = save_params(out_workdir, src.step, params, meta)
+  with output.staged(out_workdir, overwrite, protect=(src.workdir,)) as tmp:
+    for name in ('tokenizer.model', hf_tokenizer.KEPT_DIR):  # files the metadata refers to
+      here = os.path.join(src.workdir, name)
+      if os.path.isfile(here):
+        shutil.copyfile(here, os.path.join(tmp, name))
+      elif os.path.isdir(here):
+        shutil.copytree(here, os.path.join(tmp, name))
+    _save_run_config(os.path.join(src.workdir, 'config.json'), cfg, os.path.join(tmp, 'config.json'))
+    save_params(tmp, src.step, params, meta)
+  path = os.path.join(os.path.abspath(out_workdir), 'checkpoints', str(src.step))
   seconds = time.perf_counter() - start
   log(f'wrote {path}: params only, {dtype}, {"scanned" if target.scan_layers else "unrolled"} layers, '
       f'mesh {"x".join(str(v) for v in mesh.shape.values())}, {seconds:.1f}s')

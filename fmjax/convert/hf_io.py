@@ -23,8 +23,26 @@ def read_config(hf_dir: str) -> dict:
   path = os.path.join(hf_dir, 'config.json')
   if not os.path.isfile(path):
     raise ConversionError(f'{hf_dir} has no config.json; pass a Hugging Face model directory')
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path, encoding='utf-8') as f:
+      record = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ConversionError(f'{path} is not valid JSON ({e.msg}, line {e.lineno}); fix or re-save it') from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise ConversionError(f'cannot read {path}: {getattr(e, "strerror", None) or e}') from None
+  if not isinstance(record, dict):
+    raise ConversionError(f'{path} is not a JSON object; expected a Hugging Face config.json')
+  return record
+
+
+def _open_safetensors(path: str):
+  """safe_open, with a damaged file (truncated, bad header) as one line naming it."""
+  try:
+    return safe_open(path, 'numpy')
+  except Exception as e:  # noqa: BLE001 - SafetensorError and OS errors alike
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConversionError(f'{path} cannot be read as safetensors ({reason}): the file is damaged or truncated; '
+                          'download it again') from None
 
 
 def _need_safetensors() -> None:
@@ -40,10 +58,13 @@ class SafetensorsReader:
     self.dir = hf_dir
     index = os.path.join(hf_dir, INDEX)
     if os.path.isfile(index):
-      with open(index) as f:
-        self.files = dict(json.load(f)['weight_map'])
+      try:
+        with open(index, encoding='utf-8') as f:
+          self.files = dict(json.load(f)['weight_map'])
+      except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise ConversionError(f'{index} is not a valid safetensors index (no weight_map); re-save the model') from None
     elif os.path.isfile(os.path.join(hf_dir, SINGLE)):
-      with safe_open(os.path.join(hf_dir, SINGLE), 'numpy') as f:
+      with _open_safetensors(os.path.join(hf_dir, SINGLE)) as f:
         self.files = {k: SINGLE for k in f.keys()}
     else:
       pickled = [n for n in os.listdir(hf_dir) if n.endswith(('.bin', '.pt', '.pth'))]
@@ -60,14 +81,20 @@ class SafetensorsReader:
       path = os.path.join(self.dir, file)
       if not os.path.isfile(path):
         raise ConversionError(f'{INDEX} names {file}, which is missing from {self.dir}')
-      self._open[file] = safe_open(path, 'numpy')
+      self._open[file] = _open_safetensors(path)
     return self._open[file]
 
   def shape(self, name: str) -> tuple:
     return tuple(self._handle(self.files[name]).get_slice(name).get_shape())
 
   def get(self, name: str) -> np.ndarray:
-    return self._handle(self.files[name]).get_tensor(name)
+    try:
+      return self._handle(self.files[name]).get_tensor(name)
+    except ConversionError:
+      raise
+    except Exception as e:  # noqa: BLE001 - a tensor whose bytes are missing (truncated file)
+      raise ConversionError(f'tensor {name} in {os.path.join(self.dir, self.files[name])} cannot be read '
+                            f'({str(e).strip().splitlines()[0]}): the file is damaged or truncated') from None
 
   def close(self) -> None:
     self._open.clear()

@@ -25,25 +25,67 @@ def head_dim(m) -> int:
   return m.head_dim or m.d_model // m.num_heads
 
 
+def _rope_parameters(m) -> dict:
+  """rope_parameters of config.json (transformers 5 form, rope_theta inside)."""
+  params = dict(rope_type='default' if m.rope_scaling == 'none' else m.rope_scaling, rope_theta=float(m.rope_theta))
+  if m.rope_scaling in ('linear', 'llama3'):
+    params['factor'] = float(m.rope_factor)
+  if m.rope_scaling == 'llama3':
+    params.update(low_freq_factor=float(m.rope_low_freq_factor), high_freq_factor=float(m.rope_high_freq_factor),
+                  original_max_position_embeddings=int(m.rope_original_max_len))
+  return params
+
+
 def to_hf_config(m) -> dict:
-  """The config.json of an fmjax model config."""
+  """The config.json of an fmjax model config (RoPE scaling in both the new and the legacy key, identical)."""
+  rope = _rope_parameters(m)
+  legacy = None if m.rope_scaling == 'none' else {k: v for k, v in rope.items() if k != 'rope_theta'}
   return dict(
       architectures=[ARCHITECTURE], model_type='llama', vocab_size=m.vocab_size, hidden_size=m.d_model,
       intermediate_size=m.mlp_dim, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
       num_key_value_heads=m.num_kv_heads or m.num_heads, head_dim=head_dim(m), hidden_act='silu',
       max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
-      rope_parameters=dict(rope_type='default', rope_theta=m.rope_theta), rope_scaling=None,
+      rope_parameters=rope, rope_scaling=legacy,
       tie_word_embeddings=bool(m.tie_embeddings), attention_bias=False, mlp_bias=False,
       attention_dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
-def _rope_theta(hf: dict) -> float:
-  params = hf.get('rope_parameters') or {}
-  scaling = hf.get('rope_scaling') or {}
-  kind = params.get('rope_type', 'default') if params else scaling.get('rope_type', scaling.get('type', 'default'))
-  if kind != 'default':
-    raise ConversionError(f'config.json: rope scaling {kind!r} is not supported by fmjax (only plain RoPE)')
-  return float(params.get('rope_theta', hf.get('rope_theta', 10000.0)))
+_ROPE_KEYS = ('rope_type', 'factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings')
+
+
+def _rope_options(hf: dict) -> dict:
+  """fmjax rope_* options from config.json's rope_parameters / legacy rope_scaling / rope_theta."""
+  params = dict(hf.get('rope_parameters') or {})
+  legacy = dict(hf.get('rope_scaling') or {})
+  for d in (params, legacy):
+    if 'type' in d and 'rope_type' not in d:
+      d['rope_type'] = d.pop('type')
+  if params and legacy:   # transformers would apply the legacy one: refuse a file whose two forms disagree
+    for key in _ROPE_KEYS:
+      if key in params and key in legacy and params[key] != legacy[key]:
+        raise ConversionError(f'config.json: rope_parameters.{key}={params[key]!r} contradicts rope_scaling.{key}='
+                              f'{legacy[key]!r}; fix the file so that both say the same')
+  theta = hf.get('rope_theta')
+  if theta is not None and 'rope_theta' in params and float(params['rope_theta']) != float(theta):
+    raise ConversionError(f'config.json: rope_parameters.rope_theta={params["rope_theta"]!r} contradicts '
+                          f'rope_theta={theta!r}; fix the file so that both say the same')
+  rope = {**params, **legacy}
+  kind = rope.get('rope_type', 'default')
+  out = dict(rope_theta=float(params.get('rope_theta', theta if theta is not None else 10000.0)),
+             rope_scaling='none' if kind == 'default' else kind)
+  if kind not in ('default', 'linear', 'llama3'):
+    raise ConversionError(f'config.json: rope scaling {kind!r} is not supported by fmjax (default, linear, llama3)')
+  def need(key):
+    if key not in rope:
+      raise ConversionError(f'config.json: rope scaling {kind!r} needs rope_parameters.{key}')
+    return float(rope[key])
+  if kind in ('linear', 'llama3'):
+    out['rope_factor'] = need('factor')
+  if kind == 'llama3':
+    out.update(rope_low_freq_factor=need('low_freq_factor'), rope_high_freq_factor=need('high_freq_factor'),
+               rope_original_max_len=int(rope.get('original_max_position_embeddings',
+                                                  hf.get('max_position_embeddings', 8192))))
+  return out
 
 
 def from_hf_config(hf: dict) -> dict:
@@ -60,8 +102,8 @@ def from_hf_config(hf: dict) -> dict:
   return dict(vocab_size=hf['vocab_size'], d_model=d, num_layers=hf['num_hidden_layers'], num_heads=h,
               num_kv_heads=hf.get('num_key_value_heads') or h, head_dim=0 if hd * h == d else hd,
               mlp_dim=hf['intermediate_size'], max_seq_len=n_pos, activation='swiglu', norm='rmsnorm',
-              norm_eps=float(hf.get('rms_norm_eps', 1e-6)), positions='rope', rope_theta=_rope_theta(hf),
-              use_bias=False, tie_embeddings=bool(hf.get('tie_word_embeddings', False)))
+              norm_eps=float(hf.get('rms_norm_eps', 1e-6)), positions='rope', use_bias=False,
+              tie_embeddings=bool(hf.get('tie_word_embeddings', False)), **_rope_options(hf))
 
 
 def rules(m) -> list:

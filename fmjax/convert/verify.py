@@ -46,8 +46,13 @@ def hf_logits(hf_dir: str, tokens, weights_dtype: str = 'float32') -> np.ndarray
     from transformers import AutoModelForCausalLM
   except ImportError:
     raise ConversionError('--verify needs torch and transformers: pip install "fmjax[hf]"') from None
-  model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, use_safetensors=True,
-                                               attn_implementation='eager')
+  import transformers  # pylint: disable=import-outside-toplevel
+  from fmjax.convert import hf_io  # pylint: disable=import-outside-toplevel
+  config = hf_io.read_config(hf_dir)
+  cls = AutoModelForCausalLM   # without model_type, the class `architectures` names (as fmjax read it)
+  if 'model_type' not in config and config.get('architectures'):
+    cls = getattr(transformers, config['architectures'][0], AutoModelForCausalLM)
+  model = cls.from_pretrained(hf_dir, dtype=torch.float32, use_safetensors=True, attn_implementation='eager')
   model.eval()
   with torch.no_grad():
     if weights_dtype == 'bfloat16':   # the reference gets the same bf16 weights (buffers such as RoPE stay fp32)

@@ -20,6 +20,8 @@ import grain
 import numpy as np
 
 from fmjax.data import batches as batches_lib
+from fmjax.data import formats
+from fmjax.data import mixture as mixture_lib
 from fmjax.data.builders import open_split
 from fmjax.data.errors import DataError
 from fmjax.data.packing import PackIterDataset
@@ -72,21 +74,55 @@ class PadRow:
     return batches_lib.pad_row(element['tokens'], self.length, self.pad_id)
 
 
-def _open(data_cfg, split: str):
+def _open(data_cfg, split: str, what: str = ''):
   source = open_split(data_cfg, split)
   if len(source) == 0:
-    raise DataError(f'split {split!r} of data.source={data_cfg.source!r} is empty: '
-                    'add documents (or raise data.validation_fraction for the eval split)')
+    what = what or f'data.source={data_cfg.source!r}'
+    if split == data_cfg.eval_split:
+      raise DataError(f'the eval split {split!r} of {what} is empty: give validation files with '
+                      'data.eval_files=GLOB, or raise data.validation_fraction (or set eval_every=0)')
+    raise DataError(f'split {split!r} of {what} is empty: add documents'
+                    + (' or lower data.validation_fraction' if split == data_cfg.train_split else ''))
   return source
+
+
+def _eval_documents(data_cfg) -> grain.MapDataset:
+  """The eval split's documents: of data.source, or of the mixture's sources (mixed by weight)."""
+  split = data_cfg.eval_split
+  if not data_cfg.get('mixture'):
+    return grain.MapDataset.source(_open(data_cfg, split))
+  if data_cfg.get('eval_files'):
+    cfg = data_cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+      kind = formats.kind_of(data_cfg.eval_files)
+      cfg.update(dict(mixture='', source=kind, files=data_cfg.eval_files, eval_files='', validation_fraction=0.0))
+    return grain.MapDataset.source(_open(cfg, cfg.train_split, 'data.eval_files'))
+  parts, weights = [], []
+  for src in mixture_lib.parse(data_cfg.mixture):
+    docs = open_split(mixture_lib.source_config(data_cfg, src), split)
+    if len(docs):
+      parts.append(grain.MapDataset.source(docs))
+      weights.append(src.weight)
+  if not parts:
+    raise DataError(f'the eval split {split!r} of every data.mixture source is empty: give validation files with '
+                    'data.eval_files=GLOB, or raise data.validation_fraction (or set eval_every=0)')
+  return grain.MapDataset.mix(parts, weights) if len(parts) > 1 else parts[0]
+
+
+def check_eval_split(data_cfg) -> None:
+  """Raise the one-line DataError that evaluation would, before anything is compiled."""
+  _eval_documents(data_cfg)
 
 
 def _shard(source, split: str, process_index: int, process_count: int) -> grain.MapDataset:
   """Process i reads documents i, i+n, i+2n, ... of the split."""
   if not 0 <= process_index < process_count:
     raise DataError(f'process_index={process_index} must be in [0, process_count={process_count})')
-  docs = grain.MapDataset.source(source)[process_index::process_count]
+  docs = source if isinstance(source, grain.MapDataset) else grain.MapDataset.source(source)
+  n = len(docs)
+  docs = docs[process_index::process_count]
   if len(docs) == 0:
-    raise DataError(f'split {split!r} has {len(source)} documents, fewer than process_count={process_count}: '
+    raise DataError(f'split {split!r} has {n} documents, fewer than process_count={process_count}: '
                     'each process needs at least one')
   return docs
 
@@ -112,11 +148,12 @@ def _mark_absl_flags_parsed() -> None:
 
 
 def make_train_iterator(data_cfg, tokenizer, *, seq_len: int, batch_size: int, seed: int,
-                        process_index: int = 0, process_count: int = 1) -> StreamSetIterator:
+                        process_index: int = 0, process_count: int = 1):
   """An endless iterator of this process's train batches [batch_size, seq_len] (see batches.py).
 
   The split is read as `data_cfg.num_streams` document streams (0 = one per process), each
-  filling a fixed block of rows of the global batch (see stream_set.py). With
+  filling a fixed block of rows of the global batch (see stream_set.py); with data.mixture, each
+  stream reads every source and the rows' sources follow fmjax.data.mixture. With
   data_cfg.worker_count > 0 the calling script needs an `if __name__ == '__main__':` guard
   (workers are started processes); close the iterator (`it.close()`) to stop them early.
   """
@@ -124,15 +161,32 @@ def make_train_iterator(data_cfg, tokenizer, *, seq_len: int, batch_size: int, s
     raise DataError(f'batch_size={batch_size} must be positive')
   num_streams = data_cfg.get('num_streams', 0) or process_count
   streams = owned_streams(num_streams, process_index, process_count)
+  if data_cfg.get('mixture'):
+    return _mixture_iterator(data_cfg, tokenizer, streams, num_streams, seq_len=seq_len, batch_size=batch_size,
+                             seed=seed, process_count=process_count)
   source = _open(data_cfg, data_cfg.train_split)
-  make = lambda s, rows: _stream_iterator(data_cfg, tokenizer, source, s, num_streams, seq_len=seq_len,
-                                          batch_size=rows, seed=seed)
+  make = lambda s, rows: iter(_stream_rows(data_cfg, tokenizer, source, s, num_streams, seq_len=seq_len, seed=seed)
+                              .batch(rows, drop_remainder=True).map(batches_lib.model_batch))
   return StreamSetIterator(make, streams, num_streams, batch_size)
 
 
-def _stream_iterator(data_cfg, tokenizer, source, stream: int, num_streams: int, *, seq_len: int,
-                     batch_size: int, seed: int) -> grain.DatasetIterator:
-  """Batches of one document stream (documents stream, stream + num_streams, ...)."""
+def _mixture_iterator(data_cfg, tokenizer, streams: range, num_streams: int, *, seq_len: int, batch_size: int,
+                      seed: int, process_count: int) -> mixture_lib.MixtureIterator:
+  sources = mixture_lib.parse(data_cfg.mixture)
+  cfgs = {src.name: mixture_lib.source_config(data_cfg, src) for src in sources}
+  docs = {name: _open(cfg, cfg.train_split, f'mixture source {name!r}') for name, cfg in cfgs.items()}
+
+  def make_rows(stream: int, src: mixture_lib.Source):
+    source_seed = seed + int.from_bytes(src.name.encode()[:4].ljust(4, b'\0'), 'big')
+    return iter(_stream_rows(cfgs[src.name], tokenizer, docs[src.name], stream, num_streams, seq_len=seq_len,
+                             seed=source_seed))
+
+  return mixture_lib.MixtureIterator(make_rows, sources, streams, num_streams, batch_size, process_count, seed)
+
+
+def _stream_rows(data_cfg, tokenizer, source, stream: int, num_streams: int, *, seq_len: int,
+                 seed: int) -> grain.IterDataset:
+  """Rows of one document stream (documents stream, stream + num_streams, ...)."""
   docs = _shard(source, data_cfg.train_split, stream, num_streams)
   ds = docs.shuffle(seed % 2**32).repeat(None).map(Tokenize(tokenizer, data_cfg.add_bos, data_cfg.add_eos))
   tokens = ds.to_iter_dataset(_READ_OPTIONS)
@@ -142,8 +196,7 @@ def _stream_iterator(data_cfg, tokenizer, source, stream: int, num_streams: int,
         num_workers=data_cfg.worker_count, per_worker_buffer_size=16))
   tokens = CountedStream(tokens, data_cfg.worker_count)  # state independent of worker_count
   tokens = tokens.filter(NonEmpty(len(docs), f'split {data_cfg.train_split!r}'))
-  rows = _rows(tokens, seq_len=seq_len, packing=data_cfg.packing, pad_id=tokenizer.pad_id)
-  return iter(rows.batch(batch_size, drop_remainder=True).map(batches_lib.model_batch))
+  return _rows(tokens, seq_len=seq_len, packing=data_cfg.packing, pad_id=tokenizer.pad_id)
 
 
 def _eval_rows(data_cfg, tokenizer, docs: grain.MapDataset, seq_len: int) -> grain.IterDataset:
@@ -164,7 +217,7 @@ def make_eval_batches(data_cfg, tokenizer, *, seq_len: int, batch_size: int, num
     raise DataError(f'eval batch_size={batch_size} and num_batches={num_batches} must be positive')
   split = data_cfg.eval_split
   limit = num_batches * batch_size
-  source = _open(data_cfg, split)
+  source = _eval_documents(data_cfg)
   own, counts = [], []
   for shard in range(process_count):
     docs = _shard(source, split, shard, process_count)

@@ -1,4 +1,5 @@
-"""Tokenizers: bytes (ByT5-style), characters (nanoGPT-style) or a SentencePiece model.
+"""Tokenizers: bytes (ByT5-style), characters (nanoGPT-style), a SentencePiece model or a Hugging Face
+tokenizer.json (HFTokenizer, through the `tokenizers` library).
 
 All round-trip text exactly. Bytes and SentencePiece share the special ids pad=0, bos=1, eos=2
 (SentencePiece models trained here also fix unk=3). A char tokenizer numbers the sorted
@@ -33,6 +34,8 @@ class ByteTokenizer:
   offset = 3
   vocab_size = 256 + offset
   pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
+  # Encoder specials: [CLS] = bos, [SEP] = eos, [MASK] = byte 0xFF, which no UTF-8 text holds.
+  cls_id, sep_id, mask_id = BOS_ID, EOS_ID, 0xFF + offset
   spec = 'byte'
   path = None
 
@@ -76,6 +79,13 @@ class SentencePieceTokenizer:
     self.pad_id, self.bos_id, self.eos_id = self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id()
     if self.pad_id < 0:
       raise DataError(f'{self.path} defines no pad piece: train it with fmjax (tools/train_tokenizer.py)')
+    # Encoder specials: [CLS] = bos, [SEP] = eos; [MASK] = a '[MASK]' or '<mask>' piece if the model
+    # has one, else unk (byte fallback: no text encodes to unk), else None (no MLM).
+    self.cls_id, self.sep_id = self.bos_id, self.eos_id
+    self.mask_id = next((self._sp.PieceToId(p) for p in ('[MASK]', '<mask>')
+                         if self._sp.PieceToId(p) != self._sp.unk_id()), None)
+    if self.mask_id is None and self._sp.unk_id() >= 0 and self._sp.IsByte(self._sp.PieceToId('<0x00>')):
+      self.mask_id = self._sp.unk_id()
 
   def __getstate__(self):
     return {'path': self.path, 'proto': self._proto}
@@ -158,7 +168,128 @@ class CharTokenizer:
     return f'CharTokenizer({self.path!r}, vocab_size={self.vocab_size})'
 
 
-Tokenizer = ByteTokenizer | SentencePieceTokenizer | CharTokenizer
+HF_DIR = 'hf_tokenizer'      # where a workdir keeps a Hugging Face tokenizer's files
+HF_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'vocab.json',
+                      'merges.txt', 'tokenizer.model', 'added_tokens.json')
+_HF_SPECIAL_GUESSES = {'bos': ('<|begin_of_text|>', '<s>', '<|endoftext|>', '<bos>', '[CLS]'),
+                       'eos': ('<|end_of_text|>', '</s>', '<|endoftext|>', '<eos>', '[SEP]'),
+                       'pad': ('<pad>', '<|pad|>', '[PAD]'),
+                       'cls': ('[CLS]', '<s>'), 'sep': ('[SEP]', '</s>'), 'mask': ('[MASK]', '<mask>')}
+
+
+def _token_content(value) -> str | None:
+  """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+  if isinstance(value, dict):
+    value = value.get('content')
+  return value if isinstance(value, str) else None
+
+
+def _hf_special_names(directory: str) -> dict:
+  """bos/eos/pad/cls/sep/mask token strings from tokenizer_config.json or special_tokens_map.json beside
+  tokenizer.json."""
+  names = {}
+  for file in ('special_tokens_map.json', 'tokenizer_config.json'):   # the later file wins
+    path = os.path.join(directory, file)
+    if not os.path.isfile(path):
+      continue
+    try:
+      record = json.loads(documents.read_utf8(path, 'tokenizer config'))
+    except json.JSONDecodeError as e:
+      raise DataError(f'{path} is not valid JSON ({e.msg}, line {e.lineno})') from None
+    for kind in _HF_SPECIAL_GUESSES:
+      name = _token_content(record.get(f'{kind}_token'))
+      if name:
+        names[kind] = name
+  return names
+
+
+class HFTokenizer:
+  """A Hugging Face `tokenizer.json` (the `tokenizers` library: GPT-2 byte-level BPE, Llama 3, Mistral, ...).
+
+  Special tokens come from tokenizer_config.json / special_tokens_map.json beside the file, else from
+  well-known names (<|begin_of_text|>, <s>, <|endoftext|>, ...); pad falls back to eos. Text is encoded
+  without the tokenizer's own special tokens (fmjax adds bos/eos as data.add_bos/add_eos say).
+  """
+
+  kind = 'hf'
+
+  def __init__(self, path: str):
+    self.spec = self.path = path
+    self._load(documents.read_utf8(path, 'tokenizer'), _hf_special_names(os.path.dirname(os.path.abspath(path))))
+
+  def _load(self, text: str, names: dict) -> None:
+    try:
+      from tokenizers import Tokenizer as HFBackend  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise DataError(f'{self.path} is a Hugging Face tokenizer.json: pip install "fmjax[hf]" (tokenizers)') from None
+    self._json, self._names = text, dict(names)
+    try:
+      self._tok = HFBackend.from_str(text)
+    except Exception as e:  # noqa: BLE001 - the library's parse errors become one line
+      raise DataError(f'{self.path} is not a Hugging Face tokenizer.json: {str(e).splitlines()[0]}') from None
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    ids = {}
+    for kind in _HF_SPECIAL_GUESSES:
+      candidates = ([names[kind]] if kind in names else []) + list(_HF_SPECIAL_GUESSES[kind])
+      ids[kind] = next((i for i in map(self._tok.token_to_id, candidates) if i is not None), None)
+    if ids['eos'] is None:
+      raise DataError(f'{self.path}: no end-of-text token found; name it as eos_token in a tokenizer_config.json '
+                      'beside it')
+    self.bos_id = ids['bos'] if ids['bos'] is not None else ids['eos']
+    self.eos_id = ids['eos']
+    self.pad_id = ids['pad'] if ids['pad'] is not None else ids['eos']
+    # Encoder specials ([CLS]/[SEP]/[MASK] or <s>/</s>/<mask>); cls/sep fall back to bos/eos, mask to None.
+    self.cls_id = ids['cls'] if ids['cls'] is not None else self.bos_id
+    self.sep_id = ids['sep'] if ids['sep'] is not None else self.eos_id
+    self.mask_id = ids['mask']
+    self.special_tokens = {k: self._tok.id_to_token(getattr(self, f'{k}_id')) for k in ('bos', 'eos', 'pad')}
+
+  def __getstate__(self):
+    return {'path': self.path, 'json': self._json, 'names': self._names}
+
+  def __setstate__(self, state):
+    self.spec = self.path = state['path']
+    self._load(state['json'], state['names'])
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+  def encode_with_specials(self, text: str) -> list[int]:
+    """Ids as the Hugging Face tokenizer gives them by default (its post-processor may add bos/eos)."""
+    return self._tok.encode(text, add_special_tokens=True).ids
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=False)
+
+  def token_byte_lengths(self) -> np.ndarray:
+    """UTF-8 bytes per id: byte-level vocabularies count one byte per character; SentencePiece-style
+    ones count '\u2581' as a space and <0xNN> as one byte; special tokens count 0."""
+    record = json.loads(self._json)
+    byte_level = 'ByteLevel' in json.dumps(record.get('decoder'))
+    prefix = (record.get('model') or {}).get('continuing_subword_prefix') or ''   # WordPiece: '##'
+    special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+    lengths = np.zeros(self.vocab_size, dtype=np.int32)
+    for i in range(self.vocab_size):
+      piece = self._tok.id_to_token(i)
+      if piece is None:
+        continue
+      if not byte_level and len(piece) == 6 and piece.startswith('<0x') and piece.endswith('>'):
+        lengths[i] = 1    # a byte-fallback piece (whether or not it is listed as special)
+      elif i in special:
+        continue
+      elif byte_level:
+        lengths[i] = len(piece)
+      else:
+        if prefix and piece.startswith(prefix):
+          piece = piece[len(prefix):]
+        lengths[i] = len(piece.replace('\u2581', ' ').encode('utf-8'))
+    return lengths
+
+  def __repr__(self) -> str:
+    return f'HFTokenizer({self.path!r}, vocab_size={self.vocab_size})'
+
+
+Tokenizer = ByteTokenizer | SentencePieceTokenizer | CharTokenizer | HFTokenizer
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
@@ -175,7 +306,10 @@ def load_tokenizer(spec: str) -> Tokenizer:
   except OSError as e:
     raise DataError(f'cannot read tokenizer {path}: {e.strerror}') from None
   if head.startswith(b'{'):
-    return CharTokenizer.from_file(path, documents.read_utf8(path, 'tokenizer'))
+    text = documents.read_utf8(path, 'tokenizer')
+    if '"kind"' not in text[:200] and '"model"' in text:   # a Hugging Face tokenizer.json
+      return HFTokenizer(path)
+    return CharTokenizer.from_file(path, text)
   return SentencePieceTokenizer(path)
 
 
@@ -197,11 +331,29 @@ def place_in_workdir(tokenizer: Tokenizer, workdir: str) -> str:
   if tokenizer.path is None:
     return tokenizer.spec
   import jax  # pylint: disable=import-outside-toplevel
+  if isinstance(tokenizer, HFTokenizer):   # tokenizer.json with its config files, in hf_tokenizer/
+    target = os.path.join(workdir, HF_DIR)
+    if jax.process_index() == 0 and os.path.abspath(tokenizer.path) != os.path.abspath(os.path.join(target,
+                                                                                                  'tokenizer.json')):
+      copy_hf_tokenizer_files(os.path.dirname(os.path.abspath(tokenizer.path)), target)
+      shutil.copyfile(tokenizer.path, os.path.join(target, 'tokenizer.json'))
+    return f'{HF_DIR}/tokenizer.json'
   name = 'tokenizer.model'
   target = os.path.join(workdir, name)
   if jax.process_index() == 0 and os.path.abspath(tokenizer.path) != os.path.abspath(target):
     shutil.copyfile(tokenizer.path, target)
   return name
+
+
+def copy_hf_tokenizer_files(source_dir: str, target_dir: str) -> list[str]:
+  """Copy the Hugging Face tokenizer files of `source_dir` (tokenizer.json, configs, vocab) to `target_dir`."""
+  if os.path.abspath(source_dir) == os.path.abspath(target_dir):
+    return []
+  present = [n for n in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(source_dir, n))]
+  os.makedirs(target_dir, exist_ok=True)
+  for name in present:
+    shutil.copyfile(os.path.join(source_dir, name), os.path.join(target_dir, name))
+  return present
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:

@@ -54,8 +54,13 @@ def check_config(cfg) -> None:
     raise config_lib.ConfigError(f'finetune.lora_rank={ft.lora_rank} must be >= 0')
 
 
-def finetune(cfg) -> dict:
-  """Fine-tune per `cfg` (resolved); returns {'report', 'best', 'history', 'state', 'last_step'}."""
+def finetune(cfg, overrides: Sequence[str] | None = None) -> dict:
+  """Fine-tune per `cfg` (resolved); returns {'report', 'best', 'history', 'state', 'last_step'}.
+
+  With finetune.init_from the model section is the checkpoint's (restore.adopt_model): `overrides` are
+  the command line's items, and a `model.KEY=VALUE` among them that contradicts the checkpoint is refused;
+  with None (a call from Python) every field of cfg.model must agree with the checkpoint.
+  """
 
   check_config(cfg)
   ft, workdir = cfg.finetune, cfg.workdir
@@ -63,6 +68,17 @@ def finetune(cfg) -> dict:
     lock = workdir_lock.lock_for_run(workdir, cfg.force_unlock)   # before anything in the workdir changes
     if lock is not None:
       cleanup.callback(lock.release)
+    source = meta = None
+    if ft.init_from:   # the pretrained checkpoint defines the model: read it before anything else
+      source, source_step, pretrain_workdir = restore.locate_checkpoint(ft.init_from)
+      cleanup.callback(source.close)
+      meta = source.read_metadata(source_step)
+      where = f'{source.directory}/{source_step}'
+      explicit = set(cfg.model.keys()) if overrides is None else restore.explicit_model_keys(overrides)
+      cfg.model = restore.adopt_model(cfg.model, meta, explicit, where)
+      config_lib.validate(cfg)
+      check_config(cfg)
+      checkpoint.check_compatible(meta, cfg.model, where)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.keep_checkpoints, cfg.async_checkpoints)
     cleanup.callback(ckpt.close)
     latest = ckpt.latest_step()
@@ -71,13 +87,12 @@ def finetune(cfg) -> dict:
     changes = resume.resume_changes(workdir, cfg, latest is not None, finetune=True)
     if distributed.is_leader():
       config_lib.save(cfg, os.path.join(workdir, 'config.json'))
-    source = meta = None
     if ft.init_from:
-      source, source_step, pretrain_workdir = restore.locate_checkpoint(ft.init_from)
-      cleanup.callback(source.close)
-      meta = source.read_metadata(source_step)
-      checkpoint.check_compatible(meta, cfg.model, f'{source.directory}/{source_step}')
-      tokenizer = restore.load_tokenizer(pretrain_workdir, meta.get('tokenizer', 'byte'))
+      spec = meta.get('tokenizer', 'byte')
+      if not spec:
+        raise checkpoint.CheckpointError(f'{where} records no tokenizer: import the model again with one '
+                                         '(fmjax-convert from-hf --tokenizer byte|FILE)')
+      tokenizer = restore.load_tokenizer(pretrain_workdir, spec)
     else:
       tokenizer = tokenizers.load_tokenizer(cfg.data.tokenizer)
     tokenizers.check_vocab(tokenizer, cfg.model.vocab_size)
@@ -132,7 +147,7 @@ def finetune(cfg) -> dict:
           'last_step': result.last_step}
 
 
-def demo(cfg) -> dict:
+def demo(cfg, overrides: Sequence[str] | None = None) -> dict:
   """Fine-tune the same task from cfg.finetune.init_from and from random initialisation; print both."""
   if not cfg.finetune.init_from:
     raise config_lib.ConfigError('--demo needs --config.init_from=PRETRAIN_WORKDIR (pretrain one with: python -m '
@@ -143,7 +158,7 @@ def demo(cfg) -> dict:
     c.finetune.init_from = init
     c.workdir = os.path.join(cfg.workdir, name.replace(' ', '_'))
     print(f'== fine-tuning from {name} ({c.workdir})', flush=True)
-    reports[name] = finetune(c)['report']
+    reports[name] = finetune(c, overrides)['report']
   text = task_metrics.table(reports)
   print(f'\nstdlib package classification, eval split, step {cfg.steps}:\n{text}', flush=True)
   with open(os.path.join(cfg.workdir, 'demo.json'), 'w') as f:
@@ -166,9 +181,9 @@ def _finetune_command(argv: Sequence[str]) -> int:
   check_config(cfg)
   cli.start_run(cfg)
   if args.demo:
-    demo(cfg)
+    demo(cfg, overrides)
   else:
-    finetune(cfg)
+    finetune(cfg, overrides)
   return 0
 
 

@@ -162,7 +162,7 @@ def fused_projections(x, projections: Sequence[Projection], dtype: Dtype):
 
 
 class MLP(nn.Module):
-  """Feed-forward block: SwiGLU (gate * up -> down) or GELU (up -> down)."""
+  """Feed-forward block: SwiGLU (gate * up -> down) or GELU, tanh or erf (up -> down)."""
   cfg: Any
 
   @nn.compact
@@ -176,8 +176,8 @@ class MLP(nn.Module):
       gate, lin = fused_projections(x, [up('wi_0', weights_only=True), up('wi_1', weights_only=True)],
                                     kw['dtype'])
       h = nn.silu(gate) * lin
-    else:
-      h = nn.gelu(up('wi')(x), approximate=True)
+    else:  # gelu: tanh approximation (GPT-2); gelu_exact: erf (BERT)
+      h = nn.gelu(up('wi')(x), approximate=cfg.activation != 'gelu_exact')
     h = checkpoint_name(h, 'mlp_hidden')
     h = nn.with_logical_constraint(h, ('batch', 'activation_length', 'activation_mlp'))
     out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
@@ -185,15 +185,49 @@ class MLP(nn.Module):
                       lora=lora_spec(cfg, 'wo'), **{**kw, 'init_std': out_std})(h)
 
 
-def rope_frequencies(head_dim: int, theta: float) -> jnp.ndarray:
-  """Inverse frequencies theta^(-2i/d), i < d/2 (fp32)."""
-  return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """RoPE frequency scaling as Hugging Face applies it: 'linear' divides every frequency by `factor`;
+  'llama3' (Llama 3.1+) divides only the low frequencies (wavelength > original_max_len / low_freq_factor),
+  keeps the high ones (< original_max_len / high_freq_factor) and interpolates in between."""
+  kind: str
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_len: int = 8192
 
 
-def apply_rope(x, positions, theta: float):
+def rope_scaling(cfg) -> RopeScaling | None:
+  """The RoPE scaling of a model config (model.rope_scaling and its rope_* fields), or None."""
+  kind = cfg.get('rope_scaling', 'none') if hasattr(cfg, 'get') else 'none'
+  if kind in (None, 'none'):
+    return None
+  return RopeScaling(kind, float(cfg.rope_factor), float(cfg.rope_low_freq_factor), float(cfg.rope_high_freq_factor),
+                     int(cfg.rope_original_max_len))
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> jnp.ndarray:
+  """Inverse frequencies theta^(-2i/d), i < d/2 (fp32), scaled by `scaling` when given."""
+  inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if scaling is None:
+    return inv
+  if scaling.kind == 'linear':
+    return inv / scaling.factor
+  if scaling.kind != 'llama3':
+    raise ValueError(f'unknown RoPE scaling {scaling.kind!r}')
+  old = scaling.original_max_len
+  wavelen = 2 * math.pi / inv
+  scaled = jnp.where(wavelen > old / scaling.low_freq_factor, inv / scaling.factor, inv)
+  smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  medium = (wavelen >= old / scaling.high_freq_factor) & (wavelen <= old / scaling.low_freq_factor)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x, positions, theta: float, scaling: RopeScaling | None = None):
   """Rotary embedding, half-split layout (as Hugging Face LLaMA). x: (B, T, H, D); positions: (B, T)."""
   d = x.shape[-1]
-  angles = positions[..., None].astype(jnp.float32) * rope_frequencies(d, theta)  # (B, T, D/2)
+  angles = positions[..., None].astype(jnp.float32) * rope_frequencies(d, theta, scaling)  # (B, T, D/2)
   sin = jnp.sin(angles)[:, :, None, :]
   cos = jnp.cos(angles)[:, :, None, :]
   x32 = x.astype(jnp.float32)

@@ -1,31 +1,43 @@
 #!/usr/bin/env bash
-# Run one command on every worker of a TPU VM slice (JAX multi-controller).
+# Run one command on every worker of a TPU VM slice (JAX multi-controller), detached.
 #
 # Usage: launch/tpu/run.sh [flags] -- <command ...>
+#        launch/tpu/run.sh [flags] --attach | --stop
 #   e.g. launch/tpu/run.sh --name my-tpu --zone us-east5-a -- \
-#          python3 -m fmjax.train --config configs/default.py --workdir gs://bucket/run1
+#          python -m fmjax.train --config configs/llama_1b.py --workdir gs://bucket/run1
 #
 #   --name NAME          TPU VM name                  (env TPU_NAME, required)
 #   --zone ZONE          GCP zone                     (env ZONE, required)
 #   --project PROJECT    GCP project                  (env PROJECT; default: gcloud config)
 #   --num-workers N      number of TPU VM hosts       (env NUM_WORKERS; default: derived
-#                        from --accelerator-type / ACCELERATOR_TYPE, e.g. v5p-32 -> 4)
-#   --accelerator-type T e.g. v5p-32, v6e-16          (env ACCELERATOR_TYPE)
+#                        from --accelerator-type / ACCELERATOR_TYPE, e.g. v5p-32 -> 4,
+#                        v5litepod-16 -> 4)
+#   --accelerator-type T e.g. v5p-32, v6e-16, v5litepod-8 (env ACCELERATOR_TYPE)
 #   --remote-dir DIR     dir the command runs in on the workers, relative to $HOME
-#                        (env REMOTE_DIR; default fmjax, where setup.sh put the code)
+#                        (env REMOTE_DIR; default fmjax, where setup.sh put the code and .venv)
 #   --log-dir DIR        local log dir                (env LOG_DIR; default logs/NAME)
-#   --no-kill            do not kill stale training processes first
+#   --internal-ip        ssh to the workers' internal IPs (from a VM in the same VPC)
+#   --tunnel-through-iap ssh through Identity-Aware Proxy (workers without external IPs)
+#   --no-kill            do not free the TPU from stale processes first
+#   --attach             stream the logs of the run already started (after a closed terminal)
+#   --stop               stop the run on every worker (SIGTERM: fmjax saves a checkpoint and exits)
 #   --dry-run            print the commands instead of running them
 #   -h, --help           show this help
 #
-# First, on all workers: kill stale fmjax training processes (pkill -f
-# 'fmjax.train' / 'fmjax-train') and remove /tmp/libtpu_lockfile, which a killed
-# run leaves behind and which makes the next one fail with "TPU in use".
-# Then one `gcloud compute tpus tpu-vm ssh --worker=I` per worker, in parallel,
-# each streaming its output into LOG_DIR/worker-I.log. Waits for all of them and
-# exits non-zero if any worker failed. Ctrl-C stops the local ssh sessions (the
-# next run.sh kills whatever is left on the workers). The run lives as long as
-# this script: start it from tmux/screen or a small VM for long jobs.
+# 1. Free the TPU on every worker: the processes holding its device files
+#    (`lsof /dev/accel* /dev/vfio/*`: whatever program they are) get SIGTERM, and
+#    SIGKILL after 30 s; then /tmp/libtpu_lockfile, which a killed run leaves
+#    behind ("TPU in use"), is removed.
+# 2. Start the command on every worker, detached from ssh (setsid nohup, in the
+#    venv that setup.sh made): closing this terminal, Ctrl-C or a dropped
+#    connection leaves the run going. Its output goes to ~/fmjax-run/log on each
+#    worker; its exit code to ~/fmjax-run/rc.
+# 3. Stream each worker's log into LOG_DIR/worker-I.log (tail -F over ssh) until
+#    its process ends. When a worker fails, every worker is stopped (--stop) and
+#    run.sh exits 1 naming it. Ctrl-C detaches; --attach streams again.
+
+# The remote snippets below are single-quoted on purpose: they expand on the workers.
+# shellcheck disable=SC2016
 set -euo pipefail
 
 # shellcheck source=SCRIPTDIR/../lib.sh
@@ -37,6 +49,8 @@ ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-}
 REMOTE_DIR=${REMOTE_DIR:-fmjax}
 LOG_DIR=${LOG_DIR:-}
 KILL=1
+MODE=start
+SSH_OPTS=()
 CMD=()
 
 split_eq "$@"
@@ -48,7 +62,10 @@ while [[ $# -gt 0 ]]; do
     --accelerator-type) need_value "$1" $#; ACCELERATOR_TYPE=$2; shift 2 ;;
     --remote-dir) need_value "$1" $#; REMOTE_DIR=$2; shift 2 ;;
     --log-dir) need_value "$1" $#; LOG_DIR=$2; shift 2 ;;
+    --internal-ip|--tunnel-through-iap) SSH_OPTS+=("$1"); shift ;;
     --no-kill) KILL=0; shift ;;
+    --attach) MODE=attach; shift ;;
+    --stop) MODE=stop; shift ;;
     --) shift; CMD=("$@"); break ;;
     *)
       tpu_common_flag "$@" || die "unknown flag: $1 (see --help)"
@@ -57,7 +74,11 @@ while [[ $# -gt 0 ]]; do
 done
 
 tpu_check_common
-[[ ${#CMD[@]} -gt 0 ]] || die "missing command: run.sh [flags] -- <command ...>"
+if [[ $MODE == start ]]; then
+  [[ ${#CMD[@]} -gt 0 ]] || die "missing command: run.sh [flags] -- <command ...>"
+elif [[ ${#CMD[@]} -gt 0 ]]; then
+  die "--$MODE takes no command"
+fi
 if [[ -z $NUM_WORKERS ]]; then
   require "$ACCELERATOR_TYPE" "worker count: pass --num-workers (or set NUM_WORKERS) or --accelerator-type (or set ACCELERATOR_TYPE)"
   NUM_WORKERS=$(tpu_workers "$ACCELERATOR_TYPE") ||
@@ -66,33 +87,53 @@ fi
 [[ $NUM_WORKERS =~ ^[1-9][0-9]*$ ]] || die "--num-workers must be a positive integer, got '$NUM_WORKERS'"
 [[ -n $LOG_DIR ]] || LOG_DIR="logs/$TPU_NAME"
 
-SSH=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${GFLAGS[@]}")
+SSH=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${GFLAGS[@]}" ${SSH_OPTS[@]+"${SSH_OPTS[@]}"})
+RUN_DIR='$HOME/fmjax-run'   # expanded on the workers
 
-if [[ $KILL == 1 ]]; then
-  # The [f] keeps pkill from matching the remote shell running this very command.
-  run "${SSH[@]}" --worker=all --command \
-    "pkill -9 -f '[f]mjax[.-]train' || true; sudo rm -f /tmp/libtpu_lockfile"
+HOLDERS='pids=$(sudo lsof -t /dev/accel* /dev/vfio/[0-9]* 2>/dev/null | sort -u | tr "\n" " ")'
+FREE="$HOLDERS; if [ -n \"\$pids\" ]; then echo \"freeing the TPU from pids \$pids\"; sudo kill -TERM \$pids;"
+FREE+=' for _ in $(seq 30); do sudo kill -0 $pids 2>/dev/null || break; sleep 1; done;'
+FREE+=' sudo kill -KILL $pids 2>/dev/null || true; fi; sudo rm -f /tmp/libtpu_lockfile'
+STOP="if [ -f $RUN_DIR/pid ]; then p=\$(cat $RUN_DIR/pid); kill -TERM -- -\$p 2>/dev/null || true;"
+STOP+=' for _ in $(seq 60); do kill -0 -- -$p 2>/dev/null || break; sleep 1; done;'
+STOP+=' kill -KILL -- -$p 2>/dev/null || true; fi'
+# Follow the log until the run's process ends, then exit with its exit code.
+FOLLOW="tail -n +1 -F --pid=\$(cat $RUN_DIR/pid) $RUN_DIR/log 2>/dev/null; exit \$(cat $RUN_DIR/rc 2>/dev/null || echo 255)"
+
+stop_all() {
+  run "${SSH[@]}" --worker=all --command "$STOP"
+}
+
+if [[ $MODE == stop ]]; then
+  stop_all
+  exit 0
 fi
 
-quote "$REMOTE_DIR"
-DIR=$QUOTED
-join_quoted "${CMD[@]}"
-REMOTE="cd $DIR && $JOINED"
+if [[ $MODE == start ]]; then
+  if [[ $KILL == 1 ]]; then
+    run "${SSH[@]}" --worker=all --command "$FREE"
+  fi
+  quote "$REMOTE_DIR"
+  DIR=$QUOTED
+  join_quoted "${CMD[@]}"
+  # The wrapper outlives a --stop (SIGTERM to the whole process group) to record the exit code.
+  quote "trap : TERM; cd $DIR && . .venv/bin/activate && $JOINED; echo \$? > $RUN_DIR/rc"
+  START="mkdir -p $RUN_DIR && rm -f $RUN_DIR/rc && (setsid nohup bash -c $QUOTED"
+  START+=" > $RUN_DIR/log 2>&1 < /dev/null & echo \$! > $RUN_DIR/pid)"
+  run "${SSH[@]}" --worker=all --command "$START"
+fi
 
 run mkdir -p "$LOG_DIR"
 PIDS=()
-if [[ $DRY_RUN != 1 ]]; then
-  trap 'kill ${PIDS[@]+"${PIDS[@]}"} 2>/dev/null; exit 130' INT TERM
-fi
 for (( i = 0; i < NUM_WORKERS; i++ )); do
   LOG="$LOG_DIR/worker-$i.log"
-  join_quoted "${SSH[@]}" --worker="$i" --command "$REMOTE"
+  join_quoted "${SSH[@]}" --worker="$i" --command "$FOLLOW"
   quote "$LOG"
   if [[ $DRY_RUN == 1 ]]; then
     printf '+ %s > %s 2>&1 &\n' "$JOINED" "$QUOTED"
   else
     printf '+ %s > %s 2>&1 &\n' "$JOINED" "$QUOTED" >&2
-    "${SSH[@]}" --worker="$i" --command "$REMOTE" </dev/null >"$LOG" 2>&1 &
+    "${SSH[@]}" --worker="$i" --command "$FOLLOW" </dev/null >"$LOG" 2>&1 &
     PIDS+=("$!")
   fi
 done
@@ -101,18 +142,36 @@ if [[ $DRY_RUN == 1 ]]; then
   exit 0
 fi
 
-printf '%s: %d workers started; follow with: tail -f %s/worker-0.log\n' "$PROG" "$NUM_WORKERS" "$LOG_DIR" >&2
-FAILED=0
-for (( i = 0; i < NUM_WORKERS; i++ )); do
-  if wait "${PIDS[$i]}"; then
-    rc=0
-  else
-    rc=$?
-  fi
-  if [[ $rc != 0 ]]; then
-    printf '%s: worker %d failed (exit %d), see %s/worker-%d.log\n' "$PROG" "$i" "$rc" "$LOG_DIR" "$i" >&2
-    FAILED=1
-  fi
+detach() {
+  kill ${PIDS[@]+"${PIDS[@]}"} 2>/dev/null || true
+  printf '%s: detached; the run goes on. Follow: %s --attach; stop: %s --stop (same --name/--zone)\n' \
+    "$PROG" "$0" "$0" >&2
+  exit 130
+}
+trap detach INT
+trap 'kill ${PIDS[@]+"${PIDS[@]}"} 2>/dev/null; exit 129' HUP TERM
+
+printf '%s: %d workers running (detached); follow with: tail -f %s/worker-0.log\n' "$PROG" "$NUM_WORKERS" \
+  "$LOG_DIR" >&2
+# Wait for the streams; the first worker that fails stops all of them.
+FAILED=""
+LEFT=$NUM_WORKERS
+EXITED=()
+while (( LEFT > 0 )); do
+  for (( i = 0; i < NUM_WORKERS; i++ )); do
+    [[ -z ${EXITED[$i]:-} ]] || continue
+    kill -0 "${PIDS[$i]}" 2>/dev/null && continue
+    if wait "${PIDS[$i]}"; then rc=0; else rc=$?; fi
+    EXITED[i]=$rc
+    LEFT=$(( LEFT - 1 ))
+    if [[ $rc != 0 && -z $FAILED ]]; then
+      FAILED=$i
+      printf '%s: worker %d failed (exit %d), see %s/worker-%d.log; stopping every worker\n' \
+        "$PROG" "$i" "$rc" "$LOG_DIR" "$i" >&2
+      stop_all || true
+    fi
+  done
+  (( LEFT == 0 )) || sleep 1
 done
-[[ $FAILED == 0 ]] || exit 1
+[[ -z $FAILED ]] || exit 1
 printf '%s: all %d workers finished\n' "$PROG" "$NUM_WORKERS" >&2
