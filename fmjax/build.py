@@ -13,11 +13,12 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from fmjax import optim
+from fmjax import mlm, optim
 from fmjax import sharding as shd
 from fmjax import state as state_lib
 from fmjax import step as step_lib
 from fmjax.model import Transformer, attention
+from fmjax.model.transformer import is_encoder
 
 
 @dataclass
@@ -34,6 +35,8 @@ class Run:
   batch_sharding: jax.sharding.NamedSharding
   train_step: Any = None          # AOT-compiled step(state, batch) -> (state, metrics)
   compile_seconds: float = 0.0
+  masked_lm: bool = False         # the objective is masked-LM (an encoder without a fine-tuning task)
+  prepare: Callable | None = None   # its batch transform (fmjax/mlm.py), made with the train step or on demand
 
   def abstract_batch(self) -> dict:
     """ShapeDtypeStructs of one global batch, with its sharding."""
@@ -51,7 +54,9 @@ class Run:
 
   def jit_eval_step(self, token_bytes=None) -> state_lib.OnMesh:
     """The eval step, jitted for this mesh (params sharded like training, metrics replicated)."""
-    fn = jax.jit(step_lib.make_eval_step(self.model, token_bytes),
+    if self.masked_lm and self.prepare is None:
+      self.prepare = mlm.preparer_for(self.cfg)
+    fn = jax.jit(step_lib.make_eval_step(self.model, token_bytes, self.prepare),
                  in_shardings=(self.state.shardings.params, {k: self.batch_sharding for k in step_lib.BATCH_KEYS}),
                  out_shardings=shd.replicated(self.mesh))
     return state_lib.OnMesh(fn, self.mesh, self.rules)
@@ -59,7 +64,10 @@ class Run:
 
 @dataclass(frozen=True)
 class Task:
-  """What a run trains when it is not plain next-token pretraining (fine-tuning plugs in here).
+  """What a run trains when it is not plain pretraining (fine-tuning plugs in here).
+
+  Plain pretraining is next-token prediction for decoders and masked-LM (fmjax/mlm.py) for
+  model.kind='encoder'.
 
   Each field left None keeps the pretraining choice: `model_cfg` (e.g. with LoRA adapters),
   `optimizer(cfg) -> (tx, schedule)`, `params(model, rng) -> boxed params` (e.g. the LM plus a
@@ -100,17 +108,20 @@ def build_run(cfg, mesh: jax.sharding.Mesh | None = None, task: Task | None = No
   sharded, init = state_lib.sharded_state(model, tx, mesh, rules, cfg.seq_len, init_fn=init_fn)
   run = Run(cfg=cfg, mesh=mesh, rules=rules, model=model, tx=tx, schedule=schedule, state=sharded, init=init,
             batch_sharding=shd.batch_sharding(mesh, rules))
+  run.masked_lm = task.loss is None and is_encoder(model.cfg)
   if compile_step:
+    if run.masked_lm:  # masked-LM pretraining: the masks are made inside the step
+      run.prepare = mlm.preparer_for(cfg)
     loss = (task.loss(model) if task.loss is not None
             else step_lib.lm_loss_fn(model, cfg.z_loss, cfg.model.loss_vocab_chunk))
     run.compile_train_step(step_lib.make_train_step(
         loss, tx, schedule, microbatches=cfg.microbatches, dropout=cfg.model.dropout > 0, seed=cfg.seed,
-        skip_nonfinite=cfg.skip_nonfinite_steps > 0))
+        skip_nonfinite=cfg.skip_nonfinite_steps > 0, prepare=run.prepare))
   return run
 
 
 def build_lm_run(cfg, mesh: jax.sharding.Mesh | None = None, compile_step: bool = True) -> Run:
-  """`build_run` for next-token pretraining."""
+  """`build_run` for pretraining: next-token prediction, or masked-LM for model.kind='encoder'."""
   return build_run(cfg, mesh, compile_step=compile_step)
 
 

@@ -28,7 +28,8 @@ from fmjax.errors import UserError
 
 # Model options that change parameter shapes or structure: a mismatch cannot be restored.
 SHAPE_KEYS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim',
-              'max_seq_len', 'activation', 'norm', 'positions', 'use_bias', 'tie_embeddings')
+              'max_seq_len', 'activation', 'norm', 'positions', 'use_bias', 'tie_embeddings', 'kind', 'norm_position',
+              'type_vocab_size', 'position_offset')
 
 
 class CheckpointError(UserError):

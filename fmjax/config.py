@@ -155,7 +155,7 @@ def finetune_defaults() -> ml_collections.ConfigDict:
       labels=(),               # classify: label names in class order; () = sorted labels of the train set
       max_train_examples=0,    # 0 = all
       max_eval_examples=0,     # 0 = all
-      pooling='last',          # classify: last (last real token) | mean (over real tokens)
+      pooling='last',          # classify: last (last real token) | mean (over real tokens) | cls (first token; encoders)
       head_learning_rate=0.0,  # classify: peak learning rate of the head; 0 = optim.learning_rate
       freeze_embeddings=False,  # freeze the token (and position) embeddings
       freeze_layers=0,         # freeze the first N blocks

@@ -26,6 +26,8 @@ def summarize(totals: dict) -> dict:
   weight = totals.get('weight', 0.0)
   loss = totals.get('loss_sum', 0.0) / max(weight, 1.0)
   out = {'loss': loss, 'perplexity': math.exp(min(loss, 700.0)), 'tokens': weight}
+  if 'correct' in totals:  # masked-language-model eval: accuracy on the masked tokens
+    out['accuracy'] = totals['correct'] / max(weight, 1.0)
   if totals.get('bytes'):
     out['bits_per_byte'] = totals['loss_sum'] / (math.log(2) * totals['bytes'])
     out['bytes'] = totals['bytes']

@@ -97,6 +97,9 @@ def generate(restored, prompts: Sequence[str], max_new_tokens: int = 64, samplin
   sampling = sampling or Sampling(temperature=0.0)
   if max_new_tokens <= 0:
     raise DecodeError(f'max_new_tokens={max_new_tokens} must be positive')
+  if restored.cfg.model.get('kind', 'decoder') == 'encoder':
+    raise DecodeError('this checkpoint is an encoder (model.kind=encoder, masked-LM): it does not generate text; '
+                      'use fmjax.evaluate or fmjax.inspect, or fine-tune it with fmjax.finetune')
   params = restored.params if params is None else params
   tok = restored.tokenizer
   ids = encode_prompts(restored, prompts)

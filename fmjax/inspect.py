@@ -6,6 +6,9 @@ Writes to OUT:
                            final norm and LM head), coloured by its probability
   token_loss.png           per-token loss (nats) of the prompt, highlighted by colour
   inspect.json             all of the above as numbers
+For an encoder (model.kind='encoder') the attention maps are bidirectional, the lens reads each
+position's own token through the MLM head, and token i's loss is that of predicting it with it
+replaced by the mask token (one row per token: the pseudo-log-likelihood).
 Attention and residuals are captured by running the model with the 'intermediates' collection
 mutable (the blocks `sow` them); training never does, so its path is unchanged.
 """
@@ -23,6 +26,7 @@ import numpy as np
 
 from fmjax import cli
 from fmjax.model.layers import LayerNorm, Projection, RMSNorm, dtype_of
+from fmjax.model.transformer import MLMHead, is_encoder
 
 USAGE = """python -m fmjax.inspect --workdir DIR --prompt TEXT --out OUT [--top-k K] [--step N] [--mesh d,f,t]
 
@@ -31,11 +35,17 @@ checkpoint in DIR, as PNG images and inspect.json in OUT."""
 
 
 def lens_logits(model_cfg, params, hidden):
-  """Logits read from residual stream `hidden` (..., D) through the final norm and the LM head."""
+  """Logits read from residual stream `hidden` (..., D) through the final norm and the LM (or MLM) head."""
   dtype, pdtype = dtype_of(model_cfg.dtype), dtype_of(model_cfg.param_dtype)
   norm_cls = RMSNorm if model_cfg.norm == 'rmsnorm' else LayerNorm
-  h = norm_cls(eps=model_cfg.norm_eps, dtype=dtype, param_dtype=pdtype).apply(
-      {'params': params['final_norm']}, hidden)
+  h = hidden
+  if 'final_norm' in params:  # post-norm encoders have none: each block's output is normed
+    h = norm_cls(eps=model_cfg.norm_eps, dtype=dtype, param_dtype=pdtype).apply(
+        {'params': params['final_norm']}, hidden)
+  if is_encoder(model_cfg):
+    rows = h.reshape((-1,) + h.shape[-2:]) if h.ndim >= 2 else h[None, None]
+    logits = MLMHead(model_cfg).apply({'params': params['mlm_head']}, rows, params['embedding'])
+    return logits.reshape(h.shape[:-1] + (-1,))
   if model_cfg.tie_embeddings:
     return jnp.einsum('...d,vd->...v', h, params['embedding'].astype(dtype))
   head = Projection((model_cfg.d_model,), (model_cfg.vocab_size,), ('embed',), ('vocab',), dtype=dtype,
@@ -84,10 +94,27 @@ def analyse(restored, text: str, top_k: int = 5, params=None) -> dict:
 
   with shd.activate(restored.mesh, restored.run.rules):
     attention, lens, top_p, top_i, probs = jax.device_get(jax.jit(run)(params, tokens))
-  loss = -np.log(np.maximum(probs[np.arange(t - 1), ids[1:]], 1e-30))
+    if is_encoder(cfg):
+      loss = _masked_token_loss(restored, params, ids)
+    else:
+      loss = -np.log(np.maximum(probs[np.arange(t - 1), ids[1:]], 1e-30))
   return {'text': text, 'token_ids': ids, 'tokens': [token_label(restored.tokenizer, i) for i in ids],
           'attention': attention, 'lens_probs': lens, 'lens_top_p': top_p, 'lens_top_ids': top_i,
           'output_probs': probs, 'token_loss': loss}
+
+
+def _masked_token_loss(restored, params, ids) -> np.ndarray:
+  """Encoder: loss (nats) of each token predicted with it replaced by the mask token (T rows at once)."""
+  from fmjax.generate import batch_rows  # pylint: disable=import-outside-toplevel
+  t = len(ids)
+  rows = np.zeros((batch_rows(restored, t), t), np.int32)
+  rows[:t] = ids
+  rows[np.arange(t), np.arange(t)] = restored.tokenizer.mask_id
+
+  def run(params, rows):
+    logp = jax.nn.log_softmax(restored.model.apply({'params': params}, rows)[:t].astype(jnp.float32), -1)
+    return -logp[jnp.arange(t), jnp.arange(t), jnp.asarray(ids)]
+  return np.asarray(jax.device_get(jax.jit(run)(params, rows)))
 
 
 def token_label(tokenizer, token_id: int) -> str:
@@ -109,7 +136,7 @@ def to_json(result: dict, tokenizer) -> dict:
       'text': result['text'], 'tokens': result['tokens'], 'token_ids': [int(i) for i in result['token_ids']],
       'attention': np.round(result['attention'], 6).tolist(),          # [layer][head][query][key]
       'logit_lens': lens,                                               # [layer][position] -> top tokens
-      'token_loss': [float(x) for x in result['token_loss']],           # loss of token i+1 given 0..i
+      'token_loss': [float(x) for x in result['token_loss']],  # decoder: token i+1 given 0..i; encoder: token i masked
       'mean_loss': float(np.mean(result['token_loss'])) if len(result['token_loss']) else None,
   }
 
@@ -148,7 +175,8 @@ def write_plots(result: dict, out: str, tokenizer) -> list[str]:
       ax.text(pos, layer, token_label(tokenizer, int(top_i[layer, pos])), ha='center', va='center', fontsize=6)
   ax.set_xticks(range(t), labels, rotation=90, fontsize=6)
   ax.set_yticks(range(top_p.shape[0]), [f'layer {i}' for i in range(top_p.shape[0])], fontsize=7)
-  ax.set_title('logit lens: top next token per layer (colour = probability)', fontsize=8)
+  guess = 'token (MLM head)' if len(result['token_loss']) == t else 'next token'
+  ax.set_title(f'logit lens: top {guess} per layer (colour = probability)', fontsize=8)
   fig.tight_layout()
   paths.append(os.path.join(out, 'logit_lens.png'))
   fig.savefig(paths[-1], dpi=80)
@@ -157,7 +185,7 @@ def write_plots(result: dict, out: str, tokenizer) -> list[str]:
   loss = result['token_loss']
   fig, ax = plt.subplots(figsize=(1.0 + 0.3 * t, 2.5))
   colours = plt.cm.Reds(loss / max(float(loss.max()) if len(loss) else 1.0, 1e-6))
-  ax.bar(range(1, t), loss, color=colours)
+  ax.bar(range(t - len(loss), t), loss, color=colours)   # decoders: from token 1; encoders: every token
   ax.set_xticks(range(t), labels, fontsize=7)
   ax.set_ylabel('loss (nats)', fontsize=7)
   ax.set_title(f'per-token loss (mean {float(np.mean(loss)) if len(loss) else 0.0:.3f})', fontsize=8)

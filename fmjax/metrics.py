@@ -1,8 +1,9 @@
 """FLOP accounting (written once), device peaks, and MFU.
 
 Training FLOPs per token = 3 x forward, forward = 2 x (matmul parameters) + attention scores
-and values, 4 x layers x attended keys x heads x head_dim, where a causal row attends on average
-to (T + 1) / 2 keys. The embedding lookup is not a matmul; the output projection is.
+and values, 4 x layers x attended keys x heads x head_dim, where a causal row (decoder) attends on
+average to (T + 1) / 2 keys and a bidirectional one (model.kind='encoder') to all T. The embedding
+lookup is not a matmul; the output projection is, and so is an encoder's MLM-head transform (D x D).
 """
 
 from __future__ import annotations
@@ -48,12 +49,17 @@ def matmul_params(model_cfg) -> int:
   attn = m.d_model * hd * (2 * m.num_heads + 2 * kv)
   mlp = m.d_model * m.mlp_dim * (3 if m.activation == 'swiglu' else 2)
   head = m.d_model * m.vocab_size
+  if m.get('kind', 'decoder') == 'encoder':
+    head += m.d_model * m.d_model  # the MLM head's dense transform
   return m.num_layers * (attn + mlp) + head
 
 
-def flops_per_token(model_cfg, seq_len: int, causal: bool = True) -> float:
-  """Training FLOPs (forward + backward) per token at sequence length `seq_len`."""
+def flops_per_token(model_cfg, seq_len: int, causal: bool | None = None) -> float:
+  """Training FLOPs (forward + backward) per token at sequence length `seq_len` (`causal`
+  defaults to the model's kind: decoders are, encoders are not)."""
   m = model_cfg
+  if causal is None:
+    causal = m.get('kind', 'decoder') != 'encoder'
   hd = m.head_dim or m.d_model // m.num_heads
   keys = (seq_len + 1) / 2 if causal else seq_len
   forward = 2 * matmul_params(m) + 4 * m.num_layers * keys * m.num_heads * hd

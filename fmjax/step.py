@@ -86,8 +86,12 @@ def accumulate_gradients(loss_fn, params, batch, rng, microbatches: int):
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: Callable,
                     microbatches: int = 1, dropout: bool = False, seed: int = 0,
-                    skip_nonfinite: bool = False) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    skip_nonfinite: bool = False, prepare: Callable | None = None
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Build `step(state, batch) -> (state, metrics)`; jit it with shardings and donation.
+
+  `prepare(batch, step) -> batch`, if given, turns the pipeline's batch into the objective's
+  inside the step (the encoder's masking, fmjax/mlm.py), as a pure function of the step number.
 
   Metrics include `nonfinite` (1.0 when the loss or the gradient norm is nan/inf); with
   `skip_nonfinite` such a step leaves parameters and optimizer state unchanged (the step
@@ -95,6 +99,8 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
   """
   def step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step) if dropout else None
+    if prepare is not None:
+      batch = prepare(batch, state.step)
     grads, objective, ce, weight = accumulate_gradients(loss_fn, state.params, batch, rng, microbatches)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -116,12 +122,21 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
   return step
 
 
-def make_eval_step(model: nn.Module, token_bytes: jax.Array | None = None) -> Callable[[Any, dict], dict]:
-  """Build `eval(params, batch) -> {'loss_sum', 'weight', 'bytes'}` (sums; combine across batches)."""
+def make_eval_step(model: nn.Module, token_bytes: jax.Array | None = None,
+                   prepare: Callable | None = None) -> Callable[[Any, dict], dict]:
+  """Build `eval(params, batch) -> {'loss_sum', 'weight', 'bytes'}` (sums; combine across batches).
+
+  With `prepare` (the encoder's masking, called with step None) it also sums 'correct': masked
+  tokens predicted right, so correct / weight is the masked-token accuracy.
+  """
   def evaluate(params, batch):
+    if prepare is not None:
+      batch = prepare(batch, None)
     logits = model.apply({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'])
     ce, _, w = cross_entropy(logits, batch['targets'], batch['weights'])
     out = {'loss_sum': ce, 'weight': w}
+    if prepare is not None:
+      out['correct'] = ((jnp.argmax(logits, -1) == batch['targets']) * batch['weights']).sum()
     if token_bytes is not None:
       out['bytes'] = (token_bytes[batch['targets']] * batch['weights']).sum()
     return out

@@ -15,6 +15,8 @@ def mismatch(m) -> str | None:
   """Why an fmjax model config is not GPT-2-style, or None."""
   want = dict(norm='layernorm', activation='gelu', positions='learned', use_bias=True)
   bad = [f'model.{k}={m[k]!r} (need {v!r})' for k, v in want.items() if m[k] != v]
+  if m.get('kind', 'decoder') != 'decoder':
+    bad.append(f"model.kind={m.kind!r} (GPT-2 is a decoder)")
   if m.num_kv_heads not in (0, m.num_heads):
     bad.append(f'model.num_kv_heads={m.num_kv_heads} (GPT-2 has no grouped KV heads)')
   if m.head_dim not in (0, m.d_model // m.num_heads):

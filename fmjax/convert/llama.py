@@ -18,6 +18,8 @@ def mismatch(m) -> str | None:
   """Why an fmjax model config is not LLaMA-style, or None."""
   want = dict(norm='rmsnorm', activation='swiglu', positions='rope', use_bias=False)
   bad = [f'model.{k}={m[k]!r} (need {v!r})' for k, v in want.items() if m[k] != v]
+  if m.get('kind', 'decoder') != 'decoder':
+    bad.append(f"model.kind={m.kind!r} (Llama is a decoder)")
   return ', '.join(bad) or None
 
 

@@ -21,8 +21,11 @@ HEAD = 'cls_head'
 
 
 def pool(hidden, weights, segment_ids, mode: str):
-  """(B, T, D) -> (B, D): the last real token (where weights is 1) or the mean over real tokens."""
+  """(B, T, D) -> (B, D): the last real token (where weights is 1), the first token ('cls': an
+  encoder's [CLS], the tokenizer's bos that starts each example) or the mean over real tokens."""
   hidden = hidden.astype(jnp.float32)
+  if mode == 'cls':
+    return hidden[:, 0]
   if mode == 'last':
     index = jnp.argmax(weights, axis=-1)
     return jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]

@@ -41,7 +41,7 @@ DEMO_CONFIG = 'finetune_stdlib'
 def check_config(cfg) -> None:
   """Fine-tuning choices that the schema cannot check."""
   ft = cfg.finetune
-  choices = {'task': TASKS, 'pooling': ('last', 'mean'), 'best_mode': ('max', 'min')}
+  choices = {'task': TASKS, 'pooling': ('last', 'mean', 'cls'), 'best_mode': ('max', 'min')}
   for key, allowed in choices.items():
     if ft[key] not in allowed:
       raise config_lib.ConfigError(f'finetune.{key}={ft[key]!r} is not one of {", ".join(allowed)}')
@@ -152,10 +152,17 @@ def demo(cfg, overrides: Sequence[str] | None = None) -> dict:
   if not cfg.finetune.init_from:
     raise config_lib.ConfigError('--demo needs --config.init_from=PRETRAIN_WORKDIR (pretrain one with: python -m '
                                  'fmjax.train --config configs/default.py --workdir W)')
+  source, step, _ = restore.locate_checkpoint(cfg.finetune.init_from)
+  try:
+    meta = source.read_metadata(step)
+  finally:
+    source.close()
   reports = {}
   for name, init in (('pretrained', cfg.finetune.init_from), ('random init', '')):
     c = cfg.copy_and_resolve_references()
     c.finetune.init_from = init
+    if not init:  # the same model as the pretrained one (decoder or encoder), freshly initialised
+      c.model = restore.adopt_model(c.model, meta, (), f'{source.directory}/{step}')
     c.workdir = os.path.join(cfg.workdir, name.replace(' ', '_'))
     print(f'== fine-tuning from {name} ({c.workdir})', flush=True)
     reports[name] = finetune(c, overrides)['report']

@@ -1,9 +1,10 @@
-"""Causal self-attention with segment masking, and its interchangeable implementations.
+"""Self-attention with segment masking, causal (decoders) or not (encoders), and its
+interchangeable implementations.
 
 Shapes: q (B, T, H, D); k, v (B, S, K, D) with H a multiple of K (MHA, GQA, MQA).
-Every implementation masks the future (by index in the row) and never attends across
-documents packed into one row (segment ids must match; 0 marks padding, always at the row's
-end in training). Implementations (`model.attention`): `xla`, the reference (full scores,
+Every implementation masks the future (by index in the row) when `causal` (the default; an
+encoder, model.kind='encoder', passes False) and never attends across documents packed into one
+row (segment ids must match; 0 marks padding, always at the row's end in training). Implementations (`model.attention`): `xla`, the reference (full scores,
 autodiff); `dense`, the same scores with a hand-written backward pass (the flash identity
 rowsum(P dP) = rowsum(dO O), batch-major layouts, key blocks in the causal future skipped: the
 fastest on CPU); `chunked`, online softmax over key blocks for long sequences on any backend;
@@ -32,19 +33,24 @@ import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from fmjax.errors import UserError
-from fmjax.model.layers import Projection, apply_rope, dtype_of, fused_projections, lora_spec
+from fmjax.model.layers import Projection, apply_rope, dtype_of, fused_projections, lora_spec, rope_scaling
 
 _NEG = -1e30
 
 
-def _mask(q_index, kv_index, q_seg, kv_seg):
-  """Boolean (B, T, S): key visible to query (causal and same segment)."""
-  causal = kv_index[None, None, :] <= q_index[None, :, None]
+def _mask(q_index, kv_index, q_seg, kv_seg, causal: bool = True):
+  """Boolean (B, T, S): key visible to query (same segment, and not in the future when causal).
+
+  A real token (segment > 0) never sees padding (segment 0) either way; padded queries see
+  padding only (finite rows that nothing uses).
+  """
   same = q_seg[:, :, None] == kv_seg[:, None, :]
-  return causal & same
+  if not causal:
+    return same
+  return same & (kv_index[None, None, :] <= q_index[None, :, None])
 
 
-def attention_probs(q, k, q_seg, kv_seg, q_index=None, kv_index=None):
+def attention_probs(q, k, q_seg, kv_seg, q_index=None, kv_index=None, causal: bool = True):
   """Softmax attention weights (B, K, G, T, S) in fp32, heads grouped by KV head."""
   b, t, h, d = q.shape
   s, kh = k.shape[1], k.shape[2]
@@ -52,14 +58,14 @@ def attention_probs(q, k, q_seg, kv_seg, q_index=None, kv_index=None):
   kv_index = jnp.arange(s) if kv_index is None else kv_index
   qg = q.reshape(b, t, kh, h // kh, d)
   scores = jnp.einsum('btkgd,bskd->bkgts', qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
-  mask = _mask(q_index, kv_index, q_seg, kv_seg)[:, None, None]
+  mask = _mask(q_index, kv_index, q_seg, kv_seg, causal)[:, None, None]
   return jax.nn.softmax(jnp.where(mask, scores, _NEG), axis=-1)
 
 
-def xla_attention(q, k, v, q_seg, kv_seg, q_index=None, kv_index=None):
+def xla_attention(q, k, v, q_seg, kv_seg, q_index=None, kv_index=None, causal: bool = True):
   """Reference attention: full score matrix, fp32 softmax."""
   b, t, h, d = q.shape
-  probs = attention_probs(q, k, q_seg, kv_seg, q_index, kv_index).astype(v.dtype)
+  probs = attention_probs(q, k, q_seg, kv_seg, q_index, kv_index, causal).astype(v.dtype)
   out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
   return out.reshape(b, t, h, d)
 
@@ -100,7 +106,7 @@ def _dense_bwd(scale, res, g):
 _dense_core.defvjp(_dense_fwd, _dense_bwd)
 
 
-def dense_attention(q, k, v, q_seg, kv_seg, q_index=None, kv_index=None, block: int = 64):
+def dense_attention(q, k, v, q_seg, kv_seg, q_index=None, kv_index=None, block: int = 64, causal: bool = True):
   """Full-score attention with a hand-written backward pass (fewer, larger XLA ops than autodiff).
 
   Self-attention of at least two `block`s of queries skips the key blocks wholly in the causal
@@ -108,10 +114,10 @@ def dense_attention(q, k, v, q_seg, kv_seg, q_index=None, kv_index=None, block: 
   """
   b, t, h, d = q.shape
   s, kh = k.shape[1], k.shape[2]
-  causal_blocks = q_index is None and kv_index is None and t == s and t % block == 0 and t >= 2 * block
+  causal_blocks = causal and q_index is None and kv_index is None and t == s and t % block == 0 and t >= 2 * block
   q_index = jnp.arange(t) if q_index is None else q_index
   kv_index = jnp.arange(s) if kv_index is None else kv_index
-  mask = _mask(q_index, kv_index, q_seg, kv_seg)[:, None, None]        # (B, 1, 1, T, S)
+  mask = _mask(q_index, kv_index, q_seg, kv_seg, causal)[:, None, None]  # (B, 1, 1, T, S)
   qg = q.reshape(b, t, kh, h // kh, d).transpose(0, 2, 3, 1, 4)       # (B, K, G, T, D)
   kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)           # (B, K, S, D)
   if causal_blocks:
@@ -126,10 +132,10 @@ def dense_attention(q, k, v, q_seg, kv_seg, q_index=None, kv_index=None, block: 
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-def chunked_attention(q, k, v, q_seg, kv_seg, chunk: int = 128):
+def chunked_attention(q, k, v, q_seg, kv_seg, chunk: int = 128, causal: bool = True):
   """Memory-efficient attention: online softmax over key blocks, one query block at a time.
 
-  Never materialises the (T, S) score matrix; blocks wholly above the causal diagonal are skipped.
+  Never materialises the (T, S) score matrix; when causal, blocks wholly above the diagonal are skipped.
   """
   b, t, h, d = q.shape
   kh = k.shape[2]
@@ -162,7 +168,7 @@ def chunked_attention(q, k, v, q_seg, kv_seg, chunk: int = 128):
       def update(carry):
         m, l, acc = carry
         s = jnp.einsum('bqkgd,bskd->bkgqs', qi, kj, preferred_element_type=jnp.float32) * scale
-        mask = _mask(i * c + local, j * c + local, qsi, ksj)[:, None, None]
+        mask = _mask(i * c + local, j * c + local, qsi, ksj, causal)[:, None, None]
         s = jnp.where(mask, s, _NEG)
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
@@ -172,6 +178,8 @@ def chunked_attention(q, k, v, q_seg, kv_seg, chunk: int = 128):
                                                  preferred_element_type=jnp.float32)
         return m_new, l, acc
 
+      if not causal:
+        return update(carry), None
       return jax.lax.cond(j <= i, update, lambda c_: c_, carry), None
 
     (m, l, acc), _ = jax.lax.scan(kv_step, init, (jnp.arange(n), kb, vb, ks))
@@ -191,16 +199,16 @@ def sequence_lengths(seg):
   return jnp.maximum(jnp.sum(seg != 0, axis=1), 1).astype(jnp.int32)
 
 
-def cudnn_attention(q, k, v, q_seg, kv_seg, implementation: str = 'cudnn'):
-  """Causal attention for rows holding one document then padding, as cuDNN flash attention runs it.
+def cudnn_attention(q, k, v, q_seg, kv_seg, implementation: str = 'cudnn', causal: bool = True):
+  """Attention for rows holding one document then padding, as cuDNN flash attention runs it.
 
-  The kernel's own causal mode skips the future key tiles; padding is masked by per-row lengths
-  (no (B, 1, T, S) mask or bias). Packed rows (several documents) are out of its reach: see
+  The kernel's own causal mode (when `causal`) skips the future key tiles; padding is masked by
+  per-row lengths (no (B, 1, T, S) mask or bias). Packed rows (several documents) are out of its reach: see
   `select`. Outputs at padded query positions are not attention over anything the model uses
   (the loss weights them 0). `implementation='xla'` runs the very same call on any backend.
   """
   return jax.nn.dot_product_attention(
-      q, k, v, is_causal=True, query_seq_lengths=sequence_lengths(q_seg),
+      q, k, v, is_causal=causal, query_seq_lengths=sequence_lengths(q_seg),
       key_value_seq_lengths=sequence_lengths(kv_seg), implementation=implementation)
 
 
@@ -302,8 +310,9 @@ def for_run(model_cfg, *, seq_len: int, packed: bool, platform: str | None = Non
   return resolved
 
 
-def attend(impl: str, q, k, v, q_seg, kv_seg, chunk: int = 128, platform: str | None = None):
-  """Run implementation `impl`; 'auto' not resolved by `for_run` assumes packed rows (exact).
+def attend(impl: str, q, k, v, q_seg, kv_seg, chunk: int = 128, platform: str | None = None,
+           causal: bool = True):
+  """Run implementation `impl` (causal or not); 'auto' not resolved by `for_run` assumes packed rows (exact).
 
   `platform` is the target the program is compiled for (default: the JAX backend; compile-only
   TPU plans run on a CPU backend and pass 'tpu').
@@ -316,24 +325,30 @@ def attend(impl: str, q, k, v, q_seg, kv_seg, chunk: int = 128, platform: str | 
       _log_once(choice.line())
     impl = choice.impl
   if impl == 'xla':
-    return xla_attention(q, k, v, q_seg, kv_seg)
+    return xla_attention(q, k, v, q_seg, kv_seg, causal=causal)
   if impl == 'dense':
-    return dense_attention(q, k, v, q_seg, kv_seg)
+    return dense_attention(q, k, v, q_seg, kv_seg, causal=causal)
   if impl == 'cudnn':
-    return cudnn_attention(q, k, v, q_seg, kv_seg)
+    return cudnn_attention(q, k, v, q_seg, kv_seg, causal=causal)
   if impl == 'chunked':
-    return chunked_attention(q, k, v, q_seg, kv_seg, chunk)
+    return chunked_attention(q, k, v, q_seg, kv_seg, chunk, causal=causal)
   if impl in ('splash', 'pallas_gpu'):
     from fmjax.model import splash  # pylint: disable=import-outside-toplevel
     if impl == 'pallas_gpu':
-      return splash.sharded_gpu_flash_attention(q, k, v, q_seg, kv_seg)
-    return splash.sharded_splash_attention(q, k, v, q_seg, kv_seg, block=_splash_block(q.shape[1]) or 512)
+      return splash.sharded_gpu_flash_attention(q, k, v, q_seg, kv_seg, causal=causal)
+    return splash.sharded_splash_attention(q, k, v, q_seg, kv_seg, block=_splash_block(q.shape[1]) or 512,
+                                           causal=causal)
   raise ValueError(f'unknown attention implementation {impl!r}')
 
 
 def _splash_block(t: int) -> int:
   """The largest of 512, 256, 128 dividing t (the splash kernel's tile), or 0 if none does."""
   return next((blk for blk in (512, 256, 128) if t % blk == 0), 0)
+
+
+def is_causal(model_cfg) -> bool:
+  """Whether the model attends causally: every kind but 'encoder' (configs without `kind` are decoders)."""
+  return model_cfg.get('kind', 'decoder') != 'encoder'
 
 
 class Attention(nn.Module):
@@ -358,10 +373,13 @@ class Attention(nn.Module):
       q = proj('q', h, 'heads')(x)
       k, v = fused_projections(x, [proj(n, kh, 'kv_heads', weights_only=True) for n in 'kv'], kw['dtype'])
     if cfg.positions == 'rope':
-      q = apply_rope(q, positions, cfg.rope_theta)
-      k = apply_rope(k, positions, cfg.rope_theta)
+      q = apply_rope(q, positions, cfg.rope_theta, rope_scaling(cfg))
+      k = apply_rope(k, positions, cfg.rope_theta, rope_scaling(cfg))
     q = nn.with_logical_constraint(q, ('batch', 'activation_length', 'activation_heads', 'activation_kv'))
     q, k, v = (checkpoint_name(a, 'qkv') for a in (q, k, v))
+    causal = is_causal(cfg)
+    if self.decode and not causal:
+      raise ValueError("model.kind='encoder' has no KV cache: it is not a decoder (decode=False)")
     if self.decode and self.has_variable('cache', 'index'):
       k, v, kv_seg, q_index = self._update_cache(k, v, segment_ids)
       out = xla_attention(q, k, v, segment_ids, kv_seg, q_index)
@@ -373,9 +391,10 @@ class Attention(nn.Module):
       if self.decode and impl == 'cudnn':  # prompts are left-padded: cudnn's row lengths do not apply
         impl = 'dense'
       out = attend(impl, q, k, v, segment_ids, segment_ids, cfg.attention_chunk,
-                   platform=cfg.get('attention_platform'))
+                   platform=cfg.get('attention_platform'), causal=causal)
     if self.is_mutable_collection('intermediates'):
-      probs = attention_probs(q, k, segment_ids, segment_ids if kv_seg is None else kv_seg, q_index)
+      probs = attention_probs(q, k, segment_ids, segment_ids if kv_seg is None else kv_seg, q_index,
+                              causal=causal)
       self.sow('intermediates', 'attention', probs.reshape(probs.shape[0], h, *probs.shape[3:]))  # (B, H, T, S)
     out = nn.with_logical_constraint(out, ('batch', 'activation_length', 'activation_heads', 'activation_kv'))
     out = checkpoint_name(out, 'attn_out')

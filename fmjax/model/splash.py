@@ -6,7 +6,8 @@ marks padding), mask causally by index and across segments (exact for packed row
 (B, T, H, D) in q's dtype, like `fmjax.model.attention.xla_attention`; softmax statistics are
 fp32. Both kernels have their own VJP (Pallas backward kernels), so they train like the others.
 Splash maps grouped and multi-query heads to their KV head itself; the GPU kernel wants as many
-KV heads as query heads, so k and v are repeated per group there. `interpret=True` runs either
+KV heads as query heads, so k and v are repeated per group there. `causal=False` (encoders)
+drops the causal mask and keeps the segment mask. `interpret=True` runs either
 kernel in the Pallas interpreter on any backend (slow; for tests). A Pallas call is not
 partitioned automatically: the `sharded_*` functions run it per shard with `shard_map`.
 """
@@ -38,8 +39,8 @@ def _check_block(name: str, length: int, blk: int):
         f'(fmjax then tiles by the largest of 512, 256, 128 dividing it) or use model.attention=auto')
 
 
-def splash_attention(q, k, v, q_seg, kv_seg, block: int = 512, interpret: bool = False):
-  """Causal, segment-masked attention through the Pallas splash kernel (TPU).
+def splash_attention(q, k, v, q_seg, kv_seg, block: int = 512, interpret: bool = False, causal: bool = True):
+  """Segment-masked attention (causal unless `causal=False`) through the Pallas splash kernel (TPU).
 
   The target platform is checked where the implementation is chosen (fmjax.model.attention.select),
   not here: a compile-only TPU program is traced on a CPU backend.
@@ -52,7 +53,8 @@ def splash_attention(q, k, v, q_seg, kv_seg, block: int = 512, interpret: bool =
   _check_block('query', t, bq)
   _check_block('key', s, bkv)
 
-  mask = _mask.MultiHeadMask([_mask.CausalMask((t, s)) for _ in range(h)])
+  head_mask = _mask.CausalMask if causal else _mask.FullMask
+  mask = _mask.MultiHeadMask([head_mask((t, s)) for _ in range(h)])
   kernel = _kernel.make_splash_mha(mask, block_sizes=_block_sizes(bq, bkv), head_shards=1,
                                    q_seq_shards=1, interpret=interpret)
   qh = (q * jnp.asarray(d ** -0.5, q.dtype)).transpose(0, 2, 1, 3)   # (B, H, T, D), pre-scaled
@@ -63,8 +65,8 @@ def splash_attention(q, k, v, q_seg, kv_seg, block: int = 512, interpret: bool =
   return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
 
-def gpu_flash_attention(q, k, v, q_seg, kv_seg, interpret: bool = False):
-  """Causal, segment-masked self-attention through JAX's Pallas (Triton) flash kernel (GPU).
+def gpu_flash_attention(q, k, v, q_seg, kv_seg, interpret: bool = False, causal: bool = True):
+  """Segment-masked self-attention (causal unless `causal=False`) through JAX's Pallas (Triton) flash kernel (GPU).
 
   One segment-id row serves queries and keys (self-attention: q_seg is kv_seg). The kernel
   tiles the sequence by min(128, T) (backward by min(32, T)), so T must be a multiple of those.
@@ -82,7 +84,7 @@ def gpu_flash_attention(q, k, v, q_seg, kv_seg, interpret: bool = False):
                      'use model.attention=auto')
   if kh != h:  # the kernel reads key/value head i for query head i
     k, v = jnp.repeat(k, h // kh, axis=2), jnp.repeat(v, h // kh, axis=2)
-  return _gpu_kernel.mha(q, k, v, q_seg.astype(jnp.int32), sm_scale=d ** -0.5, causal=True,
+  return _gpu_kernel.mha(q, k, v, q_seg.astype(jnp.int32), sm_scale=d ** -0.5, causal=causal,
                          block_sizes=blocks, interpret=interpret)
 
 
@@ -124,15 +126,16 @@ def _per_shard(run, impl: str, q, k, v, q_seg, kv_seg):
                        out_specs=q_spec, check_vma=False)(q, k, v, q_seg, kv_seg)
 
 
-def sharded_splash_attention(q, k, v, q_seg, kv_seg, block: int = 512, interpret: bool = False):
+def sharded_splash_attention(q, k, v, q_seg, kv_seg, block: int = 512, interpret: bool = False,
+                             causal: bool = True):
   """`splash_attention` per shard of the batch and heads (see `_per_shard`)."""
-  run = lambda *a: splash_attention(*a, block=block, interpret=interpret)
+  run = lambda *a: splash_attention(*a, block=block, interpret=interpret, causal=causal)
   return _per_shard(run, 'splash', q, k, v, q_seg, kv_seg)
 
 
-def sharded_gpu_flash_attention(q, k, v, q_seg, kv_seg, interpret: bool = False):
+def sharded_gpu_flash_attention(q, k, v, q_seg, kv_seg, interpret: bool = False, causal: bool = True):
   """`gpu_flash_attention` per shard of the batch and heads (see `_per_shard`)."""
-  run = lambda *a: gpu_flash_attention(*a, interpret=interpret)
+  run = lambda *a: gpu_flash_attention(*a, interpret=interpret, causal=causal)
   return _per_shard(run, 'pallas_gpu', q, k, v, q_seg, kv_seg)
 
 

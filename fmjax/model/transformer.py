@@ -1,7 +1,13 @@
-"""The decoder-only Transformer: LLaMA-style or GPT-2-style blocks, chosen by config.
+"""The Transformer: a LLaMA-style or GPT-2-style decoder, or a BERT-style encoder, chosen by config.
 
-    tokens (B, T) -> embed (+ learned positions) -> N x Block -> final norm -> logits (B, T, V)
-    Block: x + Attn(Norm(x)) -> h + MLP(Norm(h))
+    tokens (B, T) -> embed (+ learned positions, + token types) -> N x Block -> final norm -> logits (B, T, V)
+    Block (pre-norm):  x + Attn(Norm(x)) -> h + MLP(Norm(h))
+    Block (post-norm, model.norm_position='post', BERT): Norm(x + Attn(x)) -> Norm(h + MLP(h)); the
+    embeddings are normed and there is no final norm.
+
+model.kind='encoder' attends bidirectionally (still never across packed documents or to
+padding) and predicts with an MLM head tied to the embeddings: dense -> GELU -> norm ->
+embedding^T + bias (BERT's and RoBERTa's head); it has no KV cache.
 
 With `scan_layers` the N blocks are one `nn.scan` over stacked parameters (leading axis
 'layers'), so compile time does not grow with depth; `remat` wraps each block in
@@ -47,7 +53,7 @@ _RESIDUAL_AXES = ('batch', 'activation_length', 'activation_embed')
 
 
 class Block(nn.Module):
-  """One pre-norm Transformer block. Returns (x, None) so it can be scanned."""
+  """One Transformer block (pre- or post-norm). Returns (x, None) so it can be scanned."""
   cfg: Any
   deterministic: bool = True
   decode: bool = False
@@ -58,8 +64,12 @@ class Block(nn.Module):
     x = nn.with_logical_constraint(x, _RESIDUAL_AXES)
     drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
     attn = Attention(cfg, self.decode, name='attn')
-    h = checkpoint_name(x + drop(attn(make_norm(cfg, 'attn_norm')(x), positions, segment_ids)), 'block_mid')
-    h = h + drop(MLP(cfg, name='mlp')(make_norm(cfg, 'mlp_norm')(h)))
+    if cfg.get('norm_position', 'pre') == 'post':
+      h = checkpoint_name(make_norm(cfg, 'attn_norm')(x + drop(attn(x, positions, segment_ids))), 'block_mid')
+      h = make_norm(cfg, 'mlp_norm')(h + drop(MLP(cfg, name='mlp')(h)))
+    else:
+      h = checkpoint_name(x + drop(attn(make_norm(cfg, 'attn_norm')(x), positions, segment_ids)), 'block_mid')
+      h = h + drop(MLP(cfg, name='mlp')(make_norm(cfg, 'mlp_norm')(h)))
     self.sow('intermediates', 'residual', h)
     return nn.with_logical_constraint(h, _RESIDUAL_AXES), None
 
@@ -71,14 +81,43 @@ def block_class(cfg, decode: bool = False):
   return nn.remat(Block, policy=remat_policy(cfg), prevent_cse=not cfg.scan_layers)
 
 
+class MLMHead(nn.Module):
+  """BERT's masked-LM transform: dense -> GELU -> norm, then the tied embedding matrix plus a bias."""
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, hidden, embedding):
+    cfg = self.cfg
+    dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    h = Projection((cfg.d_model,), (cfg.d_model,), ('embed',), ('mlp',), use_bias=True, name='dense',
+                   init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype)(hidden)
+    h = make_norm(cfg, 'norm')(nn.gelu(h, approximate=cfg.activation != 'gelu_exact'))
+    bias = param_with_axes(self, 'bias', nn.initializers.zeros, (cfg.vocab_size,), ('vocab',), pdtype)
+    b, t = h.shape[:2]
+    flat = h.reshape(b * t, cfg.d_model)
+    logits = jax.lax.dot_general(flat, embedding.astype(dtype), (((1,), (1,)), ((), ())))
+    return (logits + bias.astype(dtype)).reshape(b, t, -1)
+
+
+def is_encoder(model_cfg) -> bool:
+  """Whether the model is a bidirectional encoder with an MLM head (model.kind='encoder')."""
+  return model_cfg.get('kind', 'decoder') == 'encoder'
+
+
 class Transformer(nn.Module):
-  """Decoder-only language model. `cfg` is the `model` section of the run config."""
+  """Language model: a decoder or an encoder (model.kind). `cfg` is the `model` section of the run config.
+
+  `token_types` (B, T) selects token-type embeddings when model.type_vocab_size > 0 (default: type 0).
+  """
   cfg: Any
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True,
-               return_hidden: bool = False, decode: bool = False, head: bool = True):
+               return_hidden: bool = False, decode: bool = False, head: bool = True, token_types=None):
     cfg = self.cfg
+    post_norm = cfg.get('norm_position', 'pre') == 'post'
+    if decode and is_encoder(cfg):
+      raise ValueError("model.kind='encoder' cannot decode: it has no causal mask or KV cache")
     dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     b, t = tokens.shape
     if positions is None:
@@ -93,8 +132,16 @@ class Transformer(nn.Module):
     x = jnp.take(table, tokens, axis=0).astype(dtype)                         # (B, T, D)
     if cfg.positions == 'learned':
       pos_table = param_with_axes(self, 'pos_embedding', nn.initializers.normal(cfg.init_std),
-                                  (cfg.max_seq_len, cfg.d_model), (None, 'embed'), pdtype)
-      x = x + jnp.take(pos_table, positions, axis=0).astype(dtype)
+                                  (cfg.max_seq_len + cfg.get('position_offset', 0), cfg.d_model), (None, 'embed'),
+                                  pdtype)
+      x = x + jnp.take(pos_table, positions + cfg.get('position_offset', 0), axis=0).astype(dtype)
+    if cfg.get('type_vocab_size', 0):
+      type_table = param_with_axes(self, 'type_embedding', nn.initializers.normal(cfg.init_std),
+                                   (cfg.type_vocab_size, cfg.d_model), (None, 'embed'), pdtype)
+      types = jnp.zeros((b, t), jnp.int32) if token_types is None else token_types
+      x = x + jnp.take(type_table, types, axis=0).astype(dtype)
+    if post_norm:
+      x = make_norm(cfg, 'embed_norm')(x)
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, _RESIDUAL_AXES)
 
@@ -109,7 +156,13 @@ class Transformer(nn.Module):
       for i in range(cfg.num_layers):
         x, _ = block(cfg, deterministic, decode, name=f'layers_{i}')(x, positions, segment_ids)
 
-    hidden = make_norm(cfg, 'final_norm')(x)
+    hidden = x if post_norm else make_norm(cfg, 'final_norm')(x)
+    if is_encoder(cfg):
+      if not head:
+        raise ValueError('model.loss_vocab_chunk > 0 is for decoders (the MLM head has a bias)')
+      logits = MLMHead(cfg, name='mlm_head')(hidden, embedding)
+      logits = nn.with_logical_constraint(logits, ('batch', 'activation_length', 'activation_vocab'))
+      return (logits, hidden) if return_hidden else logits
     if not head:  # for a fused loss: (hidden, output matrix, whether it is (vocab, embed))
       if lora_spec(cfg, 'lm_head'):
         raise ValueError('model.loss_vocab_chunk > 0 cannot be combined with LoRA on lm_head')

@@ -11,7 +11,7 @@
 #   --dry-run            print the gcloud command instead of running it
 #   -h, --help           show this help
 #
-# Does not prompt. Checkpoints on gs:// survive; anything on the workers' disks is lost.
+# Does not prompt. Checkpoints in a mounted bucket survive; anything on the workers' disks is lost.
 set -euo pipefail
 
 # shellcheck source=SCRIPTDIR/../lib.sh

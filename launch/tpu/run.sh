@@ -4,7 +4,7 @@
 # Usage: launch/tpu/run.sh [flags] -- <command ...>
 #        launch/tpu/run.sh [flags] --attach | --stop
 #   e.g. launch/tpu/run.sh --name my-tpu --zone us-east5-a -- \
-#          python -m fmjax.train --config configs/llama_1b.py --workdir gs://bucket/run1
+#          python -m fmjax.train --config configs/llama_1b.py --workdir /mnt/bucket/run1
 #
 #   --name NAME          TPU VM name                  (env TPU_NAME, required)
 #   --zone ZONE          GCP zone                     (env ZONE, required)
