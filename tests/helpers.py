@@ -76,3 +76,14 @@ def with_fields(cfg, **top):
 def losses_of(result) -> dict:
   """{step: loss} from a loop result's logged history."""
   return {s: m['loss'] for s, m in result.history}
+
+
+def assert_same_tree(a, b):
+  """Two parameter trees are bit-identical: same paths, dtypes, shapes and bytes."""
+  import jax
+  fa, fb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+  assert [p for p, _ in fa] == [p for p, _ in fb]
+  for (path, x), (_, y) in zip(fa, fb):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape, path
+    assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), jax.tree_util.keystr(path)

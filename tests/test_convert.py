@@ -14,7 +14,7 @@ from fmjax import checkpoint  # noqa: E402
 from fmjax.model import layout  # noqa: E402
 from fmjax.convert import ConversionError, driver, source, verify  # noqa: E402
 from fmjax.convert.cli import main as cli_main  # noqa: E402
-from helpers import tiny_config  # noqa: E402
+from helpers import assert_same_tree, tiny_config  # noqa: E402
 
 LLAMA = dict(vocab_size=96, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64, max_seq_len=32,
              rope_theta=500.0, norm_eps=1e-6)
@@ -69,15 +69,6 @@ def _fmjax_workdir(tmp_path, overrides, scan_layers=True, seed=1, tokenizer=None
   return workdir, params, cfg.model
 
 
-def _assert_same_tree(a, b):
-  fa, fb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
-  assert [p for p, _ in fa] == [p for p, _ in fb]
-  for (path, x), (_, y) in zip(fa, fb):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and x.shape == y.shape, path
-    assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), jax.tree_util.keystr(path)
-
-
 @pytest.mark.parametrize('kind,scan', [('llama', True), ('gpt2', False), ('mistral', True)])
 def test_import_from_hf_matches_logits(tmp_path, kind, scan):
   model = _hf_model(kind, tmp_path / 'hf')
@@ -89,7 +80,7 @@ def test_import_from_hf_matches_logits(tmp_path, kind, scan):
   # The written checkpoint restores through fmjax's Checkpointer and metadata alone.
   src = source.open_source(str(tmp_path / 'fm'))
   assert src.step == 0 and src.model.scan_layers == scan and src.meta['params_only']
-  _assert_same_tree(source.restore_params(src), out['params'])
+  assert_same_tree(source.restore_params(src), out['params'])
 
 
 @pytest.mark.parametrize('overrides,scan', [(LLAMA, True), (LLAMA, False), (GPT2, True)])
@@ -107,7 +98,7 @@ def test_export_to_hf_and_back(tmp_path, overrides, scan):
   print(f'{out["family"].NAME} fmjax -> HF: max abs logits diff {diff:.3g}, {out["seconds"]:.2f}s')
   assert diff < 1e-4
   back = driver.from_hf(str(tmp_path / 'hf'), str(tmp_path / 'back'), scan_layers=scan)
-  _assert_same_tree(back['params'], params)
+  assert_same_tree(back['params'], params)
 
 
 def test_export_bf16_verifies_through_cli(tmp_path, capsys):
@@ -228,11 +219,11 @@ def test_training_checkpoint_to_params_only(trained, tmp_path):
   assert dst.meta['params_only'] and dst.model.param_dtype == 'bfloat16' and dst.tokenizer == 'byte'
   restored = source.restore_params(dst)
   assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(restored))  # on one device
-  _assert_same_tree(restored, jax.tree.map(lambda x: np.asarray(x).astype(jax.numpy.bfloat16), reference))
+  assert_same_tree(restored, jax.tree.map(lambda x: np.asarray(x).astype(jax.numpy.bfloat16), reference))
 
   fp32 = driver.params_only(src, str(tmp_path / 'fp32'), scan_layers=False, mesh_spec='1,2,1')
   unrolled = source.restore_params(source.open_source(str(tmp_path / 'fp32')))
-  _assert_same_tree(unrolled, layout.scanned_to_unrolled(jax.device_get(reference), trained.model.num_layers))
+  assert_same_tree(unrolled, layout.scanned_to_unrolled(jax.device_get(reference), trained.model.num_layers))
 
   train_size = _disk_bytes(os.path.join(trained.workdir, 'checkpoints', '1'))
   ratios = {k: _disk_bytes(out['path']) / train_size for k, out in (('bf16', bf16), ('fp32', fp32))}

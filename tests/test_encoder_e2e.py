@@ -3,14 +3,11 @@
 
 import json
 import os
-import signal
-import subprocess
 
 import pytest
 
 from helpers import write_corpus
-from test_train_e2e import (ROOT, SERIAL, _wait_for, base_env, checkpoints, command, logged_losses,
-                            train_cli, train_records)
+from test_train_e2e import SERIAL, checkpoints, kill_after_checkpoint, logged_losses, train_cli, train_records
 
 pytestmark = pytest.mark.slow
 
@@ -35,15 +32,7 @@ def test_mlm_sigkill_after_a_checkpoint_resumes_bit_identically(tmp_path, data):
   ref = tmp_path / 'ref'
   assert train_cli(ref, data, *_run(), devices=1, env=SERIAL) == [0]
   run = tmp_path / 'run'
-  proc = subprocess.Popen(command(run, data, *_run()), env=base_env(1, **SERIAL), cwd=ROOT)
-  try:
-    assert _wait_for(lambda: 10 in checkpoints(run) and max(logged_losses(run), default=0) >= 12, 180, proc), \
-        'no checkpoint at step 10 followed by logged steps'
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
+  kill_after_checkpoint(run, data, _run())
   assert checkpoints(run)[-1] < 30
   assert train_cli(run, data, *_run(), devices=1, env=SERIAL) == [0]
   want, got = logged_losses(ref), logged_losses(run)

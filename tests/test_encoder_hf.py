@@ -16,6 +16,7 @@ from safetensors.numpy import load_file  # noqa: E402
 from fmjax.convert import ConversionError, driver, source, verify  # noqa: E402
 from fmjax.convert.bert import BERT, ROBERTA  # noqa: E402
 from fmjax.data import tokenizers as fm_tokenizers  # noqa: E402
+from helpers import assert_same_tree  # noqa: E402
 
 WORDS = 'the quick brown fox jumps over a lazy dog while seven wizards quietly hum jazz def return self'.split()
 TEXTS = ['The quick brown fox jumps over the lazy dog.', 'seven wizards hum jazz, quietly!',
@@ -74,15 +75,6 @@ def _tokens(vocab_size, avoid=(0, 1, 2)):
   """Random ids without pad/specials (RoBERTa numbers positions around its pad id)."""
   tokens = verify.sample_tokens(vocab_size, 32, length=24)
   return np.where(np.isin(tokens, avoid), 5, tokens)
-
-
-def _assert_same_tree(a, b):
-  fa, fb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
-  assert [p for p, _ in fa] == [p for p, _ in fb]
-  for (path, x), (_, y) in zip(fa, fb):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and x.shape == y.shape, path
-    assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), jax.tree_util.keystr(path)
 
 
 @pytest.fixture(scope='module', params=['bert', 'roberta'])
@@ -149,7 +141,7 @@ def test_to_hf_loads_in_transformers_and_round_trips_bit_identically(imported):
     assert np.array_equal(value.view(np.uint8), again[name].view(np.uint8)), name
   # fmjax -> HF -> fmjax: the params tree, bit for bit
   back = driver.from_hf(str(root / 'export'), str(root / 'back'), scan_layers=out['model'].scan_layers)
-  _assert_same_tree(back['params'], out['params'])
+  assert_same_tree(back['params'], out['params'])
 
 
 def test_tokenizer_through_the_tokenizer_layer(imported):

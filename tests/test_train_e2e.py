@@ -79,6 +79,19 @@ def train_records(workdir) -> list[tuple[int, float]]:
   return [(r['step'], r['loss']) for r in records if r['split'] == 'train']
 
 
+def kill_after_checkpoint(run, data, args, step: int = 10) -> None:
+  """Start a one-process run and SIGKILL it once checkpoint `step` exists and later steps are logged."""
+  proc = subprocess.Popen(command(run, data, *args), env=base_env(1, **SERIAL), cwd=ROOT)
+  try:
+    assert _wait_for(lambda: step in checkpoints(run) and max(logged_losses(run), default=0) >= step + 2, 180,
+                     proc), f'no checkpoint at step {step} followed by logged steps'
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+
+
 def checkpoints(workdir) -> list:
   d = os.path.join(workdir, 'checkpoints')
   return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
@@ -128,15 +141,7 @@ def test_sigkill_after_a_checkpoint_resumes_bit_identically(tmp_path, data):
   ref = tmp_path / 'ref'
   assert train_cli(ref, data, *_slow_run(), devices=1, env=SERIAL) == [0]
   run = tmp_path / 'run'
-  proc = subprocess.Popen(command(run, data, *_slow_run()), env=base_env(1, **SERIAL), cwd=ROOT)
-  try:
-    assert _wait_for(lambda: 10 in checkpoints(run) and max(logged_losses(run), default=0) >= 12, 180, proc), \
-        'no checkpoint at step 10 followed by logged steps'
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
+  kill_after_checkpoint(run, data, _slow_run())
   assert checkpoints(run)[-1] < 40
   killed_at = max(logged_losses(run))
   assert killed_at > checkpoints(run)[-1], 'steps after the last checkpoint were logged before the kill'
