@@ -65,6 +65,12 @@ class MetricWriter:
     elif prefix != 'train' or 'loss' in scalars:
       print(_console_line(step, scalars, prefix), flush=True)
 
+  def image(self, tag: str, pixels, step: int) -> None:
+    """Record an RGB image (uint8, height x width x 3) in TensorBoard under `tag`."""
+    if not self.enabled or self._failed:
+      return
+    self._guarded(self._tb.image, self._tb.path, step, tag, pixels)
+
   def advance(self, step: int) -> None:
     """Move the progress bar to `step`."""
     if self._bar is not None:
@@ -144,6 +150,13 @@ class _EventFile:
     summary = self._summary_pb2.Summary(
         value=[self._summary_pb2.Summary.Value(tag=tag, simple_value=v) for tag, v in values.items()])
     self._events.write_event(self._event_pb2.Event(step=step, wall_time=time.time(), summary=summary))
+
+  def image(self, step: int, tag: str, pixels) -> None:
+    """One event holding a PNG-encoded image."""
+    from tensorboardX import summary  # pylint: disable=import-outside-toplevel
+    event = self._event_pb2.Event(step=step, wall_time=time.time(),
+                                  summary=summary.image(tag, pixels, dataformats='HWC'))
+    self._events.write_event(event)
 
   def flush(self) -> None:
     self._events.flush()

@@ -1,11 +1,13 @@
 """metrics.jsonl and TensorBoard after a resume, strict JSON, eval lines on the console with the bar."""
 
 import glob
+import io
 import json
 import math
 import os
 import struct
 
+import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
@@ -138,3 +140,16 @@ def test_tensorboard_events_reach_the_disk_every_flush_interval(tmp_path, monkey
   (events,) = tb_events(tmp_path)                  # no flush() and no close(): on disk already
   writer.close()
   assert [(e.step, v.tag) for e in events for v in e.summary.value] == [(2, 'train/loss')]
+
+
+def test_image_reaches_tensorboard_as_a_png(tmp_path):
+  pixels = np.zeros((12, 20, 3), np.uint8)
+  pixels[:, :10, 0] = 255   # left half red
+  writer = MetricWriter(str(tmp_path), 10, progress_bar=False, enabled=True)
+  writer.image('eval/confusion', pixels, step=4)
+  writer.close()
+  images = [(e.step, v) for events in tb_events(tmp_path) for e in events for v in e.summary.value if v.HasField('image')]
+  assert len(images) == 1 and images[0][0] == 4 and images[0][1].tag == 'eval/confusion'
+  from PIL import Image
+  decoded = np.asarray(Image.open(io.BytesIO(images[0][1].image.encoded_image_string)).convert('RGB'))
+  np.testing.assert_array_equal(decoded, pixels)
