@@ -84,9 +84,9 @@ def loss_fn(classifier: Classifier) -> Callable:
 
 
 def predict_fn(classifier: Classifier) -> Callable[[Any, dict], dict]:
-  """`predict(params, batch) -> {'prediction', 'label', 'valid'}` per example (B,)."""
+  """`predict(params, batch) -> {'prediction', 'label', 'valid'} (B,), 'probabilities' (B, C)}`."""
   def predict(params, batch):
     logits = classifier.logits(params, batch)
     return {'prediction': jnp.argmax(logits, -1).astype(jnp.int32), 'label': batch['targets'][:, 0],
-            'valid': batch['weights'].sum(-1) > 0}
+            'valid': batch['weights'].sum(-1) > 0, 'probabilities': jax.nn.softmax(logits, -1)}
   return predict
