@@ -24,6 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 
 import fmjax
+from fmjax import paths
 from fmjax.errors import UserError
 
 # Model options that change parameter shapes or structure: a mismatch cannot be restored.
@@ -71,7 +72,7 @@ class Checkpointer:
   """A thin CheckpointManager wrapper: save every N steps, keep K, resume from the latest."""
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.resolve(directory)
     _quiet_orbax_failure_noise()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True)
@@ -149,13 +150,10 @@ class Checkpointer:
 
   def intact_steps(self, exclude: int | None = None) -> list[int]:
     """Finalised checkpoint steps on disk (every file present; `exclude` left out), oldest first."""
-    try:
-      names = os.listdir(self.directory)
-    except OSError:
-      return []
+    names = _listdir(self.directory)
     steps = sorted(int(n) for n in names if n.isdigit() and int(n) != exclude)
-    return [s for s in steps if _unreadable_json(os.path.join(self.directory, str(s))) is None
-            and os.path.isdir(os.path.join(self.directory, str(s), 'state'))]
+    return [s for s in steps if _unreadable_json(paths.join(self.directory, str(s))) is None
+            and paths.isdir(paths.join(self.directory, str(s), 'state'))]
 
   def _finish_pending(self) -> None:
     step, self._pending = self._pending, None
@@ -179,7 +177,7 @@ class Checkpointer:
             errno.EACCES: f'make {self.directory} writable', errno.EROFS: 'use a writable --workdir'}.get(
                 code, 'fix the cause')
     if partial:
-      todo += f' (the partial save {os.path.join(self.directory, partial[0])} can be deleted)'
+      todo += f' (the partial save {paths.join(self.directory, partial[0])} can be deleted)'
     resume = f' from step {intact[-1]}' if intact else ''
     what = f'checkpoint {step}' if step is not None else 'a checkpoint'
     return WorkdirWriteError(f'cannot save {what} in {self.directory}: {reason}{where}; {kept}; '
@@ -187,7 +185,7 @@ class Checkpointer:
 
   def _read_error(self, step: int, e: BaseException, action: str) -> CheckpointError:
     """One line: which step, which file or array failed, which earlier checkpoint is intact, what to do."""
-    step_dir = os.path.join(self.directory, str(step))
+    step_dir = paths.join(self.directory, str(step))
     damage = _damage(step_dir, e)
     if damage is None:  # the files parse: most likely another model or config
       return CheckpointError(f'cannot {action} checkpoint {step} in {self.directory} ({_root_message(e)}); it holds '
@@ -303,13 +301,12 @@ def _lower_first(text: str) -> str:
 
 def _unreadable_json(step_dir: str) -> str | None:
   """'FILE is not valid JSON (...)' for the first damaged JSON file of a checkpoint, else None."""
-  for root, _, files in os.walk(step_dir):
+  for root, _, files in paths.walk(step_dir):
     for name in sorted(files):
-      if name in _JSON_FILES or name.endswith('.json') or os.path.basename(root) == 'array_metadatas':
-        path = os.path.join(root, name)
+      if name in _JSON_FILES or name.endswith('.json') or paths.basename(root) == 'array_metadatas':
+        path = paths.join(root, name)
         try:
-          with open(path, encoding='utf-8') as f:
-            json.load(f)
+          json.loads(paths.read_text(path))
         except ValueError as err:
           return f'{path} is not valid JSON ({getattr(err, "msg", type(err).__name__)})'
         except OSError as err:
@@ -319,7 +316,7 @@ def _unreadable_json(step_dir: str) -> str | None:
 
 def _listdir(directory: str) -> list[str]:
   try:
-    return os.listdir(directory)
+    return paths.listdir(directory)
   except OSError:
     return []
 

@@ -97,7 +97,8 @@ def load_run_config(config: str, workdir: str | None, overrides: Sequence[str]):
     cfg.workdir = workdir
   if not cfg.workdir:
     raise config_lib.ConfigError('no workdir: pass --workdir DIR')
-  cfg.workdir = os.path.abspath(os.path.expanduser(cfg.workdir))
+  from fmjax import paths  # pylint: disable=import-outside-toplevel
+  cfg.workdir = paths.resolve(cfg.workdir)   # local: absolute; gs://...: as given
   return cfg
 
 

@@ -466,7 +466,6 @@ def to_json(cfg: ml_collections.ConfigDict) -> str:
 
 
 def save(cfg: ml_collections.ConfigDict, path: str) -> None:
-  """Write the resolved config as JSON."""
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  with open(path, 'w') as f:
-    f.write(to_json(cfg))
+  """Write the resolved config as JSON (atomically; `path` may be a URL)."""
+  from fmjax import paths  # pylint: disable=import-outside-toplevel
+  paths.write_text(path, to_json(cfg))

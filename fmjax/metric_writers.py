@@ -4,6 +4,9 @@ Only process 0 writes; other processes get a writer that drops everything. A res
 `resume_step`: records after it are dropped from `metrics.jsonl` and TensorBoard purges them, so
 the logs hold each step once. `metrics.jsonl` is strict JSON (NaN and infinities are written as
 null). A write that fails (disk full) is one WorkdirWriteError line.
+
+A remote workdir (gs://...) cannot be appended to: both files are kept in a local staging directory
+and uploaded whole at every `flush` (each checkpoint, and at least every FLUSH_SECONDS) and at `close`.
 """
 
 from __future__ import annotations
@@ -11,11 +14,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import jax
 
+from fmjax import paths
 from fmjax.checkpoint import WorkdirWriteError
 
 FLUSH_SECONDS = 30.0  # TensorBoard events reach the disk at least this often (and at every `flush`)
@@ -30,10 +36,16 @@ class MetricWriter:
     self._tb = self._bar = None
     self._fd = -1
     self._failed = False
+    self._remote = workdir if paths.is_url(workdir) else None   # uploaded to at each flush
     self.path = os.path.join(workdir, 'metrics.jsonl')
     if not self.enabled:
       return
     try:
+      if self._remote:
+        workdir = tempfile.mkdtemp(prefix='fmjax-run-log-')
+        self.path = os.path.join(workdir, 'metrics.jsonl')
+        if paths.exists(paths.join(self._remote, 'metrics.jsonl')):
+          paths.copy(paths.join(self._remote, 'metrics.jsonl'), self.path)
       os.makedirs(workdir, exist_ok=True)
       if resume_step is not None:
         keep_steps_up_to(self.path, resume_step)
@@ -89,6 +101,13 @@ class MetricWriter:
     """Put everything written so far on disk (call it when a checkpoint is saved)."""
     if self.enabled and not self._failed:
       self._guarded(self._tb.flush, self._tb.path)
+      if self._remote:
+        self._guarded(self._upload, self._remote)
+
+  def _upload(self) -> None:
+    """Copy the staged files to the remote workdir (whole: object stores cannot append)."""
+    paths.copy(self.path, paths.join(self._remote, 'metrics.jsonl'))
+    paths.copy(self._tb.path, paths.join(self._remote, 'tensorboard', os.path.basename(self._tb.path)))
 
   def close(self) -> None:
     """Flush and close the files. Never raises (it runs in `finally` blocks): a failure is one warning line."""
@@ -100,9 +119,13 @@ class MetricWriter:
     self._fd = -1
     try:
       self._tb.close(quiet=self._failed)
+      if self._remote and not self._failed:
+        self._upload()
     except OSError as e:
       print(f'warning: the TensorBoard log {self._tb.path} may miss its last steps: '
             f'{(e.strerror or str(e)).lower()}', file=sys.stderr, flush=True)
+    if self._remote:
+      shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
 
   def _append(self, text: str) -> None:
     """Append a whole line or nothing: a failed write is cut back so the file stays valid JSON lines."""

@@ -24,6 +24,7 @@ import jax
 import ml_collections
 
 from fmjax import config as config_lib
+from fmjax import paths
 from fmjax.checkpoint import CheckpointError
 
 # Model fields a run may set differently from the checkpoint it loads: how the function is computed
@@ -118,10 +119,9 @@ def adopt_model(model_cfg, meta: dict, explicit: Sequence[str] | set, where: str
 def load_config(workdir: str, meta: dict | None = None, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """The run config of `workdir` (config.json), with the model from `meta` and overrides applied (an
   override contradicting the checkpoint's model is an error, see `adopt_model`)."""
-  path = os.path.join(workdir, 'config.json')
+  path = paths.join(workdir, 'config.json')
   try:
-    with open(path) as f:
-      saved = json.load(f)
+    saved = json.loads(paths.read_text(path))
   except OSError:
     raise CheckpointError(f'no config.json in {workdir}: is it a workdir made by fmjax.train?') from None
   except json.JSONDecodeError as e:
@@ -133,7 +133,7 @@ def load_config(workdir: str, meta: dict | None = None, overrides: Sequence[str]
   cfg.update(saved)
   cfg = config_lib.apply_overrides(cfg, list(overrides))
   if meta and 'model' in meta:
-    cfg.model = adopt_model(cfg.model, meta, explicit_model_keys(overrides), os.path.join(workdir, 'checkpoints'))
+    cfg.model = adopt_model(cfg.model, meta, explicit_model_keys(overrides), paths.join(workdir, 'checkpoints'))
   return config_lib.validate(cfg)
 
 
@@ -144,15 +144,15 @@ def locate_checkpoint(path: str, step: int | None = None):
   CheckpointErrors otherwise. The one checkpoint locator of fmjax (restore, finetune, convert).
   """
   from fmjax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isdir(path):
+  path = paths.resolve(path)
+  if not paths.isdir(path):
     raise CheckpointError(f'{path} does not exist: pass a workdir made by fmjax.train (or its checkpoints/ '
                           'directory, or one checkpoints/<step> directory)')
-  name, path_step = os.path.basename(path), None
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
-    directory = os.path.join(path, 'checkpoints')
-  elif name.isdigit() and os.path.isdir(os.path.join(path, 'state')):
-    directory, path_step = os.path.dirname(path), int(name)
+  name, path_step = paths.basename(path), None
+  if paths.isdir(paths.join(path, 'checkpoints')):
+    directory = paths.join(path, 'checkpoints')
+  elif name.isdigit() and paths.isdir(paths.join(path, 'state')):
+    directory, path_step = paths.dirname(path), int(name)
   elif name == 'checkpoints':
     directory = path
   else:
@@ -170,7 +170,7 @@ def locate_checkpoint(path: str, step: int | None = None):
   elif step not in steps:
     ckpt.close()
     raise CheckpointError(f'{directory} has no step {step} (have {sorted(steps)})')
-  return ckpt, step, os.path.dirname(directory)
+  return ckpt, step, paths.dirname(directory)
 
 
 def load_tokenizer(workdir: str, spec: str):
@@ -178,7 +178,8 @@ def load_tokenizer(workdir: str, spec: str):
   from fmjax.data import tokenizers  # pylint: disable=import-outside-toplevel
   if spec == 'byte':
     return tokenizers.ByteTokenizer()
-  return tokenizers.load_tokenizer(os.path.join(workdir, os.path.expanduser(spec)))
+  spec = os.path.expanduser(spec)
+  return tokenizers.load_tokenizer(spec if os.path.isabs(spec) or paths.is_url(spec) else paths.join(workdir, spec))
 
 
 def restore(workdir: str, overrides: Sequence[str] = (), step: int | None = None) -> Restored:

@@ -11,6 +11,7 @@ import json
 import os
 
 from fmjax import config as config_lib
+from fmjax import paths
 
 # Options whose change alters what a resumed run means (refused unless allow_config_change); every
 # other change (logging, checkpointing, mesh, attention kernel, remat, compute dtype, microbatches,
@@ -64,12 +65,11 @@ def resume_changes(workdir: str, cfg, resuming: bool, finetune: bool = False) ->
   Raises ConfigError (one line) on a run-defining change unless `cfg.allow_config_change`; call
   it before writing config.json, so that a refused resume leaves the workdir as it was.
   """
-  path = os.path.join(workdir, 'config.json')
-  if not resuming or not os.path.exists(path):
+  path = paths.join(workdir, 'config.json')
+  if not resuming or not paths.exists(path):
     return []
   try:
-    with open(path) as f:
-      saved = json.load(f)
+    saved = json.loads(paths.read_text(path))
   except (OSError, ValueError) as e:
     return [f'note: cannot read the saved {path} ({e}); the config is not compared']
   new = json.loads(config_lib.to_json(cfg))

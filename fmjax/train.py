@@ -18,7 +18,7 @@ from typing import Sequence
 
 from fmjax import cli
 from fmjax import config as config_lib
-from fmjax import distributed
+from fmjax import distributed, paths
 
 USAGE = """python -m fmjax.train --config CONFIG.py --workdir DIR [--init-from CHECKPOINT] [--config.KEY=VALUE ...]
 
@@ -39,7 +39,7 @@ def _adopt_checkpoint(cfg, init_from: str, overrides, cleanup):
   spec = meta.get('tokenizer', cfg.data.tokenizer)
   if not spec:
     raise restore.CheckpointError(f'{source.directory}/{step} records no tokenizer: import the model with one')
-  cfg.data.tokenizer = spec if spec == 'byte' else os.path.join(workdir, spec)
+  cfg.data.tokenizer = spec if spec == 'byte' else paths.join(workdir, spec)
   config_lib.validate(cfg)
   return source, step
 
@@ -62,7 +62,7 @@ def train(cfg, init_from: str | None = None, overrides: Sequence[str] | None = N
     if lock is not None:
       cleanup.callback(lock.release)
     source = _adopt_checkpoint(cfg, init_from, overrides, cleanup) if init_from else None
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.keep_checkpoints,
+    ckpt = checkpoint.Checkpointer(paths.join(workdir, 'checkpoints'), cfg.keep_checkpoints,
                                    cfg.async_checkpoints)
     cleanup.callback(ckpt.close)
     latest = ckpt.latest_step()
@@ -70,7 +70,7 @@ def train(cfg, init_from: str | None = None, overrides: Sequence[str] | None = N
       checkpoint.check_compatible(ckpt.read_metadata(latest), cfg.model, f'{ckpt.directory}/{latest}')
     changes = resume.resume_changes(workdir, cfg, latest is not None)
     if distributed.is_leader():
-      config_lib.save(cfg, os.path.join(workdir, 'config.json'))
+      config_lib.save(cfg, paths.join(workdir, 'config.json'))
     tokenizer = tokenizers.load_tokenizer(cfg.data.tokenizer)
     tokenizers.check_vocab(tokenizer, cfg.model.vocab_size)
     mesh = shd.make_mesh(cfg.mesh)
@@ -102,7 +102,7 @@ def train(cfg, init_from: str | None = None, overrides: Sequence[str] | None = N
 
     if latest is not None:
       state = ckpt.restore(latest, run.state.abstract)
-      batches.set_state(stream_set.read_saved_state(os.path.join(ckpt.directory, str(latest), 'data')))
+      batches.set_state(stream_set.read_saved_state(paths.join(ckpt.directory, str(latest), 'data')))
       writer.log(f'resumed from {ckpt.directory}/{latest}')
     else:
       state = run.init(jax.random.PRNGKey(cfg.seed))

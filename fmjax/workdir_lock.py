@@ -6,6 +6,10 @@ A second run finds it and stops with one line naming the holder. A lock left by 
 this host (no such pid, or a pid that now belongs to a later process, or a reboot since) is taken
 over with a notice; a lock held on another host cannot be checked from here, so the run refuses
 unless `--config.force_unlock=true`. In multi-process runs process 0 holds it for all.
+
+On an object store (a gs:// workdir) the lock is an object created with the store's "only if absent"
+precondition (GCS ifGenerationMatch=0, see fmjax.paths.create_exclusive), so two runs cannot both
+create it; taking over a stale one compares its content just before deleting it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import sys
 import time
 import uuid
 
+from fmjax import paths
 from fmjax.errors import UserError
 
 LOCK_FILE = 'fmjax.lock'
@@ -32,9 +37,8 @@ class WorkdirLockedError(UserError):
 
 def _read_text(path: str) -> str | None:
   try:
-    with open(path) as f:
-      return f.read()
-  except OSError:
+    return paths.read_text(path)
+  except (OSError, ValueError):
     return None
 
 
@@ -90,8 +94,8 @@ class WorkdirLock:
   """`WORKDIR/fmjax.lock` for one run: `acquire()` or raise WorkdirLockedError; `release()` at the end."""
 
   def __init__(self, workdir: str, force: bool = False, command: str | None = None, notice=None):
-    self.workdir = os.path.abspath(workdir)
-    self.path = os.path.join(self.workdir, LOCK_FILE)
+    self.workdir = paths.resolve(workdir)
+    self.path = paths.join(self.workdir, LOCK_FILE)
     self.force = force
     self.record = {
         'pid': os.getpid(), 'host': socket.gethostname(), 'boot_id': boot_id(),
@@ -105,20 +109,15 @@ class WorkdirLock:
 
   def acquire(self) -> 'WorkdirLock':
     """Create the lock file, taking over a stale one; raise WorkdirLockedError if another run holds it."""
-    os.makedirs(self.workdir, exist_ok=True)
     for _ in range(50):
       try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
+        created = paths.create_exclusive(self.path, json.dumps(self.record).encode())
+      except OSError as e:
+        raise WorkdirLockedError(f'cannot create the lock file {self.path}: {e.strerror or e}; check that the '
+                                 'workdir is writable') from e
+      if not created:
         self._handle_existing()
         continue
-      except OSError as e:
-        raise WorkdirLockedError(f'cannot create the lock file {self.path}: {e.strerror}; check that the workdir '
-                                 'is writable') from e
-      with os.fdopen(fd, 'w') as f:
-        json.dump(self.record, f)
-        f.flush()
-        os.fsync(f.fileno())
       self.held = True
       return self
     raise WorkdirLockedError(f'could not take the lock {self.path}: other runs keep creating it; start one run '
@@ -155,7 +154,13 @@ class WorkdirLock:
 
   def _remove_if_unchanged(self, text: str) -> bool:
     """Remove the lock file if it still holds `text` (under an flock of the workdir, so that two runs
-    taking over the same stale lock cannot remove each other's new one)."""
+    taking over the same stale lock cannot remove each other's new one; on object stores, which have no
+    locks, by comparing just before the delete)."""
+    if paths.is_url(self.workdir):
+      if _read_text(self.path) != text:
+        return False
+      paths.remove(self.path)
+      return True
     fd = os.open(self.workdir, os.O_RDONLY)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX)
@@ -178,8 +183,7 @@ class WorkdirLock:
     except (ValueError, AttributeError):
       mine = False
     if mine:
-      with contextlib.suppress(FileNotFoundError):
-        os.unlink(self.path)
+      paths.remove(self.path)
 
   def __enter__(self) -> 'WorkdirLock':
     return self.acquire()
@@ -190,7 +194,7 @@ class WorkdirLock:
 
 def _mtime(path: str) -> float:
   try:
-    return os.path.getmtime(path)
+    return os.path.getmtime(path) if not paths.is_url(path) else paths.epath_of(path).stat().mtime
   except OSError:
     return 0.0
 
@@ -213,7 +217,7 @@ def lock_for_run(workdir: str, force: bool = False) -> WorkdirLock | None:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     failed = int(multihost_utils.broadcast_one_to_all(np.int32(1 if error else 0)))
     if failed and not error:
-      error = f'workdir {os.path.abspath(workdir)} is in use by another run (process 0 reports the holder)'
+      error = f'workdir {paths.resolve(workdir)} is in use by another run (process 0 reports the holder)'
   if error:
     raise WorkdirLockedError(error)
   return lock

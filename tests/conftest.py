@@ -7,3 +7,23 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Compile-only TPU tests load libtpu in-process; without this, another JAX process on the machine
 # holding libtpu's lockfile makes them fail.
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+# gcsfs reads this when imported: the offline GCS of tests/fake_gcs.py speaks HTTP only (no gRPC probe)
+os.environ['GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT'] = 'false'
+
+
+import pytest  # noqa: E402  (after the environment above)
+
+
+@pytest.fixture(scope='session')
+def gcs():
+  """An offline gs:// for the session (tests/fake_gcs.py): yields the bucket URL 'gs://fmjax-test'.
+
+  One emulator per session: gcsfs, etils and TensorStore keep their endpoint once they have used it."""
+  import importlib.util
+  for module, why in (('gcp_storage_emulator', 'the fake GCS needs gcp-storage-emulator (the test extra)'),
+                      ('gcsfs', 'gs:// paths need gcsfs (the gcs extra)')):
+    if importlib.util.find_spec(module) is None:
+      pytest.skip(why)
+  import fake_gcs
+  with fake_gcs.fake_gcs('fmjax-test'):
+    yield 'gs://fmjax-test'

@@ -38,6 +38,7 @@ from typing import Any, Sequence
 import grain
 import tensorflow_datasets as tfds
 
+from fmjax import paths
 from fmjax.data import corpora, formats, local_build
 from fmjax.data.documents import DocumentReader, name_files, resolve_files
 from fmjax.data.errors import DataError
@@ -89,10 +90,10 @@ def _reader(data_cfg, pattern: str, what: str) -> DocumentReader:
   source = data_cfg.source
   if source not in LOCAL_SOURCES[1:]:
     raise DataError(f'data.source={source!r} is not one of {", ".join(LOCAL_SOURCES)}, tfds')
-  paths = resolve_files(pattern, what)
-  for path in paths:
+  files = resolve_files(pattern, what)
+  for path in files:
     formats.check_kind(path, source)
-  return DocumentReader(paths, kind=source, split_by=data_cfg.split_by, jsonl_field=data_cfg.jsonl_field,
+  return DocumentReader(files, kind=source, split_by=data_cfg.split_by, jsonl_field=data_cfg.jsonl_field,
                         binary_files='skip' if data_cfg.skip_binary else 'refuse')
 
 
@@ -175,7 +176,7 @@ def _build(data_cfg, reader: DocumentReader, evals: DocumentReader | None, tmp: 
   tasks = local_build.plan_tasks(reader, 'hash' if evals is None else 'train', fraction, tmp, 0)
   if evals is not None:
     tasks += local_build.plan_tasks(evals, 'validation', 0.0, tmp, len(tasks))
-  total = sum(os.path.getsize(p) for r in (reader, evals) if r for p in r.paths)
+  total = sum(paths.size(p) for r in (reader, evals) if r for p in r.paths)
   results = local_build.run_tasks(tasks, total)
   n_train = sum(1 for t in tasks if t.reader is reader)
   train, val = local_build.merge_results(results[:n_train]), local_build.merge_results(results[n_train:])

@@ -10,13 +10,13 @@ invalid UTF-8 is "binary": it raises BinaryInput / is reported, and the caller r
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import os
 import stat
 from typing import Iterator
 
+from fmjax import paths
 from fmjax.data import formats
 from fmjax.data.errors import DataError
 
@@ -25,16 +25,26 @@ def resolve_files(pattern: str, what: str = 'data.files') -> list[str]:
   """Sorted absolute paths matched by a glob (`**` recurses); each must be a readable file."""
   if not pattern:
     raise DataError(f'{what} is empty: set it to a glob of input files, e.g. "corpus/*.txt"')
-  paths = sorted({os.path.abspath(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True)})
-  if not paths:
+  try:
+    found = sorted({p if paths.is_url(p) else os.path.abspath(p) for p in paths.glob(pattern)})
+  except OSError as e:
+    raise DataError(f'cannot list {what}={pattern!r}: {e}') from None
+  if not found:
     raise DataError(f'{what}={pattern!r} matches no files: check the path/glob')
-  for path in paths:
+  for path in found:
     check_readable(path)
-  return paths
+  return found
 
 
-def check_readable(path: str) -> os.stat_result:
-  """The file's stat, or DataError if it is missing (e.g. a broken link), not a file, or unreadable."""
+def check_readable(path: str) -> int:
+  """The file's size, or DataError if it is missing (e.g. a broken link), not a file, or unreadable."""
+  if paths.is_url(path):
+    try:
+      if not paths.isfile(path):
+        raise DataError(f'input {path} is not a file: narrow the glob to match files only')
+      return paths.size(path)
+    except OSError as e:
+      raise DataError(f'cannot read input file {path}: {e}') from None
   try:
     st = os.stat(path)
   except OSError as e:
@@ -43,17 +53,16 @@ def check_readable(path: str) -> os.stat_result:
     raise DataError(f'input {path} is not a regular file: narrow the glob to match files only')
   if not os.access(path, os.R_OK):
     raise DataError(f'input file {path} is not readable: fix its permissions')
-  return st
+  return st.st_size
 
 
 def read_utf8(path: str, what: str = 'file') -> str:
   """A whole UTF-8 text file (a leading BOM dropped); unreadable, binary (NUL bytes) or non-UTF-8
   content is a one-line DataError naming the file and the first bad byte."""
   try:
-    with open(path, 'rb') as f:
-      raw = f.read()
+    raw = paths.read_bytes(path)
   except OSError as e:
-    raise DataError(f'cannot read {what} {path}: {e.strerror}') from None
+    raise DataError(f'cannot read {what} {path}: {e.strerror or e}') from None
   try:
     text = raw.decode('utf-8')
   except UnicodeDecodeError as e:
@@ -205,7 +214,7 @@ class DocumentReader:
     files' common folder, size, and a hash of its first and last 64 KiB; and the options that
     shape documents. A moved or copied corpus keeps its fingerprint."""
     root = os.path.commonpath([os.path.dirname(p) for p in self.paths]) if self.paths else ''
-    files = [(os.path.relpath(path, root), check_readable(path).st_size, _sample_hash(path)) for path in self.paths]
+    files = [(os.path.relpath(path, root), check_readable(path), _sample_hash(path)) for path in self.paths]
     return [self.kind, self.split_by if self.kind == 'text' else '',
             self.jsonl_field if self.kind != 'text' else '', self.binary_files, files]
 
@@ -221,9 +230,9 @@ def _strip_bom(lines: Iterator[str]) -> Iterator[str]:
 def _sample_hash(path: str, sample: int = 1 << 16) -> str:
   """SHA-1 of a file's first and last `sample` bytes (the whole file when small)."""
   h = hashlib.sha1()
-  with open(path, 'rb') as f:
+  size = paths.size(path)
+  with paths.open_file(path, 'rb') as f:
     h.update(f.read(sample))
-    size = os.fstat(f.fileno()).st_size
     if size > sample:
       f.seek(max(sample, size - sample))
       h.update(f.read(sample))

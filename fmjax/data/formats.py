@@ -13,6 +13,7 @@ import io
 import os
 from typing import BinaryIO, Iterator
 
+from fmjax import paths
 from fmjax.data.errors import DataError
 
 COMPRESSIONS = {'.gz': 'gzip', '.zst': 'zstd', '.zstd': 'zstd'}
@@ -70,13 +71,14 @@ def _zstd_reader(raw: BinaryIO, path: str) -> BinaryIO:
 def open_bytes(path: str) -> BinaryIO:
   """The file's bytes, decompressed per its suffix; errors name the file."""
   try:
-    raw = open(path, 'rb')  # pylint: disable=consider-using-with
+    raw = paths.open_file(path, 'rb')
   except OSError as e:
-    raise DataError(f'cannot read input file {path}: {e.strerror}') from None
+    raise DataError(f'cannot read input file {path}: {e.strerror or e}') from None
   compression = compression_of(path)
   if compression == 'gzip':
-    raw.close()
-    return gzip.open(path, 'rb')
+    stream = gzip.GzipFile(fileobj=raw, mode='rb')
+    stream.myfileobj = raw   # closed with the stream, as gzip.open(filename) does
+    return stream
   if compression == 'zstd':
     return _zstd_reader(raw, path)
   return raw
@@ -118,7 +120,7 @@ def parquet_texts(path: str, column: str, batch_rows: int = 1024) -> Iterator[ob
   import pyarrow  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   try:
-    pf = pq.ParquetFile(path)
+    pf = pq.ParquetFile(paths.open_file(path, 'rb') if paths.is_url(path) else path)
   except (OSError, pyarrow.ArrowException) as e:
     raise DataError(f'cannot read Parquet file {path}: {e}') from None
   names = pf.schema_arrow.names

@@ -20,6 +20,7 @@ import pickle
 import subprocess
 import sys
 
+from fmjax import paths
 from fmjax.data.documents import BinaryInput, DocumentReader
 from fmjax.data.errors import DataError
 
@@ -53,7 +54,7 @@ def plan_tasks(reader: DocumentReader, split: str, fraction: float, out_dir: str
   tasks, group, size = [], [], 0
   for index, path in enumerate(reader.paths):
     group.append(index)
-    size += os.path.getsize(path)
+    size += paths.size(path)
     if size >= GROUP_BYTES:
       tasks.append(Task(reader, group, first + len(tasks), split, fraction, out_dir))
       group, size = [], 0

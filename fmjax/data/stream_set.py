@@ -9,13 +9,13 @@ checkpoint's data state (per stream) restores under any process count.
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import json
-import os
 from typing import Callable
 
 import numpy as np
 
+from fmjax import paths
 from fmjax.data.errors import DataError
 
 _MOVE_ASIDE = 'the checkpoint is damaged: move {0} aside (mv {0} {0}.bad) to resume from the previous one'
@@ -91,19 +91,19 @@ def read_saved_state(directory: str) -> dict:
 
   A missing, unreadable or malformed file is a one-line DataError naming it.
   """
-  files = sorted(glob.glob(os.path.join(directory, 'process_*-of-*.json')))
+  files = sorted(paths.join(directory, n) for n in paths.listdir(directory)
+                 if fnmatch.fnmatch(n, 'process_*-of-*.json'))
   if not files:
-    raise DataError(f'no data-iterator state in {directory}; {_MOVE_ASIDE.format(os.path.dirname(directory))}')
+    raise DataError(f'no data-iterator state in {directory}; {_MOVE_ASIDE.format(paths.dirname(directory))}')
   merged: dict = {'streams': {}}
   for path in files:
     try:
-      with open(path, 'rb') as f:
-        state = _parse_state(f.read(), path)
+      state = _parse_state(paths.read_bytes(path), path)
     except OSError as e:
       raise DataError(f"the checkpoint's data state {path} cannot be read ({e.strerror})") from None
     if not isinstance(state, dict) or not isinstance(state.get('streams', {}), dict):
       raise DataError(f"the checkpoint's data state {path} is unreadable: not a mapping with 'streams'; "
-                      f'{_MOVE_ASIDE.format(os.path.dirname(directory))}')
+                      f'{_MOVE_ASIDE.format(paths.dirname(directory))}')
     merged['num_streams'] = state.get('num_streams')
     merged['streams'].update(state.get('streams', {}))
   return merged
@@ -115,7 +115,7 @@ def _parse_state(raw: bytes | str, path: str | None = None):
     return json.loads(raw)
   except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
     detail = f'{e.msg} at line {e.lineno} column {e.colno}' if isinstance(e, json.JSONDecodeError) else 'not UTF-8'
-    todo = _MOVE_ASIDE.format(os.path.dirname(os.path.dirname(path))) if path else \
+    todo = _MOVE_ASIDE.format(paths.dirname(paths.dirname(path))) if path else \
         'the checkpoint is damaged: move it aside to resume from the previous one'
     raise DataError(f"the checkpoint's data state{' ' + path if path else ''} is unreadable (not valid JSON: "
                     f'{detail}); {todo}') from None

@@ -16,12 +16,12 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
+from fmjax import paths
 from fmjax.data import documents
 from fmjax.data.errors import DataError
 
@@ -63,8 +63,7 @@ class SentencePieceTokenizer:
   def __init__(self, path: str):
     self.spec = self.path = path
     try:
-      with open(path, 'rb') as f:
-        self._load(f.read())
+      self._load(paths.read_bytes(path))
     except OSError as e:
       raise DataError(f'cannot read tokenizer model {path}: {e.strerror}') from None
 
@@ -189,8 +188,8 @@ def _hf_special_names(directory: str) -> dict:
   tokenizer.json."""
   names = {}
   for file in ('special_tokens_map.json', 'tokenizer_config.json'):   # the later file wins
-    path = os.path.join(directory, file)
-    if not os.path.isfile(path):
+    path = paths.join(directory, file)
+    if not paths.isfile(path):
       continue
     try:
       record = json.loads(documents.read_utf8(path, 'tokenizer config'))
@@ -215,7 +214,7 @@ class HFTokenizer:
 
   def __init__(self, path: str):
     self.spec = self.path = path
-    self._load(documents.read_utf8(path, 'tokenizer'), _hf_special_names(os.path.dirname(os.path.abspath(path))))
+    self._load(documents.read_utf8(path, 'tokenizer'), _hf_special_names(paths.dirname(paths.resolve(path))))
 
   def _load(self, text: str, names: dict) -> None:
     try:
@@ -296,15 +295,15 @@ def load_tokenizer(spec: str) -> Tokenizer:
   """'byte', or the path of a SentencePiece .model file or a char tokenizer JSON file (told apart by content)."""
   if spec == 'byte':
     return ByteTokenizer()
-  path = os.path.expanduser(spec)
-  if not os.path.isfile(path):
+  path = spec if paths.is_url(spec) else os.path.expanduser(spec)
+  if not paths.isfile(path):
     raise DataError(f"tokenizer {spec!r} not found: set data.tokenizer to 'byte' or an existing "
                     '.model / char .json file (train one with tools/train_tokenizer.py)')
   try:
-    with open(path, 'rb') as f:
+    with paths.open_file(path, 'rb') as f:
       head = f.read(64).lstrip()
   except OSError as e:
-    raise DataError(f'cannot read tokenizer {path}: {e.strerror}') from None
+    raise DataError(f'cannot read tokenizer {path}: {e.strerror or e}') from None
   if head.startswith(b'{'):
     text = documents.read_utf8(path, 'tokenizer')
     if '"kind"' not in text[:200] and '"model"' in text:   # a Hugging Face tokenizer.json
@@ -313,10 +312,10 @@ def load_tokenizer(spec: str) -> Tokenizer:
   return SentencePieceTokenizer(path)
 
 
-def train_char(paths: Sequence[str], output: str) -> CharTokenizer:
+def train_char(files: Sequence[str], output: str) -> CharTokenizer:
   """A char tokenizer of the sorted characters of the given UTF-8 text files, written to `output` (JSON)."""
   chars = set()
-  for path in paths:
+  for path in files:
     chars.update(documents.read_utf8(path, 'tokenizer input'))
   if not chars:
     raise DataError('the tokenizer inputs are empty: give files with text')
@@ -332,27 +331,26 @@ def place_in_workdir(tokenizer: Tokenizer, workdir: str) -> str:
     return tokenizer.spec
   import jax  # pylint: disable=import-outside-toplevel
   if isinstance(tokenizer, HFTokenizer):   # tokenizer.json with its config files, in hf_tokenizer/
-    target = os.path.join(workdir, HF_DIR)
-    if jax.process_index() == 0 and os.path.abspath(tokenizer.path) != os.path.abspath(os.path.join(target,
-                                                                                                  'tokenizer.json')):
-      copy_hf_tokenizer_files(os.path.dirname(os.path.abspath(tokenizer.path)), target)
-      shutil.copyfile(tokenizer.path, os.path.join(target, 'tokenizer.json'))
+    target = paths.join(workdir, HF_DIR)
+    if jax.process_index() == 0 and paths.resolve(tokenizer.path) != paths.join(target, 'tokenizer.json'):
+      copy_hf_tokenizer_files(paths.dirname(paths.resolve(tokenizer.path)), target)
+      paths.copy(tokenizer.path, paths.join(target, 'tokenizer.json'))
     return f'{HF_DIR}/tokenizer.json'
   name = 'tokenizer.model'
-  target = os.path.join(workdir, name)
-  if jax.process_index() == 0 and os.path.abspath(tokenizer.path) != os.path.abspath(target):
-    shutil.copyfile(tokenizer.path, target)
+  target = paths.join(workdir, name)
+  if jax.process_index() == 0 and paths.resolve(tokenizer.path) != paths.resolve(target):
+    paths.copy(tokenizer.path, target)
   return name
 
 
 def copy_hf_tokenizer_files(source_dir: str, target_dir: str) -> list[str]:
   """Copy the Hugging Face tokenizer files of `source_dir` (tokenizer.json, configs, vocab) to `target_dir`."""
-  if os.path.abspath(source_dir) == os.path.abspath(target_dir):
+  if paths.resolve(source_dir) == paths.resolve(target_dir):
     return []
-  present = [n for n in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(source_dir, n))]
-  os.makedirs(target_dir, exist_ok=True)
+  present = [n for n in HF_TOKENIZER_FILES if paths.isfile(paths.join(source_dir, n))]
+  paths.makedirs(target_dir)
   for name in present:
-    shutil.copyfile(os.path.join(source_dir, name), os.path.join(target_dir, name))
+    paths.copy(paths.join(source_dir, name), paths.join(target_dir, name))
   return present
 
 
@@ -363,8 +361,8 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
                     f'model.vocab_size={model_vocab_size}: set model.vocab_size >= {tokenizer.vocab_size}')
 
 
-def _lines_of_files(paths: Sequence[str]) -> Iterator[str]:
-  for path in paths:
+def _lines_of_files(files: Sequence[str]) -> Iterator[str]:
+  for path in files:
     try:
       with open(path, 'rb') as f:
         text = f.read().decode('utf-8', errors='replace')

@@ -1,0 +1,123 @@
+"""gs:// workdirs end to end against an offline GCS (tests/fake_gcs.py: a real HTTP server that gcsfs, etils.epath,
+TFDS and TensorStore talk to): train, resume bit-exactly, lock, tokenizer files, generate and evaluate."""
+
+import json
+import os
+
+import jax
+import pytest
+
+from fmjax import paths, restore, train, workdir_lock
+from fmjax.data import tokenizers
+from helpers import assert_same_tree, losses_of, text_run_config
+
+
+def _cfg(tmp_path, workdir, steps, **top):
+  cfg = text_run_config(tmp_path, workdir=workdir, steps=steps, checkpoint_every=2, eval_every=0,
+                        progress_bar=False, **top)
+  cfg.optim.decay_steps = 6      # the schedule does not depend on `steps`: a longer rerun resumes
+  cfg.optim.warmup_steps = 2
+  return cfg
+
+
+def _records(path):
+  return [json.loads(line) for line in paths.read_text(path).splitlines()]
+
+
+def test_gs_workdir_trains_resumes_bit_exactly_and_keeps_each_step_once(tmp_path, gcs):
+  ref = train.train(_cfg(tmp_path, str(tmp_path / 'local'), 6))
+  remote = f'{gcs}/resume/run'
+  first = train.train(_cfg(tmp_path, remote, 4))
+  assert sorted(int(n) for n in paths.listdir(f'{remote}/checkpoints') if n.isdigit()) == [2, 4]
+  assert not os.path.exists(remote) and not os.path.exists(os.path.join(os.getcwd(), 'gs:'))  # nothing local
+  second = train.train(_cfg(tmp_path, remote, 6))
+  assert second.last_step == 6
+  want = losses_of(ref)
+  got = {**losses_of(first), **losses_of(second)}
+  assert got == want                      # bit-identical fp32 losses, steps 1-6
+  assert_same_tree(jax.device_get(second.state.params), jax.device_get(ref.state.params))
+  steps = [r['step'] for r in _records(f'{remote}/metrics.jsonl') if r['split'] == 'train']
+  assert steps == [1, 2, 3, 4, 5, 6]
+  saved = json.loads(paths.read_text(f'{remote}/config.json'))
+  assert saved['workdir'] == remote
+  assert [n for n in paths.listdir(f'{remote}/tensorboard') if n.startswith('events.')]
+  assert workdir_lock.LOCK_FILE not in paths.listdir(remote)   # released at the end
+
+
+def test_restore_evaluate_and_generate_from_gs(tmp_path, gcs, capsys):
+  remote = f'{gcs}/serve/run'
+  result = train.train(_cfg(tmp_path, remote, 2))
+  restored = restore.restore(remote)
+  assert restored.step == 2
+  assert_same_tree(jax.device_get(restored.params), jax.device_get(result.state.params))
+  from fmjax import evaluate
+  from fmjax import generate
+  assert evaluate.main(['--workdir', remote, '--batches', '1']) == 0
+  assert 'loss=' in capsys.readouterr().out
+  assert generate.main(['--workdir', remote, '--prompt', 'the quick', '--max-new-tokens', '4']) == 0
+  assert 'the quick' in capsys.readouterr().out
+
+
+def test_second_run_on_a_gs_workdir_is_refused_while_the_first_holds_it(gcs):
+  workdir = f'{gcs}/locked/run'
+  first = workdir_lock.WorkdirLock(workdir, command='first').acquire()
+  try:
+    record = json.loads(paths.read_text(f'{workdir}/{workdir_lock.LOCK_FILE}'))
+    assert record['command'] == 'first'
+    second = workdir_lock.WorkdirLock(workdir, command='second')
+    with pytest.raises(workdir_lock.WorkdirLockedError, match='in use by'):
+      second.acquire()
+  finally:
+    first.release()
+  assert not paths.exists(f'{workdir}/{workdir_lock.LOCK_FILE}')
+  workdir_lock.WorkdirLock(workdir, command='third').acquire().release()
+
+
+def test_exclusive_create_uses_the_stores_precondition(gcs):
+  path = f'{gcs}/exclusive/object'
+  assert paths.create_exclusive(path, b'one') is True
+  assert paths.create_exclusive(path, b'two') is False
+  assert paths.read_bytes(path) == b'one'
+
+
+def test_tokenizer_file_on_gs_is_loaded_and_copied_into_the_workdir(tmp_path, gcs):
+  text = tmp_path / 'text.txt'
+  text.write_text('abcdefg hijk\n')
+  local = tmp_path / 'chars.json'
+  tokenizers.train_char([str(text)], str(local))
+  remote_tok = f'{gcs}/tokenizers/chars.json'
+  paths.copy(str(local), remote_tok)
+  tok = tokenizers.load_tokenizer(remote_tok)
+  assert list(tok.encode('abc')) == list(tokenizers.load_tokenizer(str(local)).encode('abc'))
+  spec = tokenizers.place_in_workdir(tok, f'{gcs}/tokenizers/run')
+  assert paths.read_bytes(f'{gcs}/tokenizers/run/{spec}') == local.read_bytes()
+
+
+def test_paths_layer_is_plain_os_for_local_paths(tmp_path):
+  target = str(tmp_path / 'a' / 'b.txt')
+  paths.write_text(target, 'x')
+  assert open(target).read() == 'x' and paths.listdir(str(tmp_path / 'a')) == ['b.txt']
+  assert paths.resolve('~/w') == os.path.expanduser('~/w') and paths.resolve('gs://b/w/') == 'gs://b/w'
+  assert paths.join('gs://b/w', 'checkpoints', '4') == 'gs://b/w/checkpoints/4'
+  assert paths.dirname('gs://b/w/checkpoints') == 'gs://b/w' and paths.basename('gs://b/w/') == 'w'
+
+
+def test_a_scheme_without_its_filesystem_package_is_one_line():
+  try:
+    import s3fs  # noqa: F401  (not a dependency of fmjax: what a user without it sees)
+    pytest.skip('s3fs is installed here')
+  except ImportError:
+    pass
+  with pytest.raises(paths.PathError, match=r's3://b/run: s3:// paths need the s3fs package: pip install s3fs'):
+    paths.exists('s3://b/run')
+
+
+def test_corpus_on_gs_trains_exactly_like_the_same_corpus_on_disk(tmp_path, gcs):
+  local = text_run_config(tmp_path / 'l', steps=2, progress_bar=False)
+  files = sorted((tmp_path / 'l' / 'corpus').glob('*.txt'))
+  for f in files:
+    paths.copy(str(f), f'{gcs}/corpus/text/{f.name}')
+  remote = text_run_config(tmp_path / 'r', steps=2, progress_bar=False)
+  remote.data.files = f'{gcs}/corpus/text/*.txt'
+  want, got = train.train(local), train.train(remote)
+  assert losses_of(got) == losses_of(want)
