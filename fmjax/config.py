@@ -155,7 +155,28 @@ def finetune_defaults() -> ml_collections.ConfigDict:
       labels=(),               # classify: label names in class order; () = sorted labels of the train set
       max_train_examples=0,    # 0 = all
       max_eval_examples=0,     # 0 = all
-      pooling='last',          # classify: last (last real token) | mean (over real tokens) | cls (first token; encoders)
+      # The recipe below was chosen on the validation split of the embedded demo (`--demo`: 1,080 train /
+      # 120 validation / 300 eval snippets of 4 stdlib packages; configs/default.py pretrained 2,000 steps;
+      # seq_len 256, lr 1e-3, head lr 3e-3). Figures are validation macro-F1 of one run each, so differences
+      # under ~0.04 are noise. From random initialisation the same recipe gives 0.588.
+      validation_fraction=0.1,  # classify/prompt: share of the train split held out (per label, by a stable hash
+                               # of the text) to choose the best checkpoint; the eval split is then only reported.
+                               # 0 = no validation: the eval split chooses (a warning says its best is optimistic)
+      validation_files='',     # csv/jsonl: glob of validation files; when set they are the validation split
+      baseline=True,           # classify: fit a bag-of-character-n-grams linear model (scikit-learn) on the same
+                               # train split and report it beside the model (summary.json, TensorBoard baseline/*)
+      epochs=5.0,              # classify/prompt: > 0 sets `steps` from the train split's size and the global batch
+                               # (0 = use steps); lm (continued pretraining) always uses steps. Measured: 5 epochs
+                               # 0.830, 10 epochs 0.826 (twice the cost); 3.5 epochs at seq_len 128 0.684 vs 10: 0.759
+      warmup_ratio=0.1,        # > 0: share of the fine-tuning steps used for warmup (overrides optim.warmup_steps);
+                               # BERT's 10 %, not varied in the measurements
+      pooling='mean',          # classify: mean (over real tokens) | last (last real token) | cls (first token; encoders).
+                               # Measured: mean 0.830, last 0.698
+      classifier_dropout=0.0,  # classify: dropout on the pooled vector, training only. Measured: 0.1 gives 0.831
+                               # against 0.830 (no gain), so off
+      layer_decay=1.0,         # layer-wise learning-rate decay d (1 = off): block i of L (0 = first) learns at
+                               # lr * d^(L - i), the embeddings at lr * d^(L + 1), the head and final norm at lr.
+                               # Measured: 0.8 gives 0.792 against 0.830 (a small model needs its lower blocks to move)
       head_learning_rate=0.0,  # classify: peak learning rate of the head; 0 = optim.learning_rate
       freeze_embeddings=False,  # freeze the token (and position) embeddings
       freeze_layers=0,         # freeze the first N blocks

@@ -25,7 +25,7 @@ RUN_DEFINING = ('model.', 'steps', 'seed', 'global_batch_size', 'seq_len', 'opti
 FINETUNE_DEFINING = ('finetune.',)
 HARMLESS = ('model.attention', 'model.attention_chunk', 'model.remat', 'model.remat_names', 'model.dtype',
             'model.scan_layers', 'model.loss_vocab_chunk', 'finetune.best_metric', 'finetune.best_mode',
-            'finetune.eval_files', 'finetune.eval_split', 'finetune.max_eval_examples')
+            'finetune.eval_files', 'finetune.eval_split', 'finetune.max_eval_examples', 'finetune.baseline')
 NOT_COMPARED = ('workdir', 'allow_config_change', 'force_unlock', 'topology')
 _ABSENT = object()
 

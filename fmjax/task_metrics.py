@@ -6,11 +6,13 @@ predictions (or no examples) has precision (or recall) 0, and F1 0 when both are
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from typing import Sequence
 
 import numpy as np
+
+from fmjax import paths
 
 
 def confusion_matrix(labels, predictions, num_classes: int) -> np.ndarray:
@@ -70,9 +72,8 @@ def table(reports: dict[str, dict]) -> str:
 
 
 def write_json(rep: dict, path: str) -> None:
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  with open(path, 'w') as f:
-    json.dump(rep, f, indent=2)
+  """Write a report as JSON (atomically; `path` may be a URL)."""
+  paths.write_text(path, json.dumps(rep, indent=2))
 
 
 def plot_confusion(rep: dict, path: str, title: str = '') -> bool:
@@ -98,7 +99,8 @@ def plot_confusion(rep: dict, path: str, title: str = '') -> bool:
   ax.set_title(title or f'accuracy {rep["accuracy"]:.3f}, macro-F1 {rep["macro_f1"]:.3f}')
   fig.colorbar(im, ax=ax)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  fig.savefig(path, dpi=100)
+  png = io.BytesIO()
+  fig.savefig(png, format='png', dpi=100)
   plt.close(fig)
+  paths.write_bytes(path, png.getvalue())
   return True

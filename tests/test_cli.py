@@ -18,6 +18,7 @@ COMMANDS = [
     ('fmjax.plan', ['--config', '--topology', '--devices', '--memory-gib']),
     ('fmjax.convert.cli', ['to-hf', 'from-hf', 'params-only']),
     ('fmjax.curate.cli', ['--config', '--overwrite', '--dry-run']),
+    ('fmjax.classify', ['--workdir', '--checkpoint', '--input', '--text', '--out', '--batch-size']),
 ]
 
 

@@ -108,7 +108,8 @@ def finetune_argv(init_from, workdir, tmp):
           '--config.finetune.task=classify', '--config.finetune.source=csv',
           f'--config.finetune.train_files={write_csv(tmp / "train.csv", 16, 0)}',
           f'--config.finetune.eval_files={write_csv(tmp / "eval.csv", 8, 1)}',
-          '--config.steps=2', '--config.seq_len=32', '--config.global_batch_size=8', '--config.eval_every=2',
+          '--config.steps=2', '--config.finetune.epochs=0', '--config.finetune.baseline=false',
+          '--config.seq_len=32', '--config.global_batch_size=8', '--config.eval_every=2',
           '--config.log_every=1', '--config.checkpoint_every=0', '--config.async_checkpoints=false',
           '--config.progress_bar=false', '--config.cpu_peak_flops=1e9', '--config.optim.warmup_steps=1']
 

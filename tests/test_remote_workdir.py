@@ -5,6 +5,7 @@ import json
 import os
 
 import jax
+import numpy as np
 import pytest
 
 from fmjax import paths, restore, train, workdir_lock
@@ -13,8 +14,8 @@ from helpers import assert_same_tree, losses_of, text_run_config
 
 
 def _cfg(tmp_path, workdir, steps, **top):
-  cfg = text_run_config(tmp_path, workdir=workdir, steps=steps, checkpoint_every=2, eval_every=0,
-                        progress_bar=False, **top)
+  cfg = text_run_config(tmp_path, workdir=workdir, steps=steps, **{'checkpoint_every': 2, 'eval_every': 0,
+                                                                   'progress_bar': False, **top})
   cfg.optim.decay_steps = 6      # the schedule does not depend on `steps`: a longer rerun resumes
   cfg.optim.warmup_steps = 2
   return cfg
@@ -121,3 +122,39 @@ def test_corpus_on_gs_trains_exactly_like_the_same_corpus_on_disk(tmp_path, gcs)
   remote.data.files = f'{gcs}/corpus/text/*.txt'
   want, got = train.train(local), train.train(remote)
   assert losses_of(got) == losses_of(want)
+
+
+def _labelled_csv(url, n, seed):
+  rng = np.random.default_rng(seed)
+  rows = ['text,label']
+  for i in range(n):
+    label = ('red', 'blue')[i % 2]
+    cue = 'ar' if label == 'red' else 'bx'
+    rows.append(''.join(rng.choice(list(cue * 3 + 'the '), size=int(rng.integers(6, 24)))) + f',{label}')
+  paths.write_text(url, '\n'.join(rows) + '\n')
+  return [r.rsplit(',', 1) for r in rows[1:]]
+
+
+def test_finetune_and_classify_with_everything_on_gs(tmp_path, gcs):
+  from fmjax import classify
+  from fmjax.finetune import predictions
+  from fmjax.finetune.run import finetune
+  pre = f'{gcs}/ft/pretrained'
+  train.train(_cfg(tmp_path, pre, 2))
+  cfg = _cfg(tmp_path, f'{gcs}/ft/run', 6, eval_every=3)
+  ft = cfg.finetune
+  ft.init_from, ft.source, ft.epochs = pre, 'csv', 0.0   # 6 steps, not the epochs default
+  ft.train_files, ft.eval_files = f'{gcs}/ft/data/train.csv', f'{gcs}/ft/data/eval.csv'
+  _labelled_csv(ft.train_files, 40, 0)
+  rows = _labelled_csv(ft.eval_files, 12, 1)
+  result = finetune(cfg)
+  best = json.loads(paths.read_text(f'{cfg.workdir}/best.json'))
+  step = best['step']
+  assert step in (3, 6) and result['last_step'] == 6
+  written = predictions.read_predictions(f'{cfg.workdir}/eval/predictions_step_{step}.jsonl')
+  got = classify.classify(cfg.workdir, [t for t, _ in rows], checkpoint='best')
+  assert got.step == step and got.predictions == [r['prediction'] for r in written]
+  report = json.loads(paths.read_text(f'{cfg.workdir}/eval/step_{step}.json'))
+  records = got.records([t for t, _ in rows], [label for _, label in rows])
+  assert predictions.confusion_from_predictions(records, got.class_names).tolist() == report['confusion']
+  assert not os.path.exists(os.path.join(os.getcwd(), 'gs:'))

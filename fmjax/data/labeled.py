@@ -61,6 +61,25 @@ def _as_text(value) -> str:
   return str(value)
 
 
+def read_file(path: str, columns: Sequence[str], optional: Sequence[str] = ()) -> dict[str, list]:
+  """Columns of one CSV or JSONL file (by extension: .csv, .jsonl/.json) as lists of strings.
+
+  `optional` columns are read when every row has them, else they are lists of None.
+  """
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in ('.csv', '.jsonl', '.json'):
+    raise DataError(f'{path}: unknown file type {ext or "(no extension)"!r}; use a .csv or .jsonl file')
+  read = _read_csv if ext == '.csv' else _read_jsonl
+  if optional:
+    try:
+      return read(path, tuple(columns) + tuple(optional))
+    except DataError:   # an optional column missing (a missing required one fails again below)
+      pass
+  data = read(path, columns)
+  n = len(data[columns[0]]) if columns else 0
+  return {**data, **{c: [None] * n for c in optional}}
+
+
 def _read_tfds(ft, split: str, columns: Sequence[str]) -> dict[str, list[str]]:
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   if not ft.tfds_name:

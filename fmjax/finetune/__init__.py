@@ -4,7 +4,12 @@
   parts        the task for the shared run builder, labelled data, loading pretrained params
   adaptation   which parameters train and how fast (frozen groups, head LR, LoRA, optimizer)
   classifier   the classification head on the pooled hidden state, its loss and predictions
-  evaluation   metrics reports, confusion matrices, the best checkpoint
+  schedule     finetune.epochs / warmup_ratio resolved into steps and warmup steps
+  splits       train / validation (chooses the best checkpoint) / eval splits
+  evaluation   metrics reports, confusion matrices, per-example predictions, the best checkpoint
+  summary      the end of a classification run: the model beside the n-gram baseline (summary.json)
+  baseline     the bag-of-character-n-grams linear model (scikit-learn)
+  predictions  per-example predictions as JSONL (written by evaluation and fmjax.classify)
 """
 
 from fmjax.finetune.evaluation import BestTracker

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fmjax import optim
@@ -55,13 +56,48 @@ def scale_by_group(cfg, head_scale: float = 1.0) -> optax.GradientTransformation
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+EMBEDDING_LEVEL = ('embedding', 'pos_embedding', 'type_embedding', 'embed_norm')  # below the first block
+
+
+def layer_decay_factor(names: Sequence[str], cfg):
+  """The learning-rate multiplier of a parameter under layer-wise decay d = finetune.layer_decay with L
+  blocks: block i (0 = first) d^(L - i), embeddings d^(L + 1), the rest (head, final norm) 1. A stacked
+  block parameter (scan_layers) gets a vector, one factor per block."""
+  d, n, top = cfg.finetune.layer_decay, cfg.model.num_layers, names[0]
+  if top == 'layers':
+    return d ** (n - np.arange(n, dtype=np.float64))
+  if top.startswith('layers_'):
+    return d ** (n - int(top[len('layers_'):]))
+  if top in EMBEDDING_LEVEL:
+    return d ** (n + 1)
+  return 1.0
+
+
+def scale_by_layer_decay(cfg) -> optax.GradientTransformation:
+  """Multiply each update by its `layer_decay_factor` (after AdamW: it scales the learning rate, weight
+  decay included)."""
+  def scale(path, u):
+    factor = layer_decay_factor(_names(path), cfg)
+    if np.ndim(factor):
+      return u * jnp.asarray(factor, u.dtype).reshape((-1,) + (1,) * (u.ndim - 1))
+    return u * jnp.asarray(factor, u.dtype)
+
+  def update(updates, state, params=None):
+    return jax.tree_util.tree_map_with_path(scale, updates), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(cfg):
   """fmjax's AdamW between two `scale_by_group`s: frozen gradients are zeroed before clipping,
-  frozen updates (weight decay too) after; head updates scaled to finetune.head_learning_rate.
+  frozen updates (weight decay too) after; head updates scaled to finetune.head_learning_rate, and
+  with finetune.layer_decay < 1 every update by its layer's factor. The schedule is cfg.optim's (its
+  warmup_steps already resolved from finetune.warmup_ratio, see fmjax/finetune/schedule.py).
   Returns (tx, schedule). Frozen leaves keep (unused) Adam moments."""
   ratio = cfg.finetune.head_learning_rate / cfg.optim.learning_rate if cfg.finetune.head_learning_rate else 1.0
-  tx = optax.chain(scale_by_group(cfg), optim.make_optimizer(cfg.optim, cfg.steps), scale_by_group(cfg, ratio))
-  return tx, optim.learning_rate_schedule(cfg.optim, cfg.steps)
+  parts = [scale_by_group(cfg), optim.make_optimizer(cfg.optim, cfg.steps), scale_by_group(cfg, ratio)]
+  if cfg.finetune.layer_decay != 1.0:
+    parts.append(scale_by_layer_decay(cfg))
+  return optax.chain(*parts), optim.learning_rate_schedule(cfg.optim, cfg.steps)
 
 
 def trainable_summary(params, cfg) -> str:

@@ -46,11 +46,31 @@ class ClassifierHead(nn.Module):
                       init_std=self.init_std, name='proj')(pooled)
 
 
-class Classifier:
-  """A Transformer plus a classification head, as functions of one parameter tree."""
+def dropout(pooled, rate: float, rng):
+  """Inverted dropout on the pooled vectors (B, D): each entry zeroed with probability `rate`."""
+  keep = jax.random.bernoulli(rng, 1.0 - rate, pooled.shape)
+  return jnp.where(keep, pooled / (1.0 - rate), 0.0)
 
-  def __init__(self, model: nn.Module, num_classes: int, pooling: str = 'last'):
+
+def batch_key(batch, seed: int = 0):
+  """A dropout key that is a pure function of the batch's tokens (and `seed`): for train steps built
+  without a dropout key (model.dropout = 0), so classifier dropout stays exact on resume."""
+  tokens = batch['inputs'].astype(jnp.uint32)
+  mix = jnp.arange(1, tokens.shape[1] + 1, dtype=jnp.uint32) * jnp.uint32(2654435761)
+  fingerprint = jnp.sum(tokens * mix[None, :] + jnp.arange(tokens.shape[0], dtype=jnp.uint32)[:, None] * tokens)
+  return jax.random.fold_in(jax.random.PRNGKey(seed), fingerprint)
+
+
+class Classifier:
+  """A Transformer plus a classification head, as functions of one parameter tree.
+
+  `dropout` is the classifier dropout: applied to the pooled vector when `logits` gets a key (training).
+  """
+
+  def __init__(self, model: nn.Module, num_classes: int, pooling: str = 'mean', dropout: float = 0.0,
+               seed: int = 0):
     self.model, self.num_classes, self.pooling = model, num_classes, pooling
+    self.dropout, self.seed = dropout, seed
     self.head = ClassifierHead(num_classes, init_std=model.cfg.init_std)
 
   def init(self, rng, seq_len: int) -> dict:
@@ -61,21 +81,29 @@ class Classifier:
     params[HEAD] = self.head.init(head_rng, pooled)['params']
     return params
 
-  def logits(self, params, batch, rng=None):
-    """Class logits (B, C) for a batch; dropout when `rng` is given."""
+  def logits(self, params, batch, rng=None, head_rng=None):
+    """Class logits (B, C) for a batch; with `rng` the model's dropout and the classifier dropout, with
+    `head_rng` the classifier dropout alone."""
     lm_params = {k: v for k, v in params.items() if k != HEAD}
     deterministic = rng is None
     _, hidden = self.model.apply({'params': lm_params}, batch['inputs'], batch['positions'], batch['segment_ids'],
                                  deterministic=deterministic, return_hidden=True,
                                  rngs=None if deterministic else {'dropout': rng})
     pooled = pool(hidden, batch['weights'], batch['segment_ids'], self.pooling)
+    if head_rng is None and rng is not None:
+      head_rng = jax.random.fold_in(rng, 1)
+    if head_rng is not None and self.dropout > 0:
+      pooled = dropout(pooled, self.dropout, head_rng)
     return self.head.apply({'params': params[HEAD]}, pooled).astype(jnp.float32)
 
 
 def loss_fn(classifier: Classifier) -> Callable:
   """`loss(params, batch, rng) -> (ce_sum, (ce_sum, examples))`, the contract of fmjax.step."""
   def loss(params, batch, rng):
-    logits = classifier.logits(params, batch, rng)
+    if rng is None and classifier.dropout > 0:   # a step without a dropout key: classifier dropout only
+      logits = classifier.logits(params, batch, None, head_rng=batch_key(batch, classifier.seed))
+    else:
+      logits = classifier.logits(params, batch, rng)
     labels = batch['targets'][:, 0]
     example_weight = batch['weights'].sum(-1)
     ce = (jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, labels[:, None], -1)[:, 0]) * example_weight

@@ -8,7 +8,7 @@ import jax
 from fmjax import build, checkpoint
 from fmjax.checkpoint import abstract_like
 from fmjax.data import labeled, pipeline
-from fmjax.finetune import adaptation
+from fmjax.finetune import adaptation, splits
 from fmjax.finetune.classifier import HEAD, Classifier, loss_fn
 from fmjax.model import lora
 
@@ -18,22 +18,33 @@ def task(cfg, num_classes: int = 0) -> build.Task:
   classification a head on the pooled hidden state with its loss."""
   ft = cfg.finetune
   model_cfg = lora.with_lora(cfg.model, ft.lora_rank, ft.lora_alpha, ft.lora_targets) if ft.lora_rank else None
-  head = dict(params=lambda model, rng: Classifier(model, num_classes, ft.pooling).init(rng, cfg.seq_len),
-              loss=lambda model: loss_fn(Classifier(model, num_classes, ft.pooling))) if ft.task == 'classify' else {}
+  head = dict(params=lambda model, rng: make_classifier(cfg, model, num_classes).init(rng, cfg.seq_len),
+              loss=lambda model: loss_fn(make_classifier(cfg, model, num_classes))) if ft.task == 'classify' else {}
   return build.Task(model_cfg=model_cfg, optimizer=adaptation.make_optimizer,
                     packed=ft.task == 'lm' and cfg.data.packing, **head)
 
 
-class Parts:
-  """What `finetune` needs beyond the shared loop: the Run, data, loading, evaluation hooks."""
+def make_classifier(cfg, model, num_classes: int) -> Classifier:
+  """The classification head of the finetune config on `model`."""
+  ft = cfg.finetune
+  return Classifier(model, num_classes, ft.pooling, dropout=ft.classifier_dropout, seed=cfg.seed)
 
-  def __init__(self, cfg, mesh, tokenizer, compile_step: bool = True):
+
+class Parts:
+  """What `finetune` needs beyond the shared loop: the Run, data, loading, evaluation hooks.
+
+  `data` (classify/prompt) is the run's `splits.LabeledData`, loaded from cfg.finetune when None.
+  `eval_rows` / `validation_rows` are the encoded eval and validation splits (validation None when off).
+  """
+
+  def __init__(self, cfg, mesh, tokenizer, compile_step: bool = True, data: splits.LabeledData | None = None):
     self.cfg, self.tokenizer, ft = cfg, tokenizer, cfg.finetune
-    self.class_names, self.classifier, self.eval_rows, self._grain = (), None, None, None
+    self.class_names, self.classifier, self._grain = (), None, None
+    self.data, self.eval_rows, self.validation_rows = data, None, None
     self._load_data()
     self.run = build.build_run(cfg, mesh, task(cfg, len(self.class_names)), compile_step=compile_step)
     if ft.task == 'classify':
-      self.classifier = Classifier(self.run.model, len(self.class_names), ft.pooling)
+      self.classifier = make_classifier(cfg, self.run.model, len(self.class_names))
     self.trainable_summary = adaptation.trainable_summary(self.run.state.abstract.params, cfg)
 
   def _load_data(self):
@@ -46,20 +57,21 @@ class Parts:
       self.eval_rows = pipeline.make_eval_batches(cfg.data, tok, seq_len=cfg.seq_len, batch_size=local,
                                                   num_batches=cfg.eval_batches, process_index=pi, process_count=pc)
       return
-    rows = {}
-    for split in ('train', 'eval'):
-      if ft.task == 'classify':
-        data = labeled.load_split(ft, split, (ft.text_feature, ft.label_feature))
-        if split == 'train':
-          self.class_names = labeled.label_set(ft, data[ft.label_feature])
-        ids = labeled.label_ids(data[ft.label_feature], self.class_names, split)
-        rows[split] = labeled.encode_classification(data[ft.text_feature], ids, tok, cfg.seq_len)
-      else:
-        data = labeled.load_split(ft, split, (ft.prompt_feature, ft.response_feature))
-        rows[split] = labeled.encode_prompt_response(data[ft.prompt_feature], data[ft.response_feature], tok,
-                                                     cfg.seq_len)
-    self.batches = labeled.EpochBatches(rows['train'], cfg.global_batch_size, cfg.seed, pi, pc)
-    self.eval_rows = labeled.pad_examples(rows['eval'], cfg.global_batch_size)
+    if self.data is None:
+      self.data = splits.load(ft)
+    self.class_names = self.data.class_names
+    train = self._encode(self.data.train)
+    self.batches = labeled.EpochBatches(train, cfg.global_batch_size, cfg.seed, pi, pc)
+    self.eval_rows = labeled.pad_examples(self._encode(self.data.eval), cfg.global_batch_size)
+    if self.data.validation is not None:
+      self.validation_rows = labeled.pad_examples(self._encode(self.data.validation), cfg.global_batch_size)
+
+  def _encode(self, split: splits.Split) -> dict:
+    ft, cfg = self.cfg.finetune, self.cfg
+    if ft.task == 'classify':
+      return labeled.encode_classification(split.columns[ft.text_feature], split.ids, self.tokenizer, cfg.seq_len)
+    return labeled.encode_prompt_response(split.columns[ft.prompt_feature], split.columns[ft.response_feature],
+                                          self.tokenizer, cfg.seq_len)
 
   def data_save_arg(self):
     return None if self._grain is None else pipeline.checkpoint_save_arg(self._grain)
@@ -73,16 +85,18 @@ class Parts:
     restored = source.restore(step, abstract_like(base), params_only=True)
     return _overlay(params, restored)
 
-  def eval_batches(self):
-    """Process-local eval batches (classify/prompt: slices of the padded eval rows)."""
-    if isinstance(self.eval_rows, list):
-      yield from self.eval_rows
+  def eval_batches(self, rows=None):
+    """Process-local batches of the eval split (or of `rows`, e.g. validation_rows; classify/prompt:
+    slices of the padded rows)."""
+    rows = self.eval_rows if rows is None else rows
+    if isinstance(rows, list):
+      yield from rows
       return
-    gb, n = self.cfg.global_batch_size, len(self.eval_rows['inputs'])
+    gb, n = self.cfg.global_batch_size, len(rows['inputs'])
     local = gb // jax.process_count()
     for s in range(0, n, gb):
       lo = s + jax.process_index() * local
-      yield {k: v[lo:lo + local] for k, v in self.eval_rows.items()}
+      yield {k: v[lo:lo + local] for k, v in rows.items()}
 
   def save_adapters(self, state, directory: str, step: int, meta: dict):
     """The LoRA adapters (and the head) alone: merge them into the base with fmjax.model.lora.merge."""

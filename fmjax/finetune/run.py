@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from typing import Sequence
 
 import jax
@@ -19,9 +18,9 @@ import jax
 from fmjax import build, checkpoint, cli, distributed, loop, metric_writers, numerics, resume, restore
 from fmjax import config as config_lib
 from fmjax import sharding as shd
-from fmjax import task_metrics, workdir_lock
+from fmjax import paths, task_metrics, workdir_lock
 from fmjax.data import tokenizers
-from fmjax.finetune import evaluation
+from fmjax.finetune import evaluation, schedule, splits, summary
 from fmjax.finetune.parts import Parts
 
 USAGE = """python -m fmjax.finetune --config configs/finetune_TASK.py --config.init_from=PRETRAIN_WORKDIR
@@ -52,10 +51,21 @@ def check_config(cfg) -> None:
                                  f'model.num_layers={cfg.model.num_layers}]')
   if ft.lora_rank < 0:
     raise config_lib.ConfigError(f'finetune.lora_rank={ft.lora_rank} must be >= 0')
+  ranges = {'epochs': (ft.epochs >= 0, '>= 0'), 'warmup_ratio': (0 <= ft.warmup_ratio < 1, 'in [0, 1)'),
+            'layer_decay': (0 < ft.layer_decay <= 1, 'in (0, 1]'),
+            'classifier_dropout': (0 <= ft.classifier_dropout < 1, 'in [0, 1)'),
+            'validation_fraction': (0 <= ft.validation_fraction < 1, 'in [0, 1)')}
+  for key, (ok, allowed) in ranges.items():
+    if not ok:
+      raise config_lib.ConfigError(f'finetune.{key}={ft[key]} must be {allowed}')
 
 
 def finetune(cfg, overrides: Sequence[str] | None = None) -> dict:
-  """Fine-tune per `cfg` (resolved); returns {'report', 'best', 'history', 'state', 'last_step'}.
+  """Fine-tune per `cfg` (resolved); returns {'report' (the eval split's, last step), 'best' (best.json),
+  'summary' (classify: summary.json, see fmjax/finetune/summary.py), 'history', 'state', 'last_step'}.
+
+  finetune.epochs / warmup_ratio are resolved into cfg.steps / cfg.optim.warmup_steps from the train
+  split's size (fmjax/finetune/schedule.py) before config.json is written.
 
   With finetune.init_from the model section is the checkpoint's (restore.adopt_model): `overrides` are
   the command line's items, and a `model.KEY=VALUE` among them that contradicts the checkpoint is refused;
@@ -69,6 +79,7 @@ def finetune(cfg, overrides: Sequence[str] | None = None) -> dict:
     if lock is not None:
       cleanup.callback(lock.release)
     source = meta = None
+    pretrain_workdir = where = ''
     if ft.init_from:   # the pretrained checkpoint defines the model: read it before anything else
       source, source_step, pretrain_workdir = restore.locate_checkpoint(ft.init_from)
       cleanup.callback(source.close)
@@ -79,23 +90,17 @@ def finetune(cfg, overrides: Sequence[str] | None = None) -> dict:
       config_lib.validate(cfg)
       check_config(cfg)
       checkpoint.check_compatible(meta, cfg.model, where)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.keep_checkpoints, cfg.async_checkpoints)
+    ckpt = checkpoint.Checkpointer(paths.join(workdir, 'checkpoints'), cfg.keep_checkpoints, cfg.async_checkpoints)
     cleanup.callback(ckpt.close)
     latest = ckpt.latest_step()
     if latest is not None:
       checkpoint.check_compatible(ckpt.read_metadata(latest), cfg.model, f'{ckpt.directory}/{latest}')
+    data = splits.load(ft) if ft.task != 'lm' else None   # its size sets the steps of finetune.epochs
+    notes = schedule.resolve(cfg, None if data is None else len(data.train))
     changes = resume.resume_changes(workdir, cfg, latest is not None, finetune=True)
     if distributed.is_leader():
-      config_lib.save(cfg, os.path.join(workdir, 'config.json'))
-    if ft.init_from:
-      spec = meta.get('tokenizer', 'byte')
-      if not spec:
-        raise checkpoint.CheckpointError(f'{where} records no tokenizer: import the model again with one '
-                                         '(fmjax-convert from-hf --tokenizer byte|FILE)')
-      tokenizer = restore.load_tokenizer(pretrain_workdir, spec)
-    else:
-      tokenizer = tokenizers.load_tokenizer(cfg.data.tokenizer)
-    tokenizers.check_vocab(tokenizer, cfg.model.vocab_size)
+      config_lib.save(cfg, paths.join(workdir, 'config.json'))
+    tokenizer = _tokenizer(cfg, meta, pretrain_workdir, where)
     mesh = shd.make_mesh(cfg.mesh)
     build.check_batch(cfg, mesh)
     start = int(latest or 0)
@@ -103,10 +108,13 @@ def finetune(cfg, overrides: Sequence[str] | None = None) -> dict:
                                          resume_step=start)  # drops records of steps after the checkpoint
     cleanup.callback(writer.close)
     writer.log(f'fmjax.finetune: task {ft.task}; {distributed.describe()}; mesh {shd.describe(mesh)}')
-    for line in changes:
+    for line in changes + notes + _describe_splits(data):
       writer.log(line)
+    baseline = None
+    if ft.task == 'classify' and ft.baseline and distributed.is_leader():
+      baseline = summary.fit_baseline(ft, data, writer.log)
 
-    parts = Parts(cfg, mesh, tokenizer)        # data, model, optimizer, compiled step
+    parts = Parts(cfg, mesh, tokenizer, data=data)        # model, optimizer, compiled step
     run = parts.run
     extra = {'finetune': ft.to_dict(), 'classes': list(parts.class_names), 'init_from': ft.init_from}
     run_meta = checkpoint.make_metadata(cfg, tokenizers.place_in_workdir(tokenizer, workdir), extra)
@@ -122,7 +130,7 @@ def finetune(cfg, overrides: Sequence[str] | None = None) -> dict:
       parts.batches.start(start)
     writer.log(f'trainable: {parts.trainable_summary}; step compiled in {run.compile_seconds:.1f}s')
 
-    evaluate, tracker = evaluation.evaluation(cfg, parts, workdir, run_meta, writer)
+    evaluate, tracker = evaluation.evaluation(cfg, parts, workdir, run_meta, writer, baseline)
     cleanup.callback(tracker.close)
 
     def save(step, state, wait):
@@ -142,13 +150,46 @@ def finetune(cfg, overrides: Sequence[str] | None = None) -> dict:
     else:
       writer.log(f'nothing to do: the checkpoint is at step {start} and steps={cfg.steps}')
     if ft.lora_rank and distributed.is_leader():
-      parts.save_adapters(result.state, os.path.join(workdir, 'adapters'), result.last_step, run_meta)
-  return {'report': tracker.last, 'best': tracker.best, 'history': result.history, 'state': result.state,
-          'last_step': result.last_step}
+      parts.save_adapters(result.state, paths.join(workdir, 'adapters'), result.last_step, run_meta)
+    outcome = None
+    if ft.task == 'classify':
+      outcome = summary.summarize(tracker, baseline, result.last_step)
+      if distributed.is_leader():
+        summary.write_summary(paths.join(workdir, 'summary.json'), outcome)
+        writer.log(summary.tables(outcome))
+  last = tracker.last
+  if last is not None and 'eval' in last:   # validation chose: the eval split's report of the last step
+    last = last['eval']
+  return {'report': last, 'best': tracker.best, 'summary': outcome, 'history': result.history,
+          'state': result.state, 'last_step': result.last_step}
+
+
+def _tokenizer(cfg, meta, pretrain_workdir: str, where: str):
+  """The checkpoint's tokenizer (with init_from), else data.tokenizer; checked against the vocabulary."""
+  if pretrain_workdir:
+    spec = meta.get('tokenizer', 'byte')
+    if not spec:
+      raise checkpoint.CheckpointError(f'{where} records no tokenizer: import the model again with one '
+                                       '(fmjax-convert from-hf --tokenizer byte|FILE)')
+    tokenizer = restore.load_tokenizer(pretrain_workdir, spec)
+  else:
+    tokenizer = tokenizers.load_tokenizer(cfg.data.tokenizer)
+  tokenizers.check_vocab(tokenizer, cfg.model.vocab_size)
+  return tokenizer
+
+
+def _describe_splits(data) -> list[str]:
+  if data is None:
+    return []
+  held = (f'{len(data.validation)} validation ({data.validation_from}; chooses the best checkpoint)'
+          if data.validation is not None else 'no validation')
+  return [f'examples: {len(data.train)} train, {held}, {len(data.eval)} eval (reported)']
 
 
 def demo(cfg, overrides: Sequence[str] | None = None) -> dict:
-  """Fine-tune the same task from cfg.finetune.init_from and from random initialisation; print both."""
+  """Fine-tune the same task from cfg.finetune.init_from and from random initialisation; print both beside
+  the n-gram baseline (eval split; each model at its best checkpoint, chosen on validation when there is
+  one, else at its last step). Writes WORKDIR/demo.json."""
   if not cfg.finetune.init_from:
     raise config_lib.ConfigError('--demo needs --config.init_from=PRETRAIN_WORKDIR (pretrain one with: python -m '
                                  'fmjax.train --config configs/default.py --workdir W)')
@@ -157,20 +198,38 @@ def demo(cfg, overrides: Sequence[str] | None = None) -> dict:
     meta = source.read_metadata(step)
   finally:
     source.close()
-  reports = {}
+  reports, outcome = {}, None
   for name, init in (('pretrained', cfg.finetune.init_from), ('random init', '')):
     c = cfg.copy_and_resolve_references()
     c.finetune.init_from = init
     if not init:  # the same model as the pretrained one (decoder or encoder), freshly initialised
       c.model = restore.adopt_model(c.model, meta, (), f'{source.directory}/{step}')
-    c.workdir = os.path.join(cfg.workdir, name.replace(' ', '_'))
+    saved = meta.get('model') or {}
+    if saved.get('positions') == 'learned' and c.seq_len > saved.get('max_seq_len', c.seq_len):
+      print(f'seq_len={c.seq_len} -> {saved["max_seq_len"]}: the model has learned positions for '
+            f'{saved["max_seq_len"]} tokens (RoPE models take any length)', flush=True)
+      c.seq_len = int(saved['max_seq_len'])
+    c.workdir = paths.join(cfg.workdir, name.replace(' ', '_'))
     print(f'== fine-tuning from {name} ({c.workdir})', flush=True)
-    reports[name] = finetune(c, overrides)['report']
-  text = task_metrics.table(reports)
-  print(f'\nstdlib package classification, eval split, step {cfg.steps}:\n{text}', flush=True)
-  with open(os.path.join(cfg.workdir, 'demo.json'), 'w') as f:
-    json.dump(reports, f, indent=2)
+    out = finetune(c, overrides)
+    outcome = outcome or out['summary']
+    reports[name] = _demo_report(out)
+  if outcome and outcome['eval'].get('baseline'):
+    reports = {'n-gram baseline': outcome['eval']['baseline'], **reports}
+  chosen = outcome['chosen_on'] if outcome else 'eval'
+  how = 'best checkpoint chosen on validation' if chosen == 'validation' else 'last step'
+  print(f'\nstdlib package classification, eval split ({how}):\n{task_metrics.table(reports)}', flush=True)
+  if distributed.is_leader():
+    paths.write_text(paths.join(cfg.workdir, 'demo.json'), json.dumps(reports, indent=2))
   return reports
+
+
+def _demo_report(out: dict) -> dict:
+  """A demo arm's eval report: its best checkpoint's when validation chose it, else its last step's."""
+  outcome = out['summary']
+  if outcome and outcome['chosen_on'] == 'validation' and outcome['eval'].get('best'):
+    return outcome['eval']['best']
+  return out['report']
 
 
 def _finetune_command(argv: Sequence[str]) -> int:
