@@ -113,6 +113,7 @@ def test_a_scheme_without_its_filesystem_package_is_one_line():
     paths.exists('s3://b/run')
 
 
+@pytest.mark.slow   # end to end (the default suite keeps the train/resume/serve tests)
 def test_corpus_on_gs_trains_exactly_like_the_same_corpus_on_disk(tmp_path, gcs):
   local = text_run_config(tmp_path / 'l', steps=2, progress_bar=False)
   files = sorted((tmp_path / 'l' / 'corpus').glob('*.txt'))
@@ -135,6 +136,7 @@ def _labelled_csv(url, n, seed):
   return [r.rsplit(',', 1) for r in rows[1:]]
 
 
+@pytest.mark.slow   # end to end (the default suite keeps the train/resume/serve tests)
 def test_finetune_and_classify_with_everything_on_gs(tmp_path, gcs):
   from fmjax import classify
   from fmjax.finetune import predictions
