@@ -20,6 +20,9 @@ from fmjax.finetune import predictions as predictions_lib
 from fmjax.finetune.run import finetune
 from helpers import text_run_config, tiny_config
 
+# A fine-tune end to end (~40 s): with the slow suite, which CI runs too, so the default one stays ~12 min.
+pytestmark = pytest.mark.slow
+
 CLASSES = ('green', 'red', 'blue')        # not sorted: the checkpoint's order (sorted) must win
 CUES = {'red': 'ar', 'green': 'gm', 'blue': 'bx'}
 STEPS, EVERY = 12, 4
