@@ -216,17 +216,7 @@ def keep_steps_up_to(path: str, last_step: int) -> int:
       else:
         dropped += 1
   if dropped or changed:
-    tmp = f'{path}.tmp'
-    try:
-      with open(tmp, 'w', encoding='utf-8') as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, path)
-    except OSError:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
+    paths.write_text(path, ''.join(kept))   # atomic: the old log or the new, never a torn one
   return dropped
 
 

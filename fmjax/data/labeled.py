@@ -80,6 +80,16 @@ def read_file(path: str, columns: Sequence[str], optional: Sequence[str] = ()) -
   return {**data, **{c: [None] * n for c in optional}}
 
 
+def read_files(source: str, pattern: str, columns: Sequence[str], what: str) -> dict[str, list[str]]:
+  """The columns of every csv or jsonl (`source`) file a glob matches, concatenated in path order."""
+  data = {c: [] for c in columns}
+  read = _read_csv if source == 'csv' else _read_jsonl
+  for path in resolve_files(pattern, what):
+    for c, values in read(path, columns).items():
+      data[c].extend(values)
+  return data
+
+
 def _read_tfds(ft, split: str, columns: Sequence[str]) -> dict[str, list[str]]:
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   if not ft.tfds_name:
@@ -169,11 +179,7 @@ def load_split(ft, split: str, columns: Sequence[str], snippet_chars: int = 256)
     pattern = ft.train_files if split == 'train' else ft.eval_files
     if not pattern:
       raise DataError(f'finetune.source={ft.source!r} needs finetune.{split}_files (a glob)')
-    data = {c: [] for c in columns}
-    read = _read_csv if ft.source == 'csv' else _read_jsonl
-    for path in resolve_files(pattern, f'finetune.{split}_files'):
-      for c, values in read(path, columns).items():
-        data[c].extend(values)
+    data = read_files(ft.source, pattern, columns, f'finetune.{split}_files')
   limit = ft.max_train_examples if split == 'train' else ft.max_eval_examples
   if limit:
     data = {c: v[:limit] for c, v in data.items()}

@@ -320,7 +320,7 @@ def train_char(files: Sequence[str], output: str) -> CharTokenizer:
   if not chars:
     raise DataError('the tokenizer inputs are empty: give files with text')
   tok = CharTokenizer(''.join(chars), output)
-  _write_atomically(output, tok.to_json().encode('utf-8'))
+  paths.write_bytes(output, tok.to_json().encode('utf-8'))
   return tok
 
 
@@ -410,13 +410,5 @@ def train_sentencepiece(inputs: Sequence[str] | Iterable[str], vocab_size: int,
         pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID, minloglevel=2)
   except RuntimeError as e:
     raise DataError(f'SentencePiece training failed: {str(e).strip().splitlines()[-1]}') from None
-  _write_atomically(output, model.getvalue())
+  paths.write_bytes(output, model.getvalue())
   return output
-
-
-def _write_atomically(output: str, data: bytes) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  tmp = f'{output}.tmp-{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, output)

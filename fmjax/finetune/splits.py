@@ -15,7 +15,6 @@ from typing import Sequence
 import numpy as np
 
 from fmjax.data import labeled
-from fmjax.data.documents import resolve_files
 from fmjax.data.errors import DataError
 
 
@@ -76,11 +75,7 @@ def _read_validation_files(ft, columns: Sequence[str]) -> Split:
   if ft.source not in ('csv', 'jsonl'):
     raise DataError(f'finetune.validation_files needs finetune.source csv or jsonl (it is {ft.source!r}); '
                     'use finetune.validation_fraction instead')
-  read = labeled._read_csv if ft.source == 'csv' else labeled._read_jsonl  # pylint: disable=protected-access
-  cols = {c: [] for c in columns}
-  for path in resolve_files(ft.validation_files, 'finetune.validation_files'):
-    for c, values in read(path, columns).items():
-      cols[c].extend(values)
+  cols = labeled.read_files(ft.source, ft.validation_files, columns, 'finetune.validation_files')
   if not cols[columns[0]]:
     raise DataError(f'finetune.validation_files={ft.validation_files!r} holds no examples')
   return Split(cols)
