@@ -152,6 +152,25 @@ def test_hold_out_is_stratified_stable_and_keeps_copies_together():
   assert {texts[only_b[i]] for i in held_b if i < len(only_b)} == {texts[i] for i in held if labels[i] == 'b'}
 
 
+
+def test_validation_files_are_the_validation_split_and_train_stays_whole(tmp_path):
+  def write(name, rows):
+    with open(tmp_path / name, 'w', newline='', encoding='utf-8') as f:
+      w = csv.writer(f)
+      w.writerow(('text', 'label'))
+      w.writerows(rows)
+  write('train.csv', [(f't{i}', 'ab'[i % 2]) for i in range(10)])
+  write('val_1.csv', [('v0', 'a'), ('v1', 'b')])
+  write('val_2.csv', [('v2', 'b')])
+  write('eval.csv', [('e0', 'a')])
+  ft = tiny_config().finetune
+  ft.source, ft.train_files, ft.eval_files = 'csv', str(tmp_path / 'train.csv'), str(tmp_path / 'eval.csv')
+  ft.validation_files, ft.validation_fraction = str(tmp_path / 'val_*.csv'), 0.5   # files win over the fraction
+  data = splits.load(ft)
+  assert data.validation_from == 'files' and len(data.train) == 10
+  assert data.validation.columns['text'] == ['v0', 'v1', 'v2']
+  assert data.validation.ids.tolist() == [0, 1, 1] and data.class_names == ('a', 'b')
+
 # ---- the wiring, on one tiny separable task fine-tuned from random initialisation ----------------------
 
 def _write_csv(path, rows):
