@@ -160,3 +160,19 @@ def test_finetune_and_classify_with_everything_on_gs(tmp_path, gcs):
   records = got.records([t for t, _ in rows], [label for _, label in rows])
   assert predictions.confusion_from_predictions(records, got.class_names).tolist() == report['confusion']
   assert not os.path.exists(os.path.join(os.getcwd(), 'gs:'))
+
+
+def test_train_command_keeps_a_gs_workdir_as_a_url(tmp_path, gcs, capsys):
+  """The CLI path: `--workdir gs://...` is not made into $PWD/gs:/... and the run lands in the bucket."""
+  from helpers import write_corpus
+  corpus = write_corpus(tmp_path / 'corpus')
+  workdir = f'{gcs}/cli/run/'
+  argv = ['--config', 'default', '--workdir', workdir, '--config.steps=2', '--config.checkpoint_every=2',
+          '--config.model.num_layers=1', '--config.model.d_model=32', '--config.model.num_heads=2',
+          '--config.model.num_kv_heads=2', '--config.model.mlp_dim=64', '--config.seq_len=32',
+          '--config.global_batch_size=8', '--config.eval_every=0', '--config.progress_bar=false',
+          '--config.data.source=text', f'--config.data.files={corpus}', f'--config.data.cache_dir={tmp_path / "c"}']
+  assert train.main(argv) == 0, capsys.readouterr().err
+  assert json.loads(paths.read_text(f'{gcs}/cli/run/config.json'))['workdir'] == f'{gcs}/cli/run'
+  assert '2' in paths.listdir(f'{gcs}/cli/run/checkpoints')
+  assert not os.path.exists(tmp_path / 'gs:') and not os.path.exists(os.path.join(os.getcwd(), 'gs:'))
