@@ -12,25 +12,29 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
+
 from fmjax import paths, task_metrics
 from fmjax.finetune.baseline import ngram_baseline
 
-ARRAYS = ('predictions', 'probabilities')   # the baseline's per-example outputs: not part of a report
 
 
 def fit_baseline(ft, data, log=print) -> dict:
   """The n-gram baseline (fmjax/finetune/baseline.py) fitted on the train split: {'eval': report,
   'validation': report or None, 'model': description}."""
   started = time.perf_counter()
-  texts, ids = data.train.columns[ft.text_feature], data.train.ids
-  out = {'validation': None}
-  for split in ('eval', 'validation'):
-    held = getattr(data, split)
-    if held is None:
-      continue
-    result = ngram_baseline(texts, ids, held.columns[ft.text_feature], held.ids, data.class_names, seed=0)
-    out['model'] = result.get('model', 'n-gram baseline')
-    out[split] = {k: v for k, v in result.items() if k not in ARRAYS + ('model',)}
+  held = {split: getattr(data, split) for split in ('eval', 'validation') if getattr(data, split) is not None}
+  texts = [t for split in held.values() for t in split.columns[ft.text_feature]]
+  ids = np.concatenate([split.ids for split in held.values()])
+  # one fit on the train split, predicting every held-out split at once
+  result = ngram_baseline(data.train.columns[ft.text_feature], data.train.ids, texts, ids, data.class_names, seed=0)
+  out = {'validation': None, 'model': result.get('model', 'n-gram baseline')}
+  start = 0
+  for name, split in held.items():
+    predicted = result['predictions'][start:start + len(split)]
+    start += len(split)
+    confusion = task_metrics.confusion_matrix(split.ids, predicted, len(data.class_names))
+    out[name] = dict(task_metrics.report(confusion, data.class_names), fit_seconds=result['fit_seconds'])
   parts = [f'{s} macro-F1 {out[s]["macro_f1"]:.3f}' for s in ('validation', 'eval') if out[s] is not None]
   log(f'n-gram baseline ({out["model"]}): {", ".join(parts)} ({time.perf_counter() - started:.1f}s)')
   return out
