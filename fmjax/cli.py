@@ -2,7 +2,7 @@
 
 Each command builds an `ArgumentParser` with its own flags (so `--help` lists them), adds the
 shared ones (`add_config_flags`, `add_workdir_flags`) and hands its body to `run`, which
-re-executes the process once with huge pages for malloc (fmjax/hugepages.py, every command the
+re-executes the process once with huge pages for malloc (fmjax/runtime/hugepages.py, every command the
 same), sets up logging and turns any `fmjax.errors.UserError` into one line and exit code 2.
 
 Config overrides are `--config.a.b=value` or `--config.a.b value`, parsed here and only here and
@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from fmjax import hugepages
+from fmjax.runtime import hugepages
 from fmjax.errors import UserError
 
 _PACKAGE_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
@@ -97,14 +97,15 @@ def load_run_config(config: str, workdir: str | None, overrides: Sequence[str]):
     cfg.workdir = workdir
   if not cfg.workdir:
     raise config_lib.ConfigError('no workdir: pass --workdir DIR')
-  from fmjax import paths  # pylint: disable=import-outside-toplevel
+  from fmjax.runtime import paths  # pylint: disable=import-outside-toplevel
   cfg.workdir = paths.resolve(cfg.workdir)   # local: absolute; gs://...: as given
   return cfg
 
 
 def start_run(cfg) -> None:
   """Before JAX starts its backend: the GPU XLA flags of `cfg`, then the multi-process runtime."""
-  from fmjax import distributed, gpu_flags  # pylint: disable=import-outside-toplevel
+  from fmjax.runtime import distributed  # pylint: disable=import-outside-toplevel
+  from fmjax.runtime import gpu_flags
   gpu_flags.apply(cfg)
   distributed.initialize()
 

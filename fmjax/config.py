@@ -191,7 +191,7 @@ def finetune_defaults() -> ml_collections.ConfigDict:
 
 
 def mlm_defaults() -> ml_collections.ConfigDict:
-  """Masked-language-model objective of model.kind='encoder' (fmjax/mlm.py); decoders ignore it."""
+  """Masked-language-model objective of model.kind='encoder' (fmjax/objectives/mlm.py); decoders ignore it."""
   return ml_collections.ConfigDict(dict(
       mask_rate=0.15,          # share of real tokens chosen for prediction
       mask_token_rate=0.8,     # of the chosen: replaced by the tokenizer's mask token
@@ -229,7 +229,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.force_unlock = False       # take over the workdir lock even when its holder cannot be checked (another host)
   c.progress_bar = True
   c.cpu_peak_flops = 0.0       # 0 = measure with a matmul micro-benchmark
-  c.gpu_xla_flags = True       # on GPUs add fmjax's XLA performance flags (fmjax/gpu_flags.py); yours win
+  c.gpu_xla_flags = True       # on GPUs add fmjax's XLA performance flags (fmjax/runtime/gpu_flags.py); yours win
   c.gpu_extra_xla_flags = ''   # more XLA flags for GPU runs (space-separated), applied after fmjax's
   c.gpu_memory_fraction = 0.9  # XLA_PYTHON_CLIENT_MEM_FRACTION on GPUs unless set in the env (0 = JAX's)
   c.workdir = ''
@@ -488,5 +488,5 @@ def to_json(cfg: ml_collections.ConfigDict) -> str:
 
 def save(cfg: ml_collections.ConfigDict, path: str) -> None:
   """Write the resolved config as JSON (atomically; `path` may be a URL)."""
-  from fmjax import paths  # pylint: disable=import-outside-toplevel
+  from fmjax.runtime import paths  # pylint: disable=import-outside-toplevel
   paths.write_text(path, to_json(cfg))

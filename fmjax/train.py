@@ -2,7 +2,7 @@
 
 Any config field can be overridden: `--config.model.num_layers=2 --config.steps=100`.
 Rerunning with the same workdir resumes from its latest complete checkpoint. One run at a time
-holds a workdir (fmjax/workdir_lock.py). On resume the changes from the saved config.json are
+holds a workdir (fmjax/checkpoints/lock.py). On resume the changes from the saved config.json are
 printed, and run-defining ones (model, steps, schedule, seed, data, batch, seq_len) are refused
 unless `--config.allow_config_change=true`; the check comes before config.json is rewritten.
 `--init-from CHECKPOINT` starts from a checkpoint's parameters (e.g. one imported by fmjax-convert
@@ -18,7 +18,8 @@ from typing import Sequence
 
 from fmjax import cli
 from fmjax import config as config_lib
-from fmjax import distributed, paths
+from fmjax.runtime import distributed
+from fmjax.runtime import paths
 
 USAGE = """python -m fmjax.train --config CONFIG.py --workdir DIR [--init-from CHECKPOINT] [--config.KEY=VALUE ...]
 
@@ -30,7 +31,7 @@ as the model, steps or learning-rate schedule then needs --config.allow_config_c
 
 def _adopt_checkpoint(cfg, init_from: str, overrides, cleanup):
   """(Checkpointer, step) of `init_from`; cfg.model and cfg.data.tokenizer become the checkpoint's."""
-  from fmjax import restore
+  from fmjax.checkpoints import restore
   source, step, workdir = restore.locate_checkpoint(init_from)
   cleanup.callback(source.close)
   meta = source.read_metadata(step)
@@ -51,9 +52,15 @@ def train(cfg, init_from: str | None = None, overrides: Sequence[str] | None = N
   command line's items (a `model.KEY` among them contradicting the checkpoint is refused; None: all of cfg.model).
   """
   import jax
-  from fmjax import build, checkpoint, loop, metric_writers, numerics, resume, workdir_lock
-  from fmjax import evaluate as evaluate_lib
-  from fmjax import sharding as shd
+  from fmjax.training import build
+  from fmjax.checkpoints import store as checkpoint
+  from fmjax.training import loop
+  from fmjax.training import writers as metric_writers
+  from fmjax.training import numerics
+  from fmjax.checkpoints import resume
+  from fmjax.checkpoints import lock as workdir_lock
+  from fmjax.inference import evaluate as evaluate_lib
+  from fmjax.parallel import sharding as shd
   from fmjax.data import pipeline, stream_set, tokenizers
 
   workdir = cfg.workdir
@@ -90,7 +97,7 @@ def train(cfg, init_from: str | None = None, overrides: Sequence[str] | None = N
       writer.log(line)
 
     run = build.build_lm_run(cfg, mesh)
-    from fmjax.state import param_count
+    from fmjax.training.state import param_count
     n_params = param_count(run.state.abstract.params)
     writer.log(f'model: {n_params / 1e6:.2f}M parameters; train step compiled in {run.compile_seconds:.1f}s')
     memory = run.train_step.memory_analysis()

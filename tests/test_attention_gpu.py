@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax import gpu_flags
+from fmjax.runtime import gpu_flags
 from fmjax.model import attention as attn
 from fmjax.model import splash
 from helpers import tiny_config
@@ -253,7 +253,7 @@ def test_apply_sets_the_environment_from_config_and_logs(caplog):
   cfg = tiny_config()
   cfg.gpu_extra_xla_flags = '--xla_gpu_enable_while_loop_double_buffering=false'
   env = {'XLA_FLAGS': '--xla_dump_to=/x'}
-  with caplog.at_level(logging.INFO, logger='fmjax.gpu_flags'):
+  with caplog.at_level(logging.INFO, logger='fmjax.runtime.gpu_flags'):
     assert gpu_flags.apply(cfg, env, platform='cpu') == {} and env == {'XLA_FLAGS': '--xla_dump_to=/x'}
     set_ = gpu_flags.apply(cfg, env, platform='gpu')
   assert env['XLA_FLAGS'] == set_['XLA_FLAGS'] and env['XLA_FLAGS'].endswith('--xla_dump_to=/x')
@@ -280,7 +280,7 @@ def test_every_default_flag_exists_in_this_jaxlib():
 
 def test_gpu_flags_cli_prints_assignments():
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'XLA_PYTHON_CLIENT_MEM_FRACTION')}
-  r = subprocess.run([sys.executable, '-m', 'fmjax.gpu_flags', '--platform', 'gpu'], env=env,
+  r = subprocess.run([sys.executable, '-m', 'fmjax.runtime.gpu_flags', '--platform', 'gpu'], env=env,
                      capture_output=True, text=True, timeout=60)
   lines = r.stdout.splitlines()
   assert r.returncode == 0

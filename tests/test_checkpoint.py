@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from fmjax import checkpoint
+from fmjax.checkpoints import store as checkpoint
 from fmjax.train import train
 from helpers import losses_of, text_run_config
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fmjax.chunked_loss import chunked_cross_entropy
-from fmjax.step import cross_entropy
+from fmjax.objectives.chunked_ce import chunked_cross_entropy
+from fmjax.training.step import cross_entropy
 
 
 def _inputs(n, d, v, dtype=jnp.float32, transpose=True, seed=0):

@@ -12,9 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-from fmjax import classify as classify_lib
+from fmjax.inference import classify as classify_lib
 from fmjax import train
-from fmjax.checkpoint import CheckpointError
+from fmjax.checkpoints.store import CheckpointError
 from fmjax.data.errors import DataError
 from fmjax.finetune import predictions as predictions_lib
 from fmjax.finetune.run import finetune

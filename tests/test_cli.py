@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from fmjax import cli, hugepages
+from fmjax import cli
+from fmjax.runtime import hugepages
 
 # (module with main(), flags its --help must list)
 COMMANDS = [

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip('safetensors')
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from fmjax import checkpoint  # noqa: E402
+from fmjax.checkpoints import store as checkpoint  # noqa: E402
 from fmjax.model import layout  # noqa: E402
 from fmjax.convert import ConversionError, driver, source, verify  # noqa: E402
 from fmjax.convert.cli import main as cli_main  # noqa: E402
@@ -156,7 +156,8 @@ def test_missing_or_misshapen_tensor_is_named(tmp_path):
 
 
 def test_unsupported_hf_configs_are_named():
-  from fmjax.convert import gpt2, llama
+  from fmjax.convert.families import gpt2
+  from fmjax.convert.families import llama
   base = dict(model_type='mistral', hidden_size=32, num_attention_heads=4, num_hidden_layers=2, vocab_size=96,
               intermediate_size=64, hidden_act='silu', max_position_embeddings=4096)
   with pytest.raises(ConversionError, match='sliding_window=1024'):

@@ -3,7 +3,7 @@
 import json
 import os
 
-from fmjax import bench
+from fmjax.perf import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny.py')

@@ -2,7 +2,7 @@
 
 import time
 
-from fmjax.loop import DataWait
+from fmjax.training.loop import DataWait
 
 
 def _slow_batches(delay):

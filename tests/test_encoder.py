@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fmjax import config as config_lib
-from fmjax import mlm
+from fmjax.objectives import mlm
 from fmjax.data import tokenizers
 from fmjax.model import Transformer
 from fmjax.model import attention as attn
@@ -261,7 +261,7 @@ def test_whole_word_masking_chooses_whole_words():
 
 
 def test_mlm_train_step_only_scores_masked_tokens_and_learns():
-  from fmjax import build
+  from fmjax.training import build
   cfg = encoder_config(vocab_size=259)
   cfg.model.update(dict(d_model=32, mlp_dim=64))
   cfg.global_batch_size, cfg.seq_len, cfg.steps = 8, 32, 30
@@ -271,21 +271,21 @@ def test_mlm_train_step_only_scores_masked_tokens_and_learns():
   text = 'def forward(self, x):\n    return self.layer(x) + x\n' * 4
   batch = _byte_batch([text] * 8, t=33)
   batch = {k: np.asarray(v[:, :32]) for k, v in batch.items()}
-  from fmjax import loop
+  from fmjax.training import loop
   losses = []
   for _ in range(30):
     state, metrics = run.train_step(state, loop.to_global(batch, run.batch_sharding))
     losses.append(float(metrics['loss']))
   assert float(metrics['tokens']) < 0.3 * 8 * 32            # weight = masked tokens only
   assert losses[-1] < 0.7 * losses[0]
-  from fmjax import evaluate
+  from fmjax.inference import evaluate
   result = evaluate.make_evaluator(run)(state.params, [batch])
   assert 0 < result['tokens'] < 0.3 * 8 * 32 and np.isfinite(result['loss'])
 
 
 @pytest.mark.parametrize('norm_position', ['pre', 'post'])
 def test_inspect_sees_bidirectional_attention_and_lens_reads_the_mlm_head(norm_position):
-  from fmjax import inspect as fm_inspect
+  from fmjax.inference import inspect as fm_inspect
   cfg = encoder_config(norm_position=norm_position, attention='xla')
   tokens = jnp.asarray(np.random.default_rng(4).integers(3, 64, (1, 12)), jnp.int32)
   model = Transformer(cfg.model)
@@ -299,7 +299,7 @@ def test_inspect_sees_bidirectional_attention_and_lens_reads_the_mlm_head(norm_p
 
 
 def test_encoder_flops_count_every_key_and_the_mlm_transform():
-  from fmjax import metrics
+  from fmjax.perf import flops as metrics
   dec, enc = tiny_config().model, encoder_config(num_kv_heads=0, mlp_dim=64).model
   dec.update(dict(activation='gelu', num_kv_heads=0))
   t, d, layers = 16, 32, 2
@@ -310,7 +310,7 @@ def test_encoder_flops_count_every_key_and_the_mlm_transform():
 
 
 def test_cls_pooling_takes_the_first_token():
-  from fmjax.finetune.classifier import pool
+  from fmjax.objectives.classification import pool
   hidden = jnp.arange(2 * 5 * 3, dtype=jnp.float32).reshape(2, 5, 3)
   seg = jnp.ones((2, 5), jnp.int32)
   np.testing.assert_array_equal(np.asarray(pool(hidden, seg, seg, 'cls')), np.asarray(hidden[:, 0]))

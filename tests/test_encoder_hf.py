@@ -14,7 +14,7 @@ tokenizers_lib = pytest.importorskip('tokenizers')
 from safetensors.numpy import load_file  # noqa: E402
 
 from fmjax.convert import ConversionError, driver, source, verify  # noqa: E402
-from fmjax.convert.bert import BERT, ROBERTA  # noqa: E402
+from fmjax.convert.families.bert import BERT, ROBERTA  # noqa: E402
 from fmjax.data import tokenizers as fm_tokenizers  # noqa: E402
 from helpers import assert_same_tree  # noqa: E402
 

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax import build, evaluate
-from fmjax import sharding as shd
+from fmjax.training import build
+from fmjax.inference import evaluate
+from fmjax.parallel import sharding as shd
 from fmjax.model import Transformer
 from helpers import synthetic_batch, tiny_config
 from test_generate import train_tiny

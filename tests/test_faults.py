@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 from etils import epath
 
-from fmjax import checkpoint, config
-from fmjax.checkpoint import Checkpointer, CheckpointError, WorkdirWriteError
+from fmjax import config
+from fmjax.checkpoints import store as checkpoint
+from fmjax.checkpoints.store import Checkpointer, CheckpointError, WorkdirWriteError
 from fmjax.data import labeled, stream_set
 from fmjax.data.errors import DataError
-from fmjax.metric_writers import MetricWriter
+from fmjax.training.writers import MetricWriter
 from helpers import write_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

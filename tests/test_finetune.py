@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax import finetune, restore, train
-from fmjax import sharding as shd
-from fmjax.checkpoint import CheckpointError
-from fmjax.finetune.classifier import HEAD
+from fmjax import finetune, train
+from fmjax.checkpoints import restore
+from fmjax.parallel import sharding as shd
+from fmjax.checkpoints.store import CheckpointError
+from fmjax.objectives.classification import HEAD
 from fmjax.data import labeled
 from fmjax.data.errors import DataError
 from fmjax.data.tokenizers import ByteTokenizer

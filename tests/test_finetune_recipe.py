@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from fmjax import build, finetune
-from fmjax import sharding as shd
+from fmjax import finetune
+from fmjax.training import build
+from fmjax.parallel import sharding as shd
 from fmjax.data.tokenizers import ByteTokenizer
 from fmjax.finetune import adaptation, parts as parts_lib, schedule, splits
-from fmjax.finetune.classifier import HEAD, loss_fn
+from fmjax.objectives.classification import HEAD, loss_fn
 from fmjax.model import Transformer
 from fmjax.finetune.evaluation import CHOICE_WARNING, confusion_pixels
 from helpers import tiny_config

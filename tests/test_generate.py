@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax import decode, generate, restore
-from fmjax.checkpoint import CheckpointError
+from fmjax.inference import decode
+from fmjax.inference import generate
+from fmjax.checkpoints import restore
+from fmjax.checkpoints.store import CheckpointError
 from fmjax.model import Transformer
 from fmjax.model.transformer import init_cache
 from helpers import tiny_config
@@ -124,7 +126,7 @@ def test_generation_from_checkpoint(restored):
 
 
 def test_trained_checkpoint_scores_better_than_random(restored):
-  from fmjax import evaluate
+  from fmjax.inference import evaluate
   held_out = ['the dog sat on the mat. the cat ate the bone.']
   trained = evaluate.score_texts(restored, held_out)
   random = evaluate.score_texts(restored, held_out, params=restore.random_params(restored))

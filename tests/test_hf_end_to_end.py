@@ -12,8 +12,8 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 hf_tokenizers = pytest.importorskip('tokenizers')
 
-from fmjax import generate as generate_lib  # noqa: E402
-from fmjax import restore  # noqa: E402
+from fmjax.inference import generate as generate_lib  # noqa: E402
+from fmjax.checkpoints import restore  # noqa: E402
 from fmjax.convert import verify  # noqa: E402
 from fmjax.convert.cli import main as convert_main  # noqa: E402
 from fmjax.finetune import main as finetune_main  # noqa: E402

@@ -12,7 +12,7 @@ transformers = pytest.importorskip('transformers')
 pytest.importorskip('tokenizers')
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from fmjax import api  # noqa: E402
+from fmjax.inference import api  # noqa: E402
 from fmjax.convert.cli import main as convert_main  # noqa: E402
 from fmjax.data import tokenizers  # noqa: E402
 

@@ -10,7 +10,8 @@ import pytest
 
 pytest.importorskip('transformers')
 
-from fmjax import restore, train  # noqa: E402
+from fmjax import train  # noqa: E402
+from fmjax.checkpoints import restore
 from fmjax.convert.cli import main as convert_main  # noqa: E402
 from test_hf_end_to_end import corpus, make_llama3  # noqa: E402
 

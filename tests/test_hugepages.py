@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fmjax import hugepages
+from fmjax.runtime import hugepages
 
 _PROBE = ('from fmjax import hugepages; hugepages.reexec_with_hugepages(); import os; '
           'print(os.environ.get("GLIBC_TUNABLES", "")); print(hugepages.original_environment().get("GLIBC_TUNABLES", "-"))')

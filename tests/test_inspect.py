@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax import inspect as fm_inspect
-from fmjax import restore
+from fmjax.inference import inspect as fm_inspect
+from fmjax.checkpoints import restore
 from fmjax.model import Transformer
 from fmjax.model import layout
 from helpers import tiny_config

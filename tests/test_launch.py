@@ -396,7 +396,7 @@ SCONTROL = "#!/bin/sh\n[ \"$1 $2 $3\" = 'show hostnames gpu[017-018]' ] || exit 
 
 
 def _gpu_flags():
-    from fmjax import gpu_flags
+    from fmjax.runtime import gpu_flags
     return " ".join(gpu_flags.DEFAULT_FLAGS)
 
 
@@ -437,7 +437,7 @@ while [[ $1 == --* ]]; do shift; done
 for id in 0 1; do SLURM_NODEID=$id "$@" || exit; done
 """)
     py = write_exe(tmp_path / "py", "#!/bin/sh\n"
-                   "[ \"$2\" = fmjax.gpu_flags ] && { echo 'XLA_FLAGS=--a=1 --b='; exit; }\n"
+                   "[ \"$2\" = fmjax.runtime.gpu_flags ] && { echo 'XLA_FLAGS=--a=1 --b='; exit; }\n"
                    "echo \"$FMJAX_COORDINATOR $FMJAX_NUM_PROCESSES $FMJAX_PROCESS_ID [$XLA_FLAGS] $*\"\n")
     env = {**SLURM_ENV, "PYTHON": str(py), "FMJAX_COORDINATOR_PORT": "4567"}
     assert ok(SBATCH, "--workdir", "/w x", env=env, path_prepend=tmp_path) == [

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax import finetune
-from fmjax import sharding as shd
+from fmjax.parallel import sharding as shd
 from fmjax.model import Transformer, lora
 from test_finetune import _write_csv, ft_config, pretrained  # noqa: F401  (session fixture)
 

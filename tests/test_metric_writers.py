@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from fmjax.metric_writers import MetricWriter, keep_steps_up_to
+from fmjax.training.writers import MetricWriter, keep_steps_up_to
 
 
 def strict_records(path):
@@ -133,7 +133,7 @@ def test_values_survive_the_round_trip(tmp_path, prefix):
 
 
 def test_tensorboard_events_reach_the_disk_every_flush_interval(tmp_path, monkeypatch):
-  from fmjax import metric_writers
+  from fmjax.training import writers as metric_writers
   monkeypatch.setattr(metric_writers, 'FLUSH_SECONDS', 0.0)
   writer = MetricWriter(str(tmp_path), total_steps=10, enabled=True, progress_bar=False)
   writer.write(2, {'loss': 0.5})

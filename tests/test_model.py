@@ -197,6 +197,6 @@ def test_accelerator_configs_compute_in_bf16_over_fp32_parameters(name):
   model = Transformer(cfg.model)
   params = model.init(jax.random.PRNGKey(0), tokens)['params']
   assert {str(x.dtype) for x in jax.tree.leaves(params)} == {'float32'}
-  from fmjax import optim
+  from fmjax.training import optim
   state = optim.make_optimizer(cfg.optim, cfg.steps).init(params)
   assert {str(x.dtype) for x in jax.tree.leaves(state) if x.ndim} == {'float32'}

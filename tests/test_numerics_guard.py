@@ -8,8 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax import build, config, loop, metric_writers, numerics, train
-from fmjax import sharding as shd
+from fmjax import config, train
+from fmjax.training import build
+from fmjax.training import loop
+from fmjax.training import writers as metric_writers
+from fmjax.training import numerics
+from fmjax.parallel import sharding as shd
 from helpers import synthetic_batch, tiny_config, with_fields
 
 

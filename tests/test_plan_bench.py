@@ -7,7 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from fmjax import bench, build, metrics, plan
+from fmjax.perf import bench
+from fmjax.training import build
+from fmjax.perf import flops as metrics
+from fmjax.perf import plan
 from helpers import tiny_config
 
 

@@ -8,7 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from fmjax import paths, restore, train, workdir_lock
+from fmjax import train
+from fmjax.runtime import paths
+from fmjax.checkpoints import restore
+from fmjax.checkpoints import lock as workdir_lock
 from fmjax.data import tokenizers
 from helpers import assert_same_tree, losses_of, text_run_config
 
@@ -51,8 +54,8 @@ def test_restore_evaluate_and_generate_from_gs(tmp_path, gcs, capsys):
   restored = restore.restore(remote)
   assert restored.step == 2
   assert_same_tree(jax.device_get(restored.params), jax.device_get(result.state.params))
-  from fmjax import evaluate
-  from fmjax import generate
+  from fmjax.inference import evaluate
+  from fmjax.inference import generate
   assert evaluate.main(['--workdir', remote, '--batches', '1']) == 0
   assert 'loss=' in capsys.readouterr().out
   assert generate.main(['--workdir', remote, '--prompt', 'the quick', '--max-new-tokens', '4']) == 0
@@ -138,7 +141,7 @@ def _labelled_csv(url, n, seed):
 
 @pytest.mark.slow   # end to end (the default suite keeps the train/resume/serve tests)
 def test_finetune_and_classify_with_everything_on_gs(tmp_path, gcs):
-  from fmjax import classify
+  from fmjax.inference import classify
   from fmjax.finetune import predictions
   from fmjax.finetune.run import finetune
   pre = f'{gcs}/ft/pretrained'

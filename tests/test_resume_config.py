@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from fmjax import config, resume, train
+from fmjax import config, train
+from fmjax.checkpoints import resume
 from helpers import text_run_config
 
 

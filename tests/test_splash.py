@@ -93,7 +93,7 @@ def test_sharded_splash_on_a_2x2x2_mesh_matches_reference():
   """Under a (data, fsdp, tensor) mesh the kernel runs per shard (shard_map) with the same result."""
   import flax.linen as nn
   from fmjax import config as config_lib
-  from fmjax import sharding as shd
+  from fmjax.parallel import sharding as shd
   from fmjax.model.splash import sharded_splash_attention
   q, k, v, seg = _inputs(4, 128, 4, 2, 64)
   cfg = config_lib.base_config()
@@ -107,7 +107,7 @@ def test_sharded_splash_on_a_2x2x2_mesh_matches_reference():
 def test_sharded_gpu_flash_on_a_2x2x2_mesh_matches_reference():
   """The Pallas GPU kernel (packed rows on GPU) runs per shard too, GQA heads split over `tensor`."""
   from fmjax import config as config_lib
-  from fmjax import sharding as shd
+  from fmjax.parallel import sharding as shd
   from fmjax.model.splash import sharded_gpu_flash_attention
   q, k, v, seg = _inputs(4, 64, 4, 2, 16)
   cfg = config_lib.base_config()

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from fmjax import task_metrics
+from fmjax.finetune import task_metrics
 
 
 def test_report_matches_hand_computed_reference():

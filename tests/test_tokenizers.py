@@ -185,7 +185,8 @@ def test_char_cli(tmp_path, capsys):
 
 def test_char_tokenizer_trains_and_restores_from_the_workdir(tmp_path):
   """tokenizers.place_in_workdir copies the JSON into the workdir; restore loads it back, same characters."""
-  from fmjax import restore, train
+  from fmjax import train
+  from fmjax.checkpoints import restore
   from helpers import tiny_config
   corpus = tmp_path / 'corpus'
   corpus.mkdir()

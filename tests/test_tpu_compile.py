@@ -15,8 +15,10 @@ import pytest
 
 pytest.importorskip('libtpu', reason='TPU compile tests need the tpu extra (pip install -e ".[test]" installs it)')
 
-from fmjax import build, metrics, plan  # noqa: E402
-from fmjax import sharding as shd  # noqa: E402
+from fmjax.training import build  # noqa: E402
+from fmjax.perf import flops as metrics
+from fmjax.perf import plan
+from fmjax.parallel import sharding as shd  # noqa: E402
 from helpers import tiny_config  # noqa: E402
 
 # (topology as users name it, chips, processes of the slice)
@@ -101,7 +103,7 @@ def test_finetune_classifier_step_compiles_with_splash_lora_and_the_head(name, c
   """The fine-tuning task as `finetune` builds it (finetune.parts.task through build.build_run):
   LoRA adapters and a classification head, splash forward and backward, sharded, within the chip."""
   from fmjax.finetune import parts
-  from fmjax.finetune.classifier import HEAD
+  from fmjax.objectives.classification import HEAD
   kind, _ = plan.parse_topology(name)
   cfg = splash_config()
   cfg.finetune.task, cfg.finetune.lora_rank = 'classify', 8
@@ -121,7 +123,7 @@ def test_finetune_classifier_step_compiles_with_splash_lora_and_the_head(name, c
 def test_generate_prefill_and_decode_loop_compile_for_the_slice(name, chips):
   """`generate`'s decoder (decode.compile_decoder: prefill + the decode loop) compiled for the slice, on
   the parameters' training shardings; the KV cache is split over the batch axes and fits the chip."""
-  from fmjax import decode
+  from fmjax.inference import decode
   kind, _ = plan.parse_topology(name)
   cfg = splash_config()
   run = build.build_lm_run(cfg, shd.make_mesh(cfg.mesh, plan.tpu_devices(name)), compile_step=False)

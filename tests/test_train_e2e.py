@@ -201,7 +201,9 @@ def test_wrong_process_count_fails_fast_with_one_line(tmp_path, data):
 def test_nonfinite_run_stops_with_one_line_and_the_last_checkpoint_restores(tmp_path, data):
   import jax
   import numpy as np
-  from fmjax import build, checkpoint, config
+  from fmjax import config
+  from fmjax.training import build
+  from fmjax.checkpoints import store as checkpoint
   run = tmp_path / 'nan'
   overrides = ('--config.optim.learning_rate=1e30', '--config.steps=12', '--config.optim.decay_steps=12',
                '--config.checkpoint_every=1', '--config.keep_checkpoints=2', '--config.async_checkpoints=false')

@@ -5,10 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax import build, optim, step as step_lib
-from fmjax import sharding as shd
+from fmjax.training import build
+from fmjax.training import optim
+from fmjax.training import step as step_lib
+from fmjax.parallel import sharding as shd
 from fmjax.model import layout
-from fmjax.state import TrainState
+from fmjax.training.state import TrainState
 from helpers import synthetic_batch, tiny_config, with_fields
 
 
@@ -141,7 +143,8 @@ def test_dimension_not_divisible_by_mesh_is_named():
 def _loop_step_times(tmp_path, eval_sleep: float) -> dict:
   """{step: logged step_time} of a short loop whose evaluate sleeps `eval_sleep` s at steps 3 and 6."""
   import time
-  from fmjax import loop, metric_writers
+  from fmjax.training import loop
+  from fmjax.training import writers as metric_writers
   cfg = with_fields(tiny_config(), mesh=dict(data=1, fsdp=1, tensor=1))
   run = build.build_lm_run(cfg, shd.make_mesh(cfg.mesh, jax.devices()[:1]))
   batches = (synthetic_batch(cfg.global_batch_size, cfg.seq_len, cfg.model.vocab_size, seed=i) for i in range(100))

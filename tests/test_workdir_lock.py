@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from fmjax import workdir_lock
-from fmjax.workdir_lock import WorkdirLock, WorkdirLockedError
+from fmjax.checkpoints import lock as workdir_lock
+from fmjax.checkpoints.lock import WorkdirLock, WorkdirLockedError
 
 
 @pytest.fixture

@@ -33,8 +33,8 @@ export CUDA_VISIBLE_DEVICES=${GPU_CHECK_DEVICE:-0}
   die "no GPU backend in '$PY' (jax.default_backend() is not gpu): run this on a GPU host with jax[cuda]"
 mkdir -p "$OUT"
 
-# The same XLA flags as fmjax.gpu_flags.apply (and launch/slurm), in effect for every run below.
-GPU_ENV=$("$PY" -m fmjax.gpu_flags --platform gpu) || die "'$PY -m fmjax.gpu_flags' failed"
+# The same XLA flags as fmjax.runtime.gpu_flags.apply (and launch/slurm), in effect for every run below.
+GPU_ENV=$("$PY" -m fmjax.runtime.gpu_flags --platform gpu) || die "'$PY -m fmjax.runtime.gpu_flags' failed"
 while IFS= read -r assignment; do
   [[ -n $assignment ]] || continue
   export "${assignment%%=*}=${assignment#*=}"

@@ -13,8 +13,11 @@ import jax
 import numpy as np
 
 from fmjax import config as config_lib
-from fmjax.checkpoint import Checkpointer, make_metadata
-from fmjax.convert import bert, gpt2, hf_io, hf_tokenizer, llama, output, source
+from fmjax.checkpoints.store import Checkpointer, make_metadata
+from fmjax.convert import hf_io, hf_tokenizer, output, source
+from fmjax.convert.families import bert
+from fmjax.convert.families import gpt2
+from fmjax.convert.families import llama
 from fmjax.convert.mapping import ConversionError, expand, locate
 from fmjax.model import layout
 from fmjax.data import tokenizers as fm_tokenizers

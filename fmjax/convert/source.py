@@ -13,11 +13,11 @@ import flax.linen as nn
 import ml_collections
 
 from fmjax import config as config_lib
-from fmjax import sharding as shd
-from fmjax.checkpoint import SHAPE_KEYS, Checkpointer
+from fmjax.parallel import sharding as shd
+from fmjax.checkpoints.store import SHAPE_KEYS, Checkpointer
 from fmjax.convert.mapping import ConversionError
 from fmjax.model import Transformer
-from fmjax.restore import locate_checkpoint
+from fmjax.checkpoints.restore import locate_checkpoint
 
 
 @dataclass

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import grain
 import tensorflow_datasets as tfds
 
-from fmjax import paths
+from fmjax.runtime import paths
 from fmjax.data import corpora, formats, local_build
 from fmjax.data.documents import DocumentReader, name_files, resolve_files
 from fmjax.data.errors import DataError

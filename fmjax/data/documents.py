@@ -16,7 +16,7 @@ import os
 import stat
 from typing import Iterator
 
-from fmjax import paths
+from fmjax.runtime import paths
 from fmjax.data import formats
 from fmjax.data.errors import DataError
 

@@ -13,7 +13,7 @@ import io
 import os
 from typing import BinaryIO, Iterator
 
-from fmjax import paths
+from fmjax.runtime import paths
 from fmjax.data.errors import DataError
 
 COMPRESSIONS = {'.gz': 'gzip', '.zst': 'zstd', '.zstd': 'zstd'}

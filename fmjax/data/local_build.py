@@ -20,7 +20,7 @@ import pickle
 import subprocess
 import sys
 
-from fmjax import paths
+from fmjax.runtime import paths
 from fmjax.data.documents import BinaryInput, DocumentReader
 from fmjax.data.errors import DataError
 

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from fmjax import paths
+from fmjax.runtime import paths
 from fmjax.data.errors import DataError
 
 _MOVE_ASIDE = 'the checkpoint is damaged: move {0} aside (mv {0} {0}.bad) to resume from the previous one'

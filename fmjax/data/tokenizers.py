@@ -21,7 +21,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from fmjax import paths
+from fmjax.runtime import paths
 from fmjax.data import documents
 from fmjax.data.errors import DataError
 

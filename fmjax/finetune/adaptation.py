@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fmjax import optim
-from fmjax.finetune.classifier import HEAD
+from fmjax.training import optim
+from fmjax.objectives.classification import HEAD
 from fmjax.model import lora
 
 

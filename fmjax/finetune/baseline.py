@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fmjax import task_metrics
+from fmjax.finetune import task_metrics
 from fmjax.config import ConfigError
 from fmjax.data.errors import DataError
 

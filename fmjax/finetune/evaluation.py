@@ -14,11 +14,15 @@ import tempfile
 import jax
 import numpy as np
 
-from fmjax import checkpoint, distributed, loop, paths, task_metrics
-from fmjax import evaluate as evaluate_lib
-from fmjax import sharding as shd
+from fmjax.checkpoints import store as checkpoint
+from fmjax.runtime import distributed
+from fmjax.training import loop
+from fmjax.runtime import paths
+from fmjax.finetune import task_metrics
+from fmjax.inference import evaluate as evaluate_lib
+from fmjax.parallel import sharding as shd
 from fmjax.finetune import predictions
-from fmjax.finetune.classifier import predict_fn
+from fmjax.objectives.classification import predict_fn
 
 CHOICE_WARNING = ('warning: no validation split (finetune.validation_fraction=0, no finetune.validation_files): '
                   'the eval split chooses the best checkpoint, so its best metrics are optimistic')

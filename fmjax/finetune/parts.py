@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import jax
 
-from fmjax import build, checkpoint
-from fmjax.checkpoint import abstract_like
+from fmjax.training import build
+from fmjax.checkpoints import store as checkpoint
+from fmjax.checkpoints.store import abstract_like
 from fmjax.data import labeled, pipeline
 from fmjax.finetune import adaptation, splits
-from fmjax.finetune.classifier import HEAD, Classifier, loss_fn
+from fmjax.objectives.classification import HEAD, Classifier, loss_fn
 from fmjax.model import lora
 
 

@@ -15,7 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from fmjax import paths, task_metrics
+from fmjax.runtime import paths
+from fmjax.finetune import task_metrics
 from fmjax.data.errors import DataError
 
 

@@ -1,7 +1,7 @@
 """Fine-tune a pretrained model: `python -m fmjax.finetune --config configs/finetune_TASK.py
 --config.init_from=PRETRAIN_WORKDIR --workdir DIR`.
 
-The run is assembled by the pretraining builder (`fmjax.build.build_run` with the fine-tuning
+The run is assembled by the pretraining builder (`fmjax.training.build.build_run` with the fine-tuning
 task of fmjax/finetune/parts.py) and driven by the pretraining loop, checkpoints and workdir
 lock. `--demo` fine-tunes the embedded stdlib task from the checkpoint and from random
 initialisation and prints both metric tables.
@@ -15,10 +15,20 @@ from typing import Sequence
 
 import jax
 
-from fmjax import build, checkpoint, cli, distributed, loop, metric_writers, numerics, resume, restore
+from fmjax import cli
+from fmjax.training import build
+from fmjax.checkpoints import store as checkpoint
+from fmjax.runtime import distributed
+from fmjax.training import loop
+from fmjax.training import writers as metric_writers
+from fmjax.training import numerics
+from fmjax.checkpoints import resume
+from fmjax.checkpoints import restore
 from fmjax import config as config_lib
-from fmjax import sharding as shd
-from fmjax import paths, task_metrics, workdir_lock
+from fmjax.parallel import sharding as shd
+from fmjax.runtime import paths
+from fmjax.finetune import task_metrics
+from fmjax.checkpoints import lock as workdir_lock
 from fmjax.data import tokenizers
 from fmjax.finetune import evaluation, schedule, splits, summary
 from fmjax.finetune.parts import Parts

@@ -14,7 +14,8 @@ import time
 
 import numpy as np
 
-from fmjax import paths, task_metrics
+from fmjax.runtime import paths
+from fmjax.finetune import task_metrics
 from fmjax.finetune.baseline import ngram_baseline
 
 

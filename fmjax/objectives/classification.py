@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from fmjax.model.layers import Projection
-from fmjax.state import dummy_tokens
+from fmjax.training.state import dummy_tokens
 
 HEAD = 'cls_head'
 
@@ -98,7 +98,7 @@ class Classifier:
 
 
 def loss_fn(classifier: Classifier) -> Callable:
-  """`loss(params, batch, rng) -> (ce_sum, (ce_sum, examples))`, the contract of fmjax.step."""
+  """`loss(params, batch, rng) -> (ce_sum, (ce_sum, examples))`, the contract of fmjax.training.step."""
   def loss(params, batch, rng):
     if rng is None and classifier.dropout > 0:   # a step without a dropout key: classifier dropout only
       logits = classifier.logits(params, batch, None, head_rng=batch_key(batch, classifier.seed))

@@ -6,7 +6,7 @@ run masks exactly as an uninterrupted one. Of the real tokens (segment > 0, not 
 a share `mlm.mask_rate` is chosen (with `mlm.whole_word`, all tokens of a word together); of the
 chosen, `mask_token_rate` become the tokenizer's mask token, `random_token_rate` a random text
 token, the rest stay. The prepared batch predicts the original tokens (targets) at the chosen
-positions only (weights), so the LM loss of fmjax/step.py is the MLM loss. Evaluation masks each
+positions only (weights), so the LM loss of fmjax/training/step.py is the MLM loss. Evaluation masks each
 eval row from the seed and the row's content, so an eval set is scored the same way every time.
 """
 
@@ -116,7 +116,7 @@ def mask_batch(spec: MaskSpec, seed: int, step, batch: dict) -> dict:
 
 
 def preparer(spec: MaskSpec, seed: int) -> Callable[[dict, jax.Array | None], dict]:
-  """`prepare(batch, step)` for fmjax.step (step None: evaluation masks)."""
+  """`prepare(batch, step)` for fmjax.training.step (step None: evaluation masks)."""
   return lambda batch, step: mask_batch(spec, seed, step, batch)
 
 

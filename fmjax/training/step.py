@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import flax.linen as nn
 import optax
 
-from fmjax import numerics
-from fmjax.chunked_loss import chunked_cross_entropy
+from fmjax.training import numerics
+from fmjax.objectives.chunked_ce import chunked_cross_entropy
 from fmjax.data.batches import BATCH_KEYS  # noqa: F401  (re-exported: the batch format)
-from fmjax.state import TrainState
+from fmjax.training.state import TrainState
 
 
 
@@ -36,7 +36,7 @@ def lm_loss_fn(model: nn.Module, z_loss: float, vocab_chunk: int = 0) -> Callabl
   """`loss(params, batch, rng) -> (objective_sum, (ce_sum, weight_sum))` for next-token prediction.
 
   With `vocab_chunk` > 0 the output projection and the loss are fused and taken over vocab
-  chunks (fmjax/chunked_loss.py): the (tokens, vocab) fp32 logits never exist.
+  chunks (fmjax/objectives/chunked_ce.py): the (tokens, vocab) fp32 logits never exist.
   """
   def loss(params, batch, rng):
     deterministic = rng is None
@@ -91,7 +91,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
   """Build `step(state, batch) -> (state, metrics)`; jit it with shardings and donation.
 
   `prepare(batch, step) -> batch`, if given, turns the pipeline's batch into the objective's
-  inside the step (the encoder's masking, fmjax/mlm.py), as a pure function of the step number.
+  inside the step (the encoder's masking, fmjax/objectives/mlm.py), as a pure function of the step number.
 
   Metrics include `nonfinite` (1.0 when the loss or the gradient norm is nan/inf); with
   `skip_nonfinite` such a step leaves parameters and optimizer state unchanged (the step

@@ -15,7 +15,7 @@ the environment (yours win, flag by flag). Off with `--config.gpu_xla_flags=fals
 `FMJAX_GPU_FLAGS=0`. On anything but an NVIDIA GPU nothing is set.
 
 Entry points call `apply(cfg)` before anything starts the JAX backend; `python -m
-fmjax.gpu_flags` prints the NAME=VALUE lines it would set on a GPU host (launch/slurm uses it).
+fmjax.runtime.gpu_flags` prints the NAME=VALUE lines it would set on a GPU host (launch/slurm uses it).
 """
 
 from __future__ import annotations
@@ -110,11 +110,11 @@ def apply(cfg=None, env: MutableMapping[str, str] | None = None, platform: str |
 
 
 def main(argv: list[str] | None = None) -> int:
-  """`python -m fmjax.gpu_flags [--platform P]`: print the NAME=VALUE lines `apply` would set."""
+  """`python -m fmjax.runtime.gpu_flags [--platform P]`: print the NAME=VALUE lines `apply` would set."""
   argv = sys.argv[1:] if argv is None else argv
   platform = argv[1] if argv[:1] == ['--platform'] and len(argv) == 2 else None
   if argv and platform is None:
-    print('usage: python -m fmjax.gpu_flags [--platform gpu|cpu]', file=sys.stderr)
+    print('usage: python -m fmjax.runtime.gpu_flags [--platform gpu|cpu]', file=sys.stderr)
     return 2
   for name, value in gpu_environment(os.environ, platform or detect_platform(os.environ)).items():
     print(f'{name}={value}')

@@ -21,8 +21,8 @@ import time
 
 import jax
 
-from fmjax import paths
-from fmjax.checkpoint import WorkdirWriteError
+from fmjax.runtime import paths
+from fmjax.checkpoints.store import WorkdirWriteError
 
 FLUSH_SECONDS = 30.0  # TensorBoard events reach the disk at least this often (and at every `flush`)
 

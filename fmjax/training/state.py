@@ -15,7 +15,7 @@ import flax.linen as nn
 import optax
 from flax import struct
 
-from fmjax import sharding as shd
+from fmjax.parallel import sharding as shd
 
 
 @struct.dataclass

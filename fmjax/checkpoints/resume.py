@@ -11,7 +11,7 @@ import json
 import os
 
 from fmjax import config as config_lib
-from fmjax import paths
+from fmjax.runtime import paths
 
 # Options whose change alters what a resumed run means (refused unless allow_config_change); every
 # other change (logging, checkpointing, mesh, attention kernel, remat, compute dtype, microbatches,

@@ -4,7 +4,7 @@ The host never waits on the device inside the loop: metrics of step n are read a
 is dispatched (its `nonfinite` flag every step, the rest every `log_every` steps). Checkpoints
 are saved asynchronously every `checkpoint_every` steps and at the end; SIGTERM (preemption)
 finishes the current step, saves, waits for the save and returns. Before an evaluation or a save
-the step is checked to be finite (fmjax/numerics.py), and the time spent evaluating and saving is
+the step is checked to be finite (fmjax/training/numerics.py), and the time spent evaluating and saving is
 left out of the throughput window.
 """
 
@@ -20,8 +20,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from fmjax import metrics as metrics_lib
-from fmjax import numerics
+from fmjax.perf import flops as metrics_lib
+from fmjax.training import numerics
 
 
 @dataclass
@@ -37,7 +37,7 @@ class PreemptionWatch:
   """Notices SIGTERM; in multi-process runs all processes agree on the step to stop at.
 
   One process: a Python SIGTERM handler. Several: JAX's preemption sync manager (started by
-  `jax.distributed.initialize`, see fmjax/distributed.py) catches SIGTERM in whichever process
+  `jax.distributed.initialize`, see fmjax/runtime/distributed.py) catches SIGTERM in whichever process
   gets it and tells the others; every process stops at the same step, which all of them save.
   Must be asked at every step, with the same step numbers in every process.
   """

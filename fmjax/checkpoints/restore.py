@@ -24,8 +24,8 @@ import jax
 import ml_collections
 
 from fmjax import config as config_lib
-from fmjax import paths
-from fmjax.checkpoint import CheckpointError
+from fmjax.runtime import paths
+from fmjax.checkpoints.store import CheckpointError
 
 # Model fields a run may set differently from the checkpoint it loads: how the function is computed
 # (precision, memory, kernels, layout), not which function it is.
@@ -40,7 +40,7 @@ class Restored:
   meta: dict
   step: int
   tokenizer: Any
-  run: Any                 # fmjax.build.Run (uncompiled): mesh, rules, model, shardings
+  run: Any                 # fmjax.training.build.Run (uncompiled): mesh, rules, model, shardings
   params: Any
   compiled: dict = field(default_factory=dict)   # compiled functions by shape, reused across calls
   context_limit: int | None = None                # a lower context asked for (model.max_seq_len override)
@@ -67,7 +67,7 @@ class Restored:
 
 def mesh_overrides(spec: str | None) -> list[str]:
   """`--mesh data,fsdp,tensor` (e.g. '1,-1,1') as config overrides."""
-  from fmjax import sharding as shd  # pylint: disable=import-outside-toplevel
+  from fmjax.parallel import sharding as shd  # pylint: disable=import-outside-toplevel
   if not spec:
     return []
   return [f'mesh.{axis}={size}' for axis, size in shd.parse_mesh_spec(spec).items()]
@@ -143,7 +143,7 @@ def locate_checkpoint(path: str, step: int | None = None):
   The newest finalised checkpoint unless `step` (or the step directory) names one; one-line
   CheckpointErrors otherwise. The one checkpoint locator of fmjax (restore, finetune, convert).
   """
-  from fmjax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  from fmjax.checkpoints.store import Checkpointer  # pylint: disable=import-outside-toplevel
   path = paths.resolve(path)
   if not paths.isdir(path):
     raise CheckpointError(f'{path} does not exist: pass a workdir made by fmjax.train (or its checkpoints/ '
@@ -184,8 +184,8 @@ def load_tokenizer(workdir: str, spec: str):
 
 def restore(workdir: str, overrides: Sequence[str] = (), step: int | None = None) -> Restored:
   """Load the newest (or given) checkpoint's parameters of `workdir` onto the configured mesh."""
-  from fmjax import build  # pylint: disable=import-outside-toplevel
-  from fmjax import sharding as shd  # pylint: disable=import-outside-toplevel
+  from fmjax.training import build  # pylint: disable=import-outside-toplevel
+  from fmjax.parallel import sharding as shd  # pylint: disable=import-outside-toplevel
   from fmjax.data import tokenizers  # pylint: disable=import-outside-toplevel
   ckpt, step, workdir = locate_checkpoint(workdir, step)
   try:

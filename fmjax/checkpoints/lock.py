@@ -8,7 +8,7 @@ over with a notice; a lock held on another host cannot be checked from here, so 
 unless `--config.force_unlock=true`. In multi-process runs process 0 holds it for all.
 
 On an object store (a gs:// workdir) the lock is an object created with the store's "only if absent"
-precondition (GCS ifGenerationMatch=0, see fmjax.paths.create_exclusive), so two runs cannot both
+precondition (GCS ifGenerationMatch=0, see fmjax.runtime.paths.create_exclusive), so two runs cannot both
 create it; taking over a stale one compares its content just before deleting it.
 """
 
@@ -24,7 +24,7 @@ import sys
 import time
 import uuid
 
-from fmjax import paths
+from fmjax.runtime import paths
 from fmjax.errors import UserError
 
 LOCK_FILE = 'fmjax.lock'

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fmjax import paths
+from fmjax.runtime import paths
 
 
 def confusion_matrix(labels, predictions, num_classes: int) -> np.ndarray:

@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from fmjax import mlm, optim
-from fmjax import sharding as shd
-from fmjax import state as state_lib
-from fmjax import step as step_lib
+from fmjax.objectives import mlm
+from fmjax.training import optim
+from fmjax.parallel import sharding as shd
+from fmjax.training import state as state_lib
+from fmjax.training import step as step_lib
 from fmjax.model import Transformer, attention
 from fmjax.model.transformer import is_encoder
 
@@ -36,7 +37,7 @@ class Run:
   train_step: Any = None          # AOT-compiled step(state, batch) -> (state, metrics)
   compile_seconds: float = 0.0
   masked_lm: bool = False         # the objective is masked-LM (an encoder without a fine-tuning task)
-  prepare: Callable | None = None   # its batch transform (fmjax/mlm.py), made with the train step or on demand
+  prepare: Callable | None = None   # its batch transform (fmjax/objectives/mlm.py), made with the train step or on demand
 
   def abstract_batch(self) -> dict:
     """ShapeDtypeStructs of one global batch, with its sharding."""
@@ -66,7 +67,7 @@ class Run:
 class Task:
   """What a run trains when it is not plain pretraining (fine-tuning plugs in here).
 
-  Plain pretraining is next-token prediction for decoders and masked-LM (fmjax/mlm.py) for
+  Plain pretraining is next-token prediction for decoders and masked-LM (fmjax/objectives/mlm.py) for
   model.kind='encoder'.
 
   Each field left None keeps the pretraining choice: `model_cfg` (e.g. with LoRA adapters),

@@ -157,7 +157,7 @@ def compile_decoder(decoder: Decoder, params, mesh, rules, batch: int, width: in
   Returns `prefill(params, tokens, positions, segment_ids) -> (logits, cache)` and
   `loop(params, cache, logits, next_positions, rng, sampling) -> (tokens, lengths, steps)`.
   """
-  from fmjax import sharding as shd  # pylint: disable=import-outside-toplevel
+  from fmjax.parallel import sharding as shd  # pylint: disable=import-outside-toplevel
   length = width + decoder.max_new_tokens
   shapes = _dense_attention(decoder.model)   # creates the cache: its attention never runs (see below)
   with shd.activate(mesh, rules):

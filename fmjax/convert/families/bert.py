@@ -25,7 +25,7 @@ def _reshape(hf_shape, fm_shape):
 
 @dataclass(frozen=True)
 class EncoderFamily:
-  """One HF masked-LM encoder family, with the interface of fmjax/convert/gpt2.py and llama.py."""
+  """One HF masked-LM encoder family, with the interface of fmjax/convert/families/gpt2.py and llama.py."""
   NAME: str
   ARCHITECTURE: str
   MODEL_TYPES: tuple

@@ -24,7 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 
 import fmjax
-from fmjax import paths
+from fmjax.runtime import paths
 from fmjax.errors import UserError
 
 # Model options that change parameter shapes or structure: a mismatch cannot be restored.

@@ -1,0 +1,1 @@
+"""Parallelism as configuration: the mesh, logical-axis rules and their checks."""
