@@ -27,3 +27,15 @@ def gcs():
   import fake_gcs
   with fake_gcs.fake_gcs('fmjax-test'):
     yield 'gs://fmjax-test'
+
+
+_PRETRAINED = {}
+
+
+@pytest.fixture(scope='session')
+def pretrained(tmp_path_factory):
+  """(config, final params) of a tiny model pretrained in-process for 4 steps (once per session)."""
+  if not _PRETRAINED:
+    from helpers import pretrain_tiny
+    _PRETRAINED['run'] = pretrain_tiny(tmp_path_factory.mktemp('pretrain'))
+  return _PRETRAINED['run']

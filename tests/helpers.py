@@ -1,4 +1,7 @@
-"""Shared test fixtures: tiny configs and synthetic batches."""
+"""Shared test helpers: tiny configs, synthetic batches, corpora, and tiny trained runs."""
+
+import csv
+import os
 
 import numpy as np
 
@@ -87,3 +90,91 @@ def assert_same_tree(a, b):
     x, y = np.asarray(x), np.asarray(y)
     assert x.dtype == y.dtype and x.shape == y.shape, path
     assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), jax.tree_util.keystr(path)
+
+TEXT = 'the cat sat on the mat. the dog ate the bone.'
+
+
+
+
+def train_tiny(base) -> str:
+  """A workdir with a checkpoint of a tiny byte-level model trained on repetitive text (once per session)."""
+  workdir = os.path.join(base, 'trained')
+  if os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    return workdir
+  from fmjax import train
+  data = os.path.join(base, 'corpus')
+  os.makedirs(data, exist_ok=True)
+  for i in range(3):
+    with open(os.path.join(data, f'doc{i}.txt'), 'w') as f:
+      f.write(''.join(f'{TEXT} number {j}.\n\n' for j in range(100)))
+  cfg = tiny_config(vocab_size=259, max_seq_len=32)
+  cfg.seq_len = 32
+  cfg.data.update(dict(source='text', files=os.path.join(data, '*.txt'), split_by='paragraph', cache_dir=data,
+                       validation_fraction=0.1))
+  cfg.update(dict(steps=25, checkpoint_every=0, log_every=10, async_checkpoints=False, cpu_peak_flops=1e11,
+                  workdir=workdir))
+  cfg.optim.learning_rate = 3e-3
+  train.train(cfg)
+  return workdir
+
+
+
+CLASSES = {'red': 'a', 'green': 'm', 'blue': 'x'}
+
+
+def pretrain_cfg(tmp):
+  cfg = tiny_config(vocab_size=260)  # >= 259 byte tokens, even for tensor=2
+  cfg.data.source = 'text'
+  cfg.data.files = str(tmp / 'corpus' / '*.txt')
+  cfg.data.cache_dir = str(tmp)
+  cfg.workdir = str(tmp / 'pre')
+  cfg.steps = 4
+  cfg.checkpoint_every = 0
+  cfg.async_checkpoints = False
+  return cfg
+
+
+def pretrain_tiny(tmp):
+  os.makedirs(tmp / 'corpus')
+  for i in range(20):
+    (tmp / 'corpus' / f'{i}.txt').write_text(f'the quick brown fox {i} jumps over the lazy dog\n' * 8)
+  cfg = pretrain_cfg(tmp)
+  from fmjax import train
+  result = train.train(cfg)
+  return cfg, result.state.params
+
+
+def write_csv(path, rows, header=('text', 'label')):
+  with open(path, 'w', newline='') as f:
+    w = csv.writer(f)
+    w.writerow(header)
+    w.writerows(rows)
+  return str(path)
+
+
+def separable_rows(n, seed):
+  rng = np.random.default_rng(seed)
+  names = sorted(CLASSES)
+  rows = []
+  for i in range(n):
+    label = names[i % len(names)]
+    noise = ''.join(rng.choice(list('0123456789 '), size=6))
+    rows.append((CLASSES[label] * int(rng.integers(3, 8)) + noise, label))
+  return rows
+
+
+def ft_config(pretrained, tmp, **finetune_overrides):
+  pre_cfg, _ = pretrained
+  cfg = pre_cfg.copy_and_resolve_references()
+  cfg.workdir = str(tmp / 'ft')
+  cfg.finetune.init_from = pre_cfg.workdir
+  cfg.finetune.train_files = write_csv(tmp / 'train.csv', separable_rows(48, 0))
+  cfg.finetune.eval_files = write_csv(tmp / 'eval.csv', separable_rows(24, 1))
+  cfg.finetune.epochs = 0   # these tests count steps
+  cfg.finetune.update(finetune_overrides)
+  cfg.steps = 30
+  cfg.eval_every = 15
+  cfg.log_every = 10
+  cfg.optim.learning_rate = 3e-3
+  cfg.optim.weight_decay = 0.0
+  return cfg

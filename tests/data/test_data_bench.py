@@ -5,7 +5,7 @@ import os
 
 from fmjax.perf import bench
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny.py')
 
 

@@ -1,6 +1,5 @@
 """Fine-tuning: exact loading, learning a separable task on a (2,2,2) mesh, freezing, bad inputs."""
 
-import csv
 import json
 import os
 
@@ -18,78 +17,7 @@ from fmjax.data import labeled
 from fmjax.data.errors import DataError
 from fmjax.data.tokenizers import ByteTokenizer
 from fmjax.model import Transformer
-from helpers import tiny_config
-
-CLASSES = {'red': 'a', 'green': 'm', 'blue': 'x'}
-
-
-def _pretrain_cfg(tmp):
-  cfg = tiny_config(vocab_size=260)  # >= 259 byte tokens, even for tensor=2
-  cfg.data.source = 'text'
-  cfg.data.files = str(tmp / 'corpus' / '*.txt')
-  cfg.data.cache_dir = str(tmp)
-  cfg.workdir = str(tmp / 'pre')
-  cfg.steps = 4
-  cfg.checkpoint_every = 0
-  cfg.async_checkpoints = False
-  return cfg
-
-
-_PRETRAINED = {}
-
-
-@pytest.fixture(scope='session')
-def pretrained(tmp_path_factory):
-  """(config, final params) of a tiny model pretrained in-process for 4 steps (once per session,
-  also when test_lora imports this fixture)."""
-  if not _PRETRAINED:
-    _PRETRAINED['run'] = _pretrain(tmp_path_factory.mktemp('pretrain'))
-  return _PRETRAINED['run']
-
-
-def _pretrain(tmp):
-  os.makedirs(tmp / 'corpus')
-  for i in range(20):
-    (tmp / 'corpus' / f'{i}.txt').write_text(f'the quick brown fox {i} jumps over the lazy dog\n' * 8)
-  cfg = _pretrain_cfg(tmp)
-  result = train.train(cfg)
-  return cfg, result.state.params
-
-
-def _write_csv(path, rows, header=('text', 'label')):
-  with open(path, 'w', newline='') as f:
-    w = csv.writer(f)
-    w.writerow(header)
-    w.writerows(rows)
-  return str(path)
-
-
-def separable_rows(n, seed):
-  rng = np.random.default_rng(seed)
-  names = sorted(CLASSES)
-  rows = []
-  for i in range(n):
-    label = names[i % len(names)]
-    noise = ''.join(rng.choice(list('0123456789 '), size=6))
-    rows.append((CLASSES[label] * int(rng.integers(3, 8)) + noise, label))
-  return rows
-
-
-def ft_config(pretrained, tmp, **finetune_overrides):
-  pre_cfg, _ = pretrained
-  cfg = pre_cfg.copy_and_resolve_references()
-  cfg.workdir = str(tmp / 'ft')
-  cfg.finetune.init_from = pre_cfg.workdir
-  cfg.finetune.train_files = _write_csv(tmp / 'train.csv', separable_rows(48, 0))
-  cfg.finetune.eval_files = _write_csv(tmp / 'eval.csv', separable_rows(24, 1))
-  cfg.finetune.epochs = 0   # these tests count steps
-  cfg.finetune.update(finetune_overrides)
-  cfg.steps = 30
-  cfg.eval_every = 15
-  cfg.log_every = 10
-  cfg.optim.learning_rate = 3e-3
-  cfg.optim.weight_decay = 0.0
-  return cfg
+from helpers import ft_config, tiny_config, write_csv
 
 
 def _parts(cfg):
@@ -145,7 +73,7 @@ def test_mismatched_checkpoint_is_a_clear_error(pretrained, tmp_path, capsys):
   cfg.model.d_model = 64
   with pytest.raises(CheckpointError, match='d_model=32'):
     finetune.finetune(cfg)
-  code = finetune.main(['--config', os.path.join(os.path.dirname(__file__), '..', 'configs', 'finetune_stdlib.py'),
+  code = finetune.main(['--config', os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'finetune_stdlib.py'),
                         f'--config.init_from={cfg.finetune.init_from}', '--workdir', str(tmp_path / 'x'),
                         '--config.model.vocab_size=259'])   # an override contradicting the checkpoint's model
   assert code == 2
@@ -155,11 +83,11 @@ def test_mismatched_checkpoint_is_a_clear_error(pretrained, tmp_path, capsys):
 def test_bad_labelled_data_errors(pretrained, tmp_path):
   cfg = ft_config(pretrained, tmp_path)
   ft = cfg.finetune
-  ft.eval_files = _write_csv(tmp_path / 'bad.csv', [('aaa', 'red'), ('zzz', 'purple')])
+  ft.eval_files = write_csv(tmp_path / 'bad.csv', [('aaa', 'red'), ('zzz', 'purple')])
   data = labeled.load_split(ft, 'eval', ('text', 'label'))
   with pytest.raises(DataError, match="label 'purple'.*not in the label set"):
     labeled.label_ids(data['label'], ('blue', 'green', 'red'), 'eval')
-  ft.train_files = _write_csv(tmp_path / 'empty.csv', [])
+  ft.train_files = write_csv(tmp_path / 'empty.csv', [])
   with pytest.raises(DataError, match='no examples'):
     labeled.load_split(ft, 'train', ('text', 'label'))
   with pytest.raises(DataError, match="no column 'body'"):
@@ -215,8 +143,8 @@ def test_demo_pretrained_beats_random_init(tmp_path, capsys):
   cfg.optim.update(dict(learning_rate=3e-3, warmup_steps=10))
   train.train(cfg)
   half = len(words) // 2
-  train_csv = _write_csv(tmp_path / 'train.csv', [(f'{w} is', c) for w, c in zip(words[:half], classes[:half])] * 2)
-  eval_csv = _write_csv(tmp_path / 'eval.csv', [(f'{w} is', c) for w, c in zip(words[half:], classes[half:])])
+  train_csv = write_csv(tmp_path / 'train.csv', [(f'{w} is', c) for w, c in zip(words[:half], classes[:half])] * 2)
+  eval_csv = write_csv(tmp_path / 'eval.csv', [(f'{w} is', c) for w, c in zip(words[half:], classes[half:])])
   model = [f'--config.model.{k}={v}' for k, v in cfg.model.items() if k in ('vocab_size', 'd_model', 'num_layers',
                                                                            'num_heads', 'num_kv_heads', 'mlp_dim',
                                                                            'max_seq_len')]

@@ -25,7 +25,7 @@ from fmjax.curate.pipeline import lsh_bands
 from fmjax.data.corpora import stdlib_files
 from fmjax.data.tokenizers import train_char
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CODE = os.path.join(REPO, 'configs', 'curate_code.py')
 DEFAULT = os.path.join(REPO, 'configs', 'curate_default.py')
 

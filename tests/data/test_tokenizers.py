@@ -13,7 +13,7 @@ from fmjax.data import corpora
 from fmjax.data.errors import DataError
 from fmjax.data.tokenizers import CharTokenizer, check_vocab, load_tokenizer, train_char, train_sentencepiece
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tools'))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..', 'tools'))
 import train_tokenizer  # noqa: E402  pylint: disable=wrong-import-position
 
 NON_ASCII = [

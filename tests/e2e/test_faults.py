@@ -25,7 +25,7 @@ from fmjax.data.errors import DataError
 from fmjax.training.writers import MetricWriter
 from helpers import write_corpus
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def small_state(seed: int = 0) -> dict:

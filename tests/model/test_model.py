@@ -189,7 +189,7 @@ def test_accelerator_configs_compute_in_bf16_over_fp32_parameters(name):
   """bf16 matmuls, fp32 parameters (so fp32 AdamW state): the precision the GPU/TPU configs promise."""
   import pathlib
   from fmjax import config as config_lib
-  path = pathlib.Path(__file__).resolve().parents[1] / 'configs' / f'{name}.py'
+  path = pathlib.Path(__file__).resolve().parents[2] / 'configs' / f'{name}.py'
   m = config_lib.resolve(str(path)).model
   assert (m.dtype, m.param_dtype) == ('bfloat16', 'float32')
   cfg = tiny_config(dtype=m.dtype, param_dtype=m.param_dtype)

@@ -13,7 +13,7 @@ pytest.importorskip('transformers')
 from fmjax import train  # noqa: E402
 from fmjax.checkpoints import restore
 from fmjax.convert.cli import main as convert_main  # noqa: E402
-from test_hf_end_to_end import corpus, make_llama3  # noqa: E402
+from hf_models import corpus, make_llama3  # noqa: E402
 
 
 @pytest.fixture(scope='module')

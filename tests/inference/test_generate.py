@@ -1,7 +1,5 @@
 """Generation: KV cache vs full forward, sampling, a trained checkpoint, CLI errors."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,31 +11,7 @@ from fmjax.checkpoints import restore
 from fmjax.checkpoints.store import CheckpointError
 from fmjax.model import Transformer
 from fmjax.model.transformer import init_cache
-from helpers import tiny_config
-
-TEXT = 'the cat sat on the mat. the dog ate the bone.'
-
-
-def train_tiny(base) -> str:
-  """A workdir with a checkpoint of a tiny byte-level model trained on repetitive text (once per session)."""
-  workdir = os.path.join(base, 'trained')
-  if os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    return workdir
-  from fmjax import train
-  data = os.path.join(base, 'corpus')
-  os.makedirs(data, exist_ok=True)
-  for i in range(3):
-    with open(os.path.join(data, f'doc{i}.txt'), 'w') as f:
-      f.write(''.join(f'{TEXT} number {j}.\n\n' for j in range(100)))
-  cfg = tiny_config(vocab_size=259, max_seq_len=32)
-  cfg.seq_len = 32
-  cfg.data.update(dict(source='text', files=os.path.join(data, '*.txt'), split_by='paragraph', cache_dir=data,
-                       validation_fraction=0.1))
-  cfg.update(dict(steps=25, checkpoint_every=0, log_every=10, async_checkpoints=False, cpu_peak_flops=1e11,
-                  workdir=workdir))
-  cfg.optim.learning_rate = 3e-3
-  train.train(cfg)
-  return workdir
+from helpers import tiny_config, train_tiny
 
 
 @pytest.fixture(scope='module')

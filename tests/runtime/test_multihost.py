@@ -13,7 +13,7 @@ import time
 import pytest
 
 from helpers import write_corpus
-from test_train_e2e import ROOT, SERIAL, base_env, checkpoints, command, free_port, logged_losses
+from cli_runs import ROOT, SERIAL, base_env, checkpoints, command, free_port, logged_losses
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from helpers import write_corpus
-from test_train_e2e import SERIAL, checkpoints, kill_after_checkpoint, logged_losses, train_cli, train_records
+from cli_runs import SERIAL, checkpoints, kill_after_checkpoint, logged_losses, train_cli, train_records
 
 pytestmark = pytest.mark.slow
 

@@ -117,7 +117,7 @@ def plan_cli(*args, timeout=600):
   import subprocess
   import sys
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   return subprocess.run([sys.executable, '-m', 'fmjax.plan', *args], cwd=root, env=env, capture_output=True,
                         text=True, timeout=timeout)
 

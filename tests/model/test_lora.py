@@ -7,14 +7,14 @@ import numpy as np
 from fmjax import finetune
 from fmjax.parallel import sharding as shd
 from fmjax.model import Transformer, lora
-from test_finetune import _write_csv, ft_config, pretrained  # noqa: F401  (session fixture)
+from helpers import ft_config, write_csv
 
 
 def test_only_adapters_change_and_merge_matches(pretrained, tmp_path):  # noqa: F811
   pre_cfg, before = pretrained
   cfg = ft_config(pretrained, tmp_path, task='prompt', lora_rank=4, lora_alpha=8.0)
   rows = [(f'say {w}:', f' {w[::-1]}') for w in ('alpha', 'beta', 'gamma', 'delta', 'omega', 'sigma')] * 3
-  cfg.finetune.train_files = _write_csv(tmp_path / 'p.csv', rows, ('prompt', 'response'))
+  cfg.finetune.train_files = write_csv(tmp_path / 'p.csv', rows, ('prompt', 'response'))
   cfg.finetune.eval_files = cfg.finetune.train_files
   cfg.steps, cfg.eval_every = 4, 4
   out = finetune.finetune(cfg)

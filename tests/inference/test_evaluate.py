@@ -12,7 +12,7 @@ from fmjax.inference import evaluate
 from fmjax.parallel import sharding as shd
 from fmjax.model import Transformer
 from helpers import synthetic_batch, tiny_config
-from test_generate import train_tiny
+from helpers import train_tiny
 
 
 def _numpy_reference(logits, batch, token_bytes):

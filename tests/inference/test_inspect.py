@@ -13,7 +13,7 @@ from fmjax.checkpoints import restore
 from fmjax.model import Transformer
 from fmjax.model import layout
 from helpers import tiny_config
-from test_generate import train_tiny
+from helpers import train_tiny
 
 
 def test_capture_scanned_equals_unrolled_and_rows_sum_to_one():

@@ -1,0 +1,66 @@
+"""Tiny Hugging Face models and tokenizers made in the test (transformers + tokenizers; nothing downloaded)."""
+
+import json
+import os
+
+import numpy as np
+import tokenizers as hf_tokenizers
+import torch
+import transformers
+
+BOS3, EOS3 = '<|begin_of_text|>', '<|end_of_text|>'
+GPT2_EOS = '<|endoftext|>'
+
+
+WORDS = ('the quick brown fox jumps over lazy dog while seven wizards quietly hex jolly zebras near old '
+         'rivers and bright mountains under clear skies def return class import lambda yield café naïve').split()
+
+
+def corpus(n=300, seed=0):
+  """A few KB of word salad with some code and non-ASCII."""
+  rng = np.random.default_rng(seed)
+  return [' '.join(rng.choice(WORDS, size=int(rng.integers(8, 30)))) + ('.\n' if i % 3 else ':\n    x = 1\n')
+          for i in range(n)]
+
+
+def train_bpe(specials, vocab_size=400):
+  """A byte-level BPE (as GPT-2 and Llama 3 use) trained on the corpus by `tokenizers`."""
+  t = hf_tokenizers
+  tok = t.Tokenizer(t.models.BPE())
+  tok.pre_tokenizer = t.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = t.decoders.ByteLevel()
+  trainer = t.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
+                                  initial_alphabet=t.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  tok.train_from_iterator(corpus(), trainer)
+  return tok
+
+
+def _perturb(model, scale):
+  torch.manual_seed(1)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(scale * torch.randn_like(p))
+  model.eval()
+  return model
+
+
+def make_llama3(path):
+  """Llama-3 style: GQA, llama3 RoPE scaling, theta 5e5, eps 1e-6, tied embeddings, tokenizer.json."""
+  tok = train_bpe([BOS3, EOS3])
+  tok.post_processor = hf_tokenizers.processors.TemplateProcessing(
+      single=f'{BOS3} $A', special_tokens=[(BOS3, tok.token_to_id(BOS3))])
+  os.makedirs(path)
+  tok.save(os.path.join(path, 'tokenizer.json'))
+  with open(os.path.join(path, 'tokenizer_config.json'), 'w') as f:
+    json.dump(dict(tokenizer_class='PreTrainedTokenizerFast', bos_token=BOS3, eos_token=EOS3,
+                   model_max_length=256), f)
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(
+      vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+      tie_word_embeddings=True, bos_token_id=tok.token_to_id(BOS3), eos_token_id=tok.token_to_id(EOS3),
+      rope_parameters=dict(rope_type='llama3', rope_theta=5e5, factor=8.0, low_freq_factor=1.0,
+                           high_freq_factor=4.0, original_max_position_embeddings=64))
+  model = _perturb(transformers.LlamaForCausalLM(cfg), 0.2)
+  model.save_pretrained(path, safe_serialization=True)
+  return model
