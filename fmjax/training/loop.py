@@ -85,15 +85,16 @@ class DataWait:
   WARN_SHARE = 0.1      # warn when the wait is this share of the train time ...
   WARN_AFTER = 20       # ... over this many steps after the first logged window (compilation, warm-up)
 
-  def __init__(self, batches: Iterator[dict], seq_len: int, log: Callable[[str], None]):
-    self._batches, self._seq_len, self._log = batches, seq_len, log
+  def __init__(self, batches: Iterator[dict], seq_len: int, log: Callable[[str], None],
+               clock: Callable[[], float] = time.perf_counter):
+    self._batches, self._seq_len, self._log, self._clock = batches, seq_len, log, clock
     self._waited, self._warned, self._windows = 0.0, False, 0
     self._total = [0.0, 0.0, 0]   # wait, train seconds, steps after the first window
 
   def next(self) -> dict:
-    started = time.perf_counter()
+    started = self._clock()
     batch = next(self._batches)
-    self._waited += time.perf_counter() - started
+    self._waited += self._clock() - started
     return batch
 
   def metrics(self, step: int, steps: int, seconds: float) -> dict:
