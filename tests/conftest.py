@@ -11,7 +11,37 @@ os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 os.environ['GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT'] = 'false'
 
 
+import pathlib  # noqa: E402
+
 import pytest  # noqa: E402  (after the environment above)
+
+_TESTS = pathlib.Path(__file__).parent
+# Markers by what a test needs (declared in pyproject.toml): select with -m, e.g. `pytest -m "not hf"`.
+_HF_USES = ('import torch', 'import transformers', "importorskip('torch')", "importorskip('transformers')",
+            'from hf_models import')
+_SOURCES = {}
+
+
+def _source(path: pathlib.Path) -> str:
+  if path not in _SOURCES:
+    _SOURCES[path] = path.read_text() if path.suffix == '.py' else ''
+  return _SOURCES[path]
+
+
+def pytest_collection_modifyitems(config, items):
+  """Mark every test by where it lives and what it uses: e2e (tests/e2e/ and other whole-run tests
+  marked slow), hf (modules that use torch/transformers), tpu_compile (compile-only TPU programs
+  with libtpu), gcs (the offline gs:// fixture)."""
+  for item in items:
+    path = pathlib.Path(str(item.fspath)).resolve()
+    if _TESTS / 'e2e' in path.parents or item.get_closest_marker('slow'):
+      item.add_marker(pytest.mark.e2e)
+    if any(use in _source(path) for use in _HF_USES):
+      item.add_marker(pytest.mark.hf)
+    if path.name == 'test_tpu_compile.py' or 'tpu' in item.name.split('[')[0].split('_'):
+      item.add_marker(pytest.mark.tpu_compile)
+    if 'gcs' in getattr(item, 'fixturenames', ()):
+      item.add_marker(pytest.mark.gcs)
 
 
 @pytest.fixture(scope='session')
