@@ -1,0 +1,146 @@
+"""Values that types alone cannot check: choices, divisibility, ranges, the data and encoder options."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import ml_collections
+
+from fmjax.config.errors import ConfigError
+
+_WARNED: set[str] = set()
+
+_CHOICES = {
+    'model.kind': ('decoder', 'encoder'),
+    'model.activation': ('swiglu', 'gelu', 'gelu_exact'),
+    'model.norm_position': ('pre', 'post'),
+    'model.norm': ('rmsnorm', 'layernorm'),
+    'model.positions': ('rope', 'learned'),
+    'model.rope_scaling': ('none', 'linear', 'llama3'),
+    'model.remat': ('none', 'full', 'dots', 'names'),
+    'model.attention': ('auto', 'xla', 'dense', 'cudnn', 'pallas_gpu', 'splash', 'chunked'),
+    'model.param_dtype': ('float32', 'bfloat16'),
+    'model.dtype': ('float32', 'bfloat16'),
+    'data.source': ('stdlib', 'text', 'jsonl', 'parquet', 'tfds'),
+    'data.split_by': ('file', 'paragraph'),
+}
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Check values that types alone cannot (choices, divisibility, positivity)."""
+  for key, choices in _CHOICES.items():
+    section, leaf = key.split('.')
+    if section in cfg and leaf in cfg[section] and cfg[section][leaf] not in choices:
+      raise ConfigError(f'{key}={cfg[section][leaf]!r} is not one of {", ".join(choices)}')
+  m = cfg.model
+  for key in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'mlp_dim'):
+    if m[key] <= 0:
+      raise ConfigError(f'model.{key} must be positive, got {m[key]}')
+  kv = m.num_kv_heads or m.num_heads
+  if m.num_heads % kv:
+    raise ConfigError(f'model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={kv}')
+  if not m.head_dim and m.d_model % m.num_heads:
+    raise ConfigError(f'model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; '
+                      'set model.head_dim')
+  if m.loss_vocab_chunk < 0:
+    raise ConfigError(f'model.loss_vocab_chunk must be >= 0 (0 = off), got {m.loss_vocab_chunk}')
+  _check_encoder(cfg)
+  _check_data(cfg)
+  if m.remat == 'names':
+    from fmjax.model.transformer import REMAT_NAMES  # pylint: disable=import-outside-toplevel
+    unknown = [n for n in m.remat_names.split(',') if n.strip() not in REMAT_NAMES]
+    if unknown:
+      raise ConfigError(f'model.remat_names: unknown {", ".join(unknown)}; choose from {", ".join(REMAT_NAMES)}')
+  _check_context(cfg)
+  if cfg.microbatches <= 0 or cfg.global_batch_size % cfg.microbatches:
+    raise ConfigError(f'global_batch_size={cfg.global_batch_size} must divide into '
+                      f'microbatches={cfg.microbatches}')
+  for key in ('steps', 'seq_len', 'global_batch_size', 'log_every'):
+    if cfg[key] <= 0:
+      raise ConfigError(f'{key} must be positive, got {cfg[key]}')
+  for key, low, low_ok, high in _RANGES:
+    _check_range(cfg, key, low, low_ok, high)
+  for key in ('divergence_factor', 'grad_spike_factor'):
+    if 0 < cfg.get(key, 0) <= 1:
+      raise ConfigError(f'{key} must be 0 (off) or > 1, got {cfg[key]}')
+  return cfg
+
+
+def _check_context(cfg: ml_collections.ConfigDict) -> None:
+  """seq_len beyond model.max_seq_len: an error for learned positions (no table rows), a warning for RoPE."""
+  m = cfg.model
+  if cfg.seq_len <= m.max_seq_len:
+    return
+  if m.positions == 'learned':
+    raise ConfigError(f'seq_len={cfg.seq_len} exceeds model.max_seq_len={m.max_seq_len}, the rows of the learned '
+                      f'positions table: set seq_len <= {m.max_seq_len} or model.max_seq_len >= {cfg.seq_len}')
+  message = (f'warning: seq_len={cfg.seq_len} exceeds model.max_seq_len={m.max_seq_len}: RoPE takes any length, but '
+             f'the model is configured for {m.max_seq_len} tokens (set model.max_seq_len={cfg.seq_len} if intended)')
+  if message not in _WARNED:   # validate() runs more than once per command: say it once
+    _WARNED.add(message)
+    logging.getLogger('fmjax.config').warning(message)
+
+
+def _check_data(cfg: ml_collections.ConfigDict) -> None:
+  """Data options that can be checked without reading files (the mixture syntax, the fraction)."""
+  data = cfg.get('data')
+  if data is None:
+    return
+  if data.get('mixture'):
+    from fmjax.data import mixture  # pylint: disable=import-outside-toplevel
+    from fmjax.data.errors import DataError  # pylint: disable=import-outside-toplevel
+    try:
+      mixture.parse(data.mixture)
+    except DataError as e:
+      raise ConfigError(str(e)) from None
+  fraction = data.get('validation_fraction', 0.0)
+  if not 0.0 <= fraction < 1.0:
+    raise ConfigError(f'data.validation_fraction={fraction} must be in [0, 1)')
+
+
+def _check_encoder(cfg: ml_collections.ConfigDict) -> None:
+  """Options the encoder and its MLM objective cannot combine with."""
+  m = cfg.model
+  if m.get('position_offset', 0) < 0:
+    raise ConfigError(f'model.position_offset must be >= 0, got {m.position_offset}')
+  if m.get('type_vocab_size', 0) < 0:
+    raise ConfigError(f'model.type_vocab_size must be >= 0 (0 = no token-type embeddings), got {m.type_vocab_size}')
+  if m.get('kind', 'decoder') != 'encoder':
+    return
+  if m.loss_vocab_chunk:
+    raise ConfigError('model.loss_vocab_chunk > 0 is for decoders: the encoder\'s MLM head has a bias; '
+                      'set model.loss_vocab_chunk=0')
+  mlm = cfg.get('mlm')
+  if mlm is not None and mlm.mask_token_rate + mlm.random_token_rate > 1:
+    raise ConfigError(f'mlm.mask_token_rate + mlm.random_token_rate must be <= 1, got '
+                      f'{mlm.mask_token_rate} + {mlm.random_token_rate}')
+
+
+# Numbers that must be finite and in range: (key, lowest, lowest allowed, highest (excluded) or None).
+_RANGES = (
+    ('optim.learning_rate', 0, False, None), ('optim.end_learning_rate', 0, True, None),
+    ('optim.warmup_steps', 0, True, None), ('optim.decay_steps', 0, True, None),
+    ('optim.b1', 0, True, 1), ('optim.b2', 0, True, 1), ('optim.eps', 0, False, None),
+    ('optim.weight_decay', 0, True, None), ('optim.grad_clip', 0, True, None), ('z_loss', 0, True, None),
+    ('model.dropout', 0, True, 1), ('model.init_std', 0, False, None), ('model.norm_eps', 0, False, None),
+    ('model.rope_theta', 0, False, None), ('eval_every', 0, True, None), ('checkpoint_every', 0, True, None),
+    ('keep_checkpoints', 1, True, None), ('cpu_peak_flops', 0, True, None), ('skip_nonfinite_steps', 0, True, None),
+    ('divergence_factor', 0, True, None), ('grad_spike_factor', 0, True, None),
+    ('finetune.head_learning_rate', 0, True, None), ('finetune.lora_alpha', 0, False, None),
+    ('mlm.mask_rate', 0, False, 1), ('mlm.mask_token_rate', 0, True, None), ('mlm.random_token_rate', 0, True, None),
+)
+
+
+def _check_range(cfg: ml_collections.ConfigDict, key: str, low: float, low_ok: bool, high: float | None) -> None:
+  """One line unless cfg[key] is a finite number >= / > low (and < high)."""
+  value = cfg
+  for part in key.split('.'):
+    if not isinstance(value, ml_collections.ConfigDict) or part not in value:
+      return
+    value = value[part]
+  ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        and (value >= low if low_ok else value > low) and (high is None or value < high))
+  if not ok:
+    wanted = (f'in [{low:g}, {high:g})' if high is not None else f'>= {low:g}' if low_ok else f'> {low:g}')
+    raise ConfigError(f'{key} must be a finite number {wanted}, got {value!r}')
