@@ -24,13 +24,14 @@ import jax
 import ml_collections
 
 from fmjax import config as config_lib
+from fmjax.config import roles
 from fmjax.runtime import paths
 from fmjax.checkpoints.store import CheckpointError
 
-# Model fields a run may set differently from the checkpoint it loads: how the function is computed
-# (precision, memory, kernels, layout), not which function it is.
-MUTABLE_MODEL_KEYS = ('dropout', 'dtype', 'param_dtype', 'remat', 'remat_names', 'attention', 'attention_chunk',
-                      'loss_vocab_chunk', 'init_std', 'scan_layers', 'lora')
+# Model fields a run may set differently from the checkpoint it loads (roles 'restore' and 'resume',
+# fmjax/config/roles.py): how the function is trained or computed (precision, memory, kernels, layout),
+# not which function it is; plus `lora`, the adapter section fine-tuning adds to a model config.
+MUTABLE_MODEL_KEYS = config_lib.keys_with_role(roles.RESTORE, roles.RESUME, section='model') + ('lora',)
 
 
 @dataclass
@@ -160,7 +161,7 @@ def locate_checkpoint(path: str, step: int | None = None):
   if step is not None and path_step is not None and step != path_step:
     raise CheckpointError(f'--step={step} contradicts the step directory {path}')
   step = path_step if step is None else step
-  ckpt = Checkpointer(directory, keep=1000, async_save=False)
+  ckpt = Checkpointer.open_for_reading(directory)
   steps = ckpt.manager.all_steps()
   if not steps:
     ckpt.close()
@@ -173,13 +174,19 @@ def locate_checkpoint(path: str, step: int | None = None):
   return ckpt, step, paths.dirname(directory)
 
 
+def tokenizer_path(workdir: str, spec: str) -> str:
+  """A checkpoint's tokenizer `spec` as a data.tokenizer value: 'byte', or the file (named relative to
+  the workdir; absolute paths and URLs as they are)."""
+  if spec == 'byte':
+    return spec
+  spec = os.path.expanduser(spec)
+  return spec if os.path.isabs(spec) or paths.is_url(spec) else paths.join(workdir, spec)
+
+
 def load_tokenizer(workdir: str, spec: str):
   """'byte' or a tokenizer file named relative to the workdir (absolute paths work too)."""
   from fmjax.data import tokenizers  # pylint: disable=import-outside-toplevel
-  if spec == 'byte':
-    return tokenizers.ByteTokenizer()
-  spec = os.path.expanduser(spec)
-  return tokenizers.load_tokenizer(spec if os.path.isabs(spec) or paths.is_url(spec) else paths.join(workdir, spec))
+  return tokenizers.load_tokenizer(tokenizer_path(workdir, spec))
 
 
 def restore(workdir: str, overrides: Sequence[str] = (), step: int | None = None) -> Restored:

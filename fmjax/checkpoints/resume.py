@@ -1,8 +1,8 @@
 """What a resumed run may change: the saved config.json against the new config.
 
-On resume the changes are printed, and run-defining ones (model, steps, schedule, seed, data,
-batch, seq_len) are refused unless `--config.allow_config_change=true`; the check comes before
-config.json is rewritten, so a refused resume leaves the workdir as it was.
+On resume the changes are printed, and run-defining ones (by the role declared beside each field:
+model, steps, schedule, seed, data, batch, seq_len) are refused unless `--config.allow_config_change=true`;
+the check comes before config.json is rewritten, so a refused resume leaves the workdir as it was.
 """
 
 from __future__ import annotations
@@ -11,22 +11,19 @@ import json
 import os
 
 from fmjax import config as config_lib
+from fmjax.config import roles
 from fmjax.runtime import paths
 
-# Options whose change alters what a resumed run means (refused unless allow_config_change); every
-# other change (logging, checkpointing, mesh, attention kernel, remat, compute dtype, microbatches,
-# ...) is printed and allowed. A trailing dot means the whole section. `steps` is allowed to change
-# when optim.decay_steps fixes the schedule (then it only extends or shortens the run).
-RUN_DEFINING = ('model.', 'steps', 'seed', 'global_batch_size', 'seq_len', 'optim.learning_rate',
-                'optim.end_learning_rate', 'optim.warmup_steps', 'optim.decay_steps', 'data.source', 'data.files',
-                'data.tokenizer', 'data.tfds_name', 'data.jsonl_field', 'data.text_feature', 'data.split_by',
-                'data.train_split', 'data.validation_fraction', 'data.packing', 'data.add_bos', 'data.add_eos',
-                'data.num_streams')
-FINETUNE_DEFINING = ('finetune.',)
-HARMLESS = ('model.attention', 'model.attention_chunk', 'model.remat', 'model.remat_names', 'model.dtype',
-            'model.scan_layers', 'model.loss_vocab_chunk', 'finetune.best_metric', 'finetune.best_mode',
-            'finetune.eval_files', 'finetune.eval_split', 'finetune.max_eval_examples', 'finetune.baseline')
-NOT_COMPARED = ('workdir', 'allow_config_change', 'force_unlock', 'topology')
+# Derived from the roles declared beside each field (fmjax/config/roles.py): a resume that changes a
+# run-defining option (role 'run', and the model's 'shape' / 'function' / 'restore' fields) is refused
+# unless allow_config_change; a 'resume' option is printed and allowed; a 'local' one is not compared.
+# The finetune section's run-defining options count for fmjax.finetune only (pretraining ignores them).
+# `steps` may change when optim.decay_steps fixes the schedule (then it only extends or shortens the run).
+_DEFINING = config_lib.keys_with_role(*roles.RESUME_DEFINING)
+RUN_DEFINING = tuple(k for k in _DEFINING if not k.startswith('finetune.'))
+FINETUNE_DEFINING = tuple(k for k in _DEFINING if k.startswith('finetune.'))
+HARMLESS = config_lib.keys_with_role(roles.RESUME)
+NOT_COMPARED = config_lib.keys_with_role(roles.LOCAL)
 _ABSENT = object()
 
 
@@ -41,18 +38,24 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
 
 
 def config_changes(saved: dict, new: dict) -> list[tuple[str, object, object]]:
-  """(key, saved value, new value) for every dotted key that differs (absent keys: `_ABSENT`)."""
+  """(key, saved value, new value) for every dotted key that differs (absent keys: `_ABSENT`).
+
+  A key the saved config lacks (a field added to fmjax since) counts as saved with today's default:
+  the run was made with it, so keeping the default is no change.
+  """
   old, cur = _flatten(saved), _flatten(new)
-  return [(k, old.get(k, _ABSENT), cur.get(k, _ABSENT)) for k in sorted(set(old) | set(cur))
-          if k not in NOT_COMPARED and old.get(k, _ABSENT) != cur.get(k, _ABSENT)]
+  defaults = _flatten(json.loads(config_lib.to_json(config_lib.base_config())))
+  changes = [(k, old[k] if k in old else defaults.get(k, _ABSENT), cur.get(k, _ABSENT))
+             for k in sorted(set(old) | set(cur)) if k not in NOT_COMPARED]
+  return [c for c in changes if c[1] != c[2]]
 
 
 def is_run_defining(key: str, finetune: bool = False) -> bool:
-  """Whether changing `key` on resume alters the run's meaning (see RUN_DEFINING)."""
-  if key in HARMLESS:
-    return False
-  defining = RUN_DEFINING + (FINETUNE_DEFINING if finetune else ())
-  return any(key == d or (d.endswith('.') and key.startswith(d)) for d in defining)
+  """Whether changing `key` on resume alters the run's meaning (its role; see RUN_DEFINING).
+
+  A key the schema no longer has is not: nothing reads it now.
+  """
+  return key in RUN_DEFINING or (finetune and key in FINETUNE_DEFINING)
 
 
 def _show(value) -> str:

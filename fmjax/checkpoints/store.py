@@ -24,13 +24,16 @@ import jax
 import orbax.checkpoint as ocp
 
 import fmjax
+from fmjax import config as config_lib
+from fmjax.config import roles
 from fmjax.runtime import paths
 from fmjax.errors import UserError
 
-# Model options that change parameter shapes or structure: a mismatch cannot be restored.
-SHAPE_KEYS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim',
-              'max_seq_len', 'activation', 'norm', 'positions', 'use_bias', 'tie_embeddings', 'kind', 'norm_position',
-              'type_vocab_size', 'position_offset')
+# Model options that change parameter shapes or structure (role 'shape'), and those that change the
+# function without changing shapes (role 'function'; fmjax/config/roles.py): a checkpoint restores only
+# into the same values.
+SHAPE_KEYS = config_lib.keys_with_role(roles.SHAPE, section='model')
+FUNCTION_KEYS = config_lib.keys_with_role(roles.FUNCTION, section='model')
 
 
 class CheckpointError(UserError):
@@ -56,12 +59,18 @@ def make_metadata(cfg, tokenizer_spec: str | None = None, extra: dict | None = N
 
 
 def check_compatible(meta: dict, model_cfg, where: str) -> None:
-  """Raise CheckpointError naming the first shape-defining option that differs."""
-  saved = meta.get('model', {})
-  for key in SHAPE_KEYS:
-    if key in saved and saved[key] != model_cfg[key]:
-      raise CheckpointError(f'checkpoint {where} has model.{key}={saved[key]!r} but the config has '
-                            f'{model_cfg[key]!r}; use the matching config or another --workdir')
+  """Raise CheckpointError naming the first shape- or function-defining option that differs.
+
+  A field the metadata lacks (added to fmjax after the checkpoint was written) counts as today's default.
+  """
+  saved = meta.get('model') or {}      # metadata without a model section: nothing to compare
+  defaults = config_lib.model_defaults()
+  for key in SHAPE_KEYS + FUNCTION_KEYS if saved else ():
+    old, new = saved.get(key, defaults[key]), model_cfg.get(key, defaults[key])
+    if old != new:
+      absent = '' if key in saved else ' (absent from its metadata: the default)'
+      raise CheckpointError(f'checkpoint {where} has model.{key}={old!r}{absent} but the config has '
+                            f'{new!r}; use the matching config or another --workdir')
   if 'scan_layers' in meta and meta['scan_layers'] != model_cfg.scan_layers:
     raise CheckpointError(f'checkpoint {where} was saved with model.scan_layers={meta["scan_layers"]}; set '
                           f'--config.model.scan_layers={str(meta["scan_layers"]).lower()} (or convert it with '
@@ -69,13 +78,23 @@ def check_compatible(meta: dict, model_cfg, where: str) -> None:
 
 
 class Checkpointer:
-  """A thin CheckpointManager wrapper: save every N steps, keep K, resume from the latest."""
+  """A thin CheckpointManager wrapper: save every N steps, keep K, resume from the latest.
 
-  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+  `Checkpointer(directory, keep, async_save)` writes (it creates the directory, keeps `keep` steps and
+  removes the partial saves an earlier run left); fmjax constructs writers only in
+  fmjax/training/session.py, the run lifecycle. Every reader uses `Checkpointer.open_for_reading`, which
+  creates, deletes and saves nothing.
+  """
+
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True, *, read_only: bool = False):
     self.directory = paths.resolve(directory)
+    self.read_only = read_only
     _quiet_orbax_failure_noise()
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                           create=True)
+    if read_only:   # Orbax's own read_only option logs warnings on every open: refuse saves here instead
+      options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=False)
+    else:
+      options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                             create=True, cleanup_tmp_directories=True)
     try:
       self.manager = ocp.CheckpointManager(self.directory, options=options)
     except OSError as e:
@@ -83,12 +102,20 @@ class Checkpointer:
                               f'{_os_reason(e) or e}; choose a writable --workdir') from None
     self._pending: int | None = None   # step of an async save not yet known to have succeeded
 
+  @classmethod
+  def open_for_reading(cls, directory: str) -> 'Checkpointer':
+    """A Checkpointer that only reads `directory` (an existing checkpoints directory)."""
+    return cls(directory, read_only=True)
+
   def latest_step(self) -> int | None:
     """The newest finalised checkpoint step, or None."""
     return self.manager.latest_step()
 
   def save(self, step: int, state, meta: dict, data_arg: Any = None, force: bool = False) -> bool:
     """Start a (possibly async) save of state, metadata and the data-iterator state."""
+    if self.read_only:
+      raise CheckpointError(f'{self.directory} was opened for reading: checkpoints are written by the run '
+                            'lifecycle (fmjax.training.session)')
     self._finish_pending()
     items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     if data_arg is not None:
@@ -199,6 +226,22 @@ class Checkpointer:
       todo = 'no earlier checkpoint is intact: move it aside to start afresh, or restore it from a copy'
     return CheckpointError(f'cannot {action} checkpoint {step} in {self.directory}: it is damaged: {damage}; '
                            f'{todo}')
+
+
+def finalised_steps(directory: str) -> list[int]:
+  """The steps of `directory` whose save completed (Orbax renames a finished local save into place;
+  on an object store it writes commit_success.txt last), oldest first; never raises."""
+  names = [n for n in _listdir(directory) if n.isdigit()]
+  if paths.is_url(directory):
+    names = [n for n in names if _exists(paths.join(directory, n, 'commit_success.txt'))]
+  return sorted(int(n) for n in names)
+
+
+def _exists(path: str) -> bool:
+  try:
+    return paths.exists(path)
+  except Exception:  # noqa: BLE001 - an unreachable store: not known to exist
+    return False
 
 
 def abstract_like(tree):
