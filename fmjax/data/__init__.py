@@ -4,7 +4,10 @@
   formats     text / JSONL / Parquet files, plain or .gz / .zst, read as streams
   documents   local files -> documents (glob, UTF-8 decoding, paragraphs, JSONL fields, Parquet columns)
   local_build one streaming pass of local documents into ArrayRecord shards (parallel, bounded memory)
-  builders    cached datasets of local documents (eval files, locks, stale builds); TFDS by name; `open_split`
+  builders    cached datasets of local documents (eval files, locks, stale builds); `open_split`, `describe`
+  holdout     a validation split whenever possible: the hold-out of a build whose hash split is empty
+  records     record sources as random-access `str` documents
+  tfds_source prepared TFDS datasets by name, as ArrayRecord
   mixture     weighted sources (`data.mixture`), rows picked by a pure function of (seed, step)
   tokenizers  byte / SentencePiece / char / Hugging Face tokenizers, training, `check_vocab`
   tokenizer_inputs  documents and lines for tools/train_tokenizer.py

@@ -13,14 +13,17 @@ Each document goes to 'validation' when the SHA-1 of its UTF-8 text falls below
 `validation_fraction`, else to 'train': stable across runs, machines and Python versions. With
 `data.eval_files`, those files are the validation split and every document of data.files trains.
 A single text file with split_by=file (nanoGPT's input.txt) is cut into paragraphs, with a notice.
+When the hash split holds out nothing (a small corpus), one document (or the tail of the only one)
+is held out instead, with a notice: see fmjax.data.holdout.
 
 Binary files (NUL bytes or invalid UTF-8) among text/jsonl/parquet inputs are refused with one
 DataError naming them, unless `data.skip_binary` is set: then they are left out with a warning
 that lists them (also when a cached build is reused). The policy is part of the cache key, so a
 build made with skip_binary=true is never reused without it, and a refused build writes nothing.
 The stdlib corpus (a few Latin-1 test files) is decoded with U+FFFD replacements instead.
-The `tfds` source reads any prepared TFDS dataset by name (+ data_dir) stored as ArrayRecord.
-`open_split(data_cfg, split)` hides which kind it is: a sequence of `str` documents.
+The `tfds` source (fmjax.data.tfds_source) reads any prepared TFDS dataset by name, as ArrayRecord.
+`open_split(data_cfg, split)` hides which kind it is: a sequence of `str` documents; `describe`
+names the source in use for messages.
 """
 
 from __future__ import annotations
@@ -33,48 +36,20 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import grain
-import tensorflow_datasets as tfds
 
 from fmjax.runtime import paths
-from fmjax.data import corpora, formats, local_build
+from fmjax.data import corpora, formats, holdout, local_build, tfds_source
 from fmjax.data.documents import DocumentReader, name_files, resolve_files
 from fmjax.data.errors import DataError
+from fmjax.data.records import TextSource
 
 log = logging.getLogger(__name__)
 LOCAL_SPLITS = local_build.SPLITS
 _FORMAT_VERSION = '2.0.0'  # bump when the stored layout or document rules change
 is_validation = local_build.is_validation
-
-
-class TextSource:
-  """Random access to the text feature of a record source: `len(src)`, `src[i] -> str`."""
-
-  def __init__(self, records: Sequence[Any], feature: str | None = 'text'):
-    self._records = records
-    self._feature = feature
-
-  def __len__(self) -> int:
-    return len(self._records)
-
-  def _text(self, record) -> str:
-    value = record[self._feature] if self._feature is not None and isinstance(record, dict) else record
-    if isinstance(value, bytes):
-      return value.decode('utf-8', errors='replace')
-    return str(value)
-
-  def __getitem__(self, index: int) -> str:
-    return self._text(self._records[index])
-
-  def __getitems__(self, indices: Sequence[int]) -> list[str]:
-    getitems = getattr(self._records, '__getitems__', None)
-    records = getitems(indices) if getitems else [self._records[i] for i in indices]
-    return [self._text(r) for r in records]
-
-  def __repr__(self) -> str:
-    return f'TextSource({self._records!r}, feature={self._feature!r})'
 
 
 def default_cache_dir() -> str:
@@ -264,98 +239,107 @@ def _remove_stale(final: str, identity: list) -> None:
       shutil.rmtree(other, ignore_errors=True)
 
 
-def _local_split(data_cfg, split: str) -> TextSource:
-  if split not in LOCAL_SPLITS:
-    raise DataError(f'split {split!r} does not exist for data.source={data_cfg.source!r}: '
-                    f'local sources have {", ".join(LOCAL_SPLITS)}')
-  directory = build_local(data_cfg)
-  shards = (local_build.read_manifest(directory) or {}).get('shards', {}).get(split, [])
+def _shards(directory: str, manifest: dict, split: str) -> TextSource:
+  shards = manifest.get('shards', {}).get(split, [])
   if not shards:  # no document went into it
     return TextSource([], 'text')
   return TextSource(grain.sources.ArrayRecordDataSource([os.path.join(directory, s) for s in shards]), None)
 
 
-def _tensorflow_available() -> bool:
-  try:
-    import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
-    return False
-  return True
+def _local_split(data_cfg, split: str) -> Sequence[str]:
+  if split not in LOCAL_SPLITS:
+    raise DataError(f'split {split!r} does not exist for data.source={data_cfg.source!r}: '
+                    f'local sources have {", ".join(LOCAL_SPLITS)}')
+  directory = build_local(data_cfg)
+  manifest = local_build.read_manifest(directory) or {}
+  plan = holdout_plan(data_cfg, directory, manifest)
+  if plan is None or not plan.holds_out:
+    return _shards(directory, manifest, split)
+  return holdout.SplitView(_shards(directory, manifest, 'train'), plan, split)
 
 
-def _build_command(name: str, data_dir: str | None) -> str:
-  """The exact command that prepares a TFDS dataset as ArrayRecord."""
-  base, _, version = name.partition(':')
-  where = f' --data_dir={data_dir}' if data_dir else ''
-  pinned = f' --version={version}' if version else ''
-  return f'tfds build {base}{pinned}{where} --file_format=array_record'
+def holdout_plan(data_cfg, directory: str, manifest: dict) -> holdout.Plan | None:
+  """The hold-out of a build whose hash split left validation empty (fmjax.data.holdout), else None:
+  computed once per dataset directory (saved there) and announced once per process."""
+  counts = manifest.get('counts', {})
+  if data_cfg.get('eval_files') or _fraction(data_cfg) == 0 or counts.get('validation') or not counts.get('train'):
+    return None
+  plan = holdout.load(directory)
+  if plan is None:
+    reader = local_reader(data_cfg)
+    plan = holdout.plan(_shards(directory, manifest, 'train'), _fraction(data_cfg),
+                        lambda held, text: _file_of(reader, text))
+    holdout.save(directory, plan)
+  if directory not in _noticed:
+    _noticed.add(directory)
+    hash_split = (f'data.validation_fraction={_fraction(data_cfg):g} puts none of the {counts["train"]} documents '
+                  f'of {describe(data_cfg)} in the validation split (a stable hash picks them)')
+    if plan.holds_out:
+      log.info('%s: holding out %s for validation instead', hash_split, plan.what)
+    else:
+      log.warning('%s, and none can be held out instead: %s', hash_split, plan.why_not)
+  return plan
 
 
-def _prepared_dir(name: str, data_dir: str | None) -> str | None:
-  """The folder of a prepared dataset named 'name[/config][:version]' under data_dir, if there is one."""
-  base, _, version = name.partition(':')
-  root = os.path.join(os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR), base)
-  if version:
-    path = os.path.join(root, version)
-    return path if os.path.isfile(os.path.join(path, 'dataset_info.json')) else None
-  versions = sorted(v for v in (os.listdir(root) if os.path.isdir(root) else [])
-                    if os.path.isfile(os.path.join(root, v, 'dataset_info.json')))
-  return os.path.join(root, versions[-1]) if versions else None
+def _file_of(reader: DocumentReader, text: str) -> str:
+  """The input file whose whole content is `text` (one document per file), relative to the files'
+  folder (a cached build serves a moved corpus too), else ''."""
+  if reader.kind != 'text' or reader.split_by != 'file':
+    return ''
+  size = len(text.encode('utf-8', errors='surrogatepass'))
+  for path in reader.paths:
+    if formats.compression_of(path) or paths.is_url(path) or paths.size(path) not in (size, size + 3):
+      continue
+    with open(path, 'rb') as f:
+      raw = f.read()
+    decoded = raw.decode('utf-8', errors='replace')
+    if (decoded[1:] if decoded.startswith('\ufeff') else decoded) == text:
+      return os.path.relpath(path, os.path.commonpath([os.path.dirname(p) for p in reader.paths]))
+  return ''
 
 
-def _tfds_builder(name: str, data_dir: str | None):
-  """The TFDS builder of a dataset: by registered name, else from its prepared folder (datasets whose
-  builder code needs TensorFlow are still readable when prepared as ArrayRecord)."""
-  try:
-    return tfds.builder(name, data_dir=data_dir)
-  except (tfds.core.registered.DatasetNotFoundError, ValueError, ImportError) as e:
-    prepared = _prepared_dir(name, data_dir)
-    if prepared:
-      return tfds.builder_from_directory(prepared)
-    where = data_dir or 'the default TFDS data_dir'
-    first = str(e).strip().split('\n')[0]
-    if isinstance(e, ImportError) or 'tensorflow' in first.lower():
-      raise DataError(f'TFDS dataset {name!r} is not prepared in {where} and its builder needs TensorFlow: '
-                      f"prepare it where TensorFlow is installed ({_build_command(name, data_dir)}) "
-                      'or fix data.tfds_data_dir') from None
-    raise DataError(f'TFDS dataset {name!r} not found in {where}: check data.tfds_name and '
-                    f'data.tfds_data_dir ({first})') from None
+def describe(data_cfg) -> str:
+  """The source in use, in words, for messages: 'data.files=\'txt/*.txt\' (read as data.source=text)'."""
+  if data_cfg.get('mixture'):
+    return f'data.mixture={data_cfg.mixture!r}'
+  resolved = with_source(data_cfg, quiet=True)
+  source = resolved.source
+  if source == 'tfds':
+    return f'data.source=\'tfds\' (data.tfds_name={data_cfg.tfds_name!r})'
+  if source == 'stdlib':
+    return "data.source='stdlib' (the Python standard library's sources)"
+  if resolved is not data_cfg:
+    return f'data.files={data_cfg.files!r} (read as data.source={source})'
+  return f'data.source={source!r} (data.files={data_cfg.files!r})'
 
 
-def _tfds_split(data_cfg, split: str) -> TextSource:
-  name, data_dir = data_cfg.tfds_name, data_cfg.tfds_data_dir or None
-  if not name:
-    raise DataError("data.source='tfds' needs data.tfds_name, e.g. 'c4/en:3.1.0'")
-  builder = _tfds_builder(name, data_dir)
-  if not builder.is_prepared():
-    raise DataError(f'TFDS dataset {name!r} is not prepared in {builder.data_dir}: prepare it with '
-                    f'`{_build_command(name, data_dir)}` or fix data.tfds_data_dir')
-  splits = builder.info.splits
-  if split not in splits:
-    raise DataError(f'TFDS dataset {name!r} has no split {split!r}; it has {", ".join(sorted(splits))}')
-  features = builder.info.features
-  if features is not None and data_cfg.text_feature not in features:
-    raise DataError(f'TFDS dataset {name!r} has no feature {data_cfg.text_feature!r}; set data.text_feature '
-                    f'to one of {", ".join(sorted(features.keys()))}')
-  formats_ = {builder.info.file_format, *builder.info.alternative_file_formats}
-  array_record = tfds.core.file_adapters.FileFormat.ARRAY_RECORD
-  if array_record in formats_:
-    return TextSource(builder.as_data_source(split=split, file_format=array_record), data_cfg.text_feature)
-  # TFRecord is sequential: random access (shuffling, sharding per host, resumable state) needs ArrayRecord.
-  needs_tf = '' if _tensorflow_available() else " (TensorFlow is needed for that: pip install 'fmjax[tensorflow]')"
-  convert = f'tfds convert_format --dataset_version_dir={builder.data_dir} --out_file_format=array_record'
-  raise DataError(f'TFDS dataset {name!r} is stored as {builder.info.file_format.value}, which cannot be read '
-                  f'by random access (shuffled, sharded per host, resumable): convert it once with `{convert}`'
-                  f'{needs_tf}')
+def empty_eval_error(data_cfg, what: str = '') -> DataError:
+  """The one-line error of an empty eval split, naming the source in use (`what`, else `describe`),
+  why it is empty when known, and the fix."""
+  cfg = with_source(data_cfg, quiet=True)
+  what, split = what or describe(data_cfg), data_cfg.eval_split
+  if cfg.source == 'tfds':
+    return DataError(f'the eval split {split!r} of {what} is empty: set data.eval_split to a split with '
+                     'examples (or set eval_every=0)')
+  if cfg.get('eval_files'):
+    return DataError(f'the eval split {split!r} of {what} is empty: data.eval_files={cfg.eval_files!r} holds no '
+                     'text; point it at validation files with text (or set eval_every=0)')
+  if _fraction(cfg) == 0:
+    why = '; data.validation_fraction=0 holds out nothing'
+  else:
+    plan = holdout.load(build_local(cfg))
+    why = f'; nothing is held out: {plan.why_not}' if plan is not None and plan.why_not else ''
+  return DataError(f'the eval split {split!r} of {what} is empty: give validation files with '
+                   f'data.eval_files=GLOB, or raise data.validation_fraction (or set eval_every=0){why}')
 
 
-def with_source(data_cfg):
+def with_source(data_cfg, quiet: bool = False):
   """data_cfg, or a copy whose source is named by data.files when it says 'stdlib' but files are given
   (`--config.data.files=input.txt` on a config that reads the stdlib corpus means those files)."""
   if data_cfg.source != 'stdlib' or not data_cfg.files:
     return data_cfg
   kind = formats.kind_of(data_cfg.files)
-  if data_cfg.files not in _noticed:
+  if not quiet and data_cfg.files not in _noticed:
     _noticed.add(data_cfg.files)
     log.info('data.files is set: reading it as data.source=%s (not the stdlib corpus)', kind)
   cfg = data_cfg.copy_and_resolve_references()
@@ -367,5 +351,5 @@ def open_split(data_cfg, split: str) -> TextSource:
   """The documents of one split as a random-access sequence of `str`, whatever the source."""
   data_cfg = with_source(data_cfg)
   if data_cfg.source == 'tfds':
-    return _tfds_split(data_cfg, split)
+    return tfds_source.open_split(data_cfg, split)
   return _local_split(data_cfg, split)

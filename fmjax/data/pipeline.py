@@ -20,6 +20,7 @@ import grain
 import numpy as np
 
 from fmjax.data import batches as batches_lib
+from fmjax.data import builders
 from fmjax.data import formats
 from fmjax.data import mixture as mixture_lib
 from fmjax.data.builders import open_split
@@ -77,13 +78,16 @@ class PadRow:
 def _open(data_cfg, split: str, what: str = ''):
   source = open_split(data_cfg, split)
   if len(source) == 0:
-    what = what or f'data.source={data_cfg.source!r}'
     if split == data_cfg.eval_split:
-      raise DataError(f'the eval split {split!r} of {what} is empty: give validation files with '
-                      'data.eval_files=GLOB, or raise data.validation_fraction (or set eval_every=0)')
+      raise builders.empty_eval_error(data_cfg, what)
+    what = what or builders.describe(data_cfg)
     raise DataError(f'split {split!r} of {what} is empty: add documents'
                     + (' or lower data.validation_fraction' if split == data_cfg.train_split else ''))
   return source
+
+
+def _mixture_name(name: str, cfg) -> str:
+  return f'mixture source {name!r} ({builders.describe(cfg)})'
 
 
 def _eval_documents(data_cfg) -> grain.MapDataset:
@@ -96,16 +100,19 @@ def _eval_documents(data_cfg) -> grain.MapDataset:
     with cfg.unlocked():
       kind = formats.kind_of(data_cfg.eval_files)
       cfg.update(dict(mixture='', source=kind, files=data_cfg.eval_files, eval_files='', validation_fraction=0.0))
-    return grain.MapDataset.source(_open(cfg, cfg.train_split, 'data.eval_files'))
-  parts, weights = [], []
+    return grain.MapDataset.source(_open(cfg, cfg.train_split, f'data.eval_files={data_cfg.eval_files!r}'))
+  parts, weights, names = [], [], []
   for src in mixture_lib.parse(data_cfg.mixture):
-    docs = open_split(mixture_lib.source_config(data_cfg, src), split)
+    cfg = mixture_lib.source_config(data_cfg, src)
+    docs = open_split(cfg, split)
+    names.append(f'{src.name!r} ({builders.describe(cfg)})')
     if len(docs):
       parts.append(grain.MapDataset.source(docs))
       weights.append(src.weight)
   if not parts:
-    raise DataError(f'the eval split {split!r} of every data.mixture source is empty: give validation files with '
-                    'data.eval_files=GLOB, or raise data.validation_fraction (or set eval_every=0)')
+    raise DataError(f'the eval split {split!r} of every data.mixture source is empty ({", ".join(names)}): give '
+                    'validation files with data.eval_files=GLOB, or raise data.validation_fraction (or set '
+                    'eval_every=0)')
   return grain.MapDataset.mix(parts, weights) if len(parts) > 1 else parts[0]
 
 
@@ -174,7 +181,7 @@ def _mixture_iterator(data_cfg, tokenizer, streams: range, num_streams: int, *, 
                       seed: int, process_count: int) -> mixture_lib.MixtureIterator:
   sources = mixture_lib.parse(data_cfg.mixture)
   cfgs = {src.name: mixture_lib.source_config(data_cfg, src) for src in sources}
-  docs = {name: _open(cfg, cfg.train_split, f'mixture source {name!r}') for name, cfg in cfgs.items()}
+  docs = {name: _open(cfg, cfg.train_split, _mixture_name(name, cfg)) for name, cfg in cfgs.items()}
 
   def make_rows(stream: int, src: mixture_lib.Source):
     source_seed = seed + int.from_bytes(src.name.encode()[:4].ljust(4, b'\0'), 'big')
