@@ -77,10 +77,11 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
   return text[:min(cuts)] if cuts else text
 
 
-def context_cap_note(asked: int, fit: int, prompt_tokens: int, context: int) -> str:
-  """The one line saying that the context caps the number of new tokens."""
-  return (f'note: max_new_tokens={asked} capped to {fit}: the longest prompt has {prompt_tokens} tokens and the '
-          f'model context is {context} (model.max_seq_len / seq_len), so at most {fit} new tokens fit')
+def context_cap_note(asked: int, fit: int, prompt_tokens: int, context: int, prompts: int = 1) -> str:
+  """The one line, said before decoding starts, that the context caps the number of new tokens."""
+  longest = 'the longest prompt' if prompts > 1 else 'the prompt'
+  return (f'note: max_new_tokens={asked} capped to {fit} by the model context {context} and {longest} of '
+          f'{prompt_tokens} tokens')
 
 
 def _stderr(message: str) -> None:
@@ -91,7 +92,8 @@ def generate(restored, prompts: Sequence[str], max_new_tokens: int = 64, samplin
              seed: int = 0, stop: Sequence[str] = (), params=None, warn=_stderr) -> Generation:
   """Decode `prompts` with the restored model (or `params` of the same shapes and shardings).
 
-  When prompt + max_new_tokens exceeds the context, fewer tokens are generated and `warn` gets one line.
+  When prompt + max_new_tokens exceeds the context, fewer tokens are generated and `warn` says so in one
+  line before decoding starts.
   """
   import jax  # pylint: disable=import-outside-toplevel
   sampling = sampling or Sampling(temperature=0.0)
@@ -106,7 +108,7 @@ def generate(restored, prompts: Sequence[str], max_new_tokens: int = 64, samplin
   width = max(len(p) for p in ids)
   new = min(max_new_tokens, restored.context_length - width)   # positions must stay in the context
   if new < max_new_tokens:
-    warn(context_cap_note(max_new_tokens, new, width, restored.context_length))
+    warn(context_cap_note(max_new_tokens, new, width, restored.context_length, len(ids)))
   rows = batch_rows(restored, len(ids))
   batch = decode_lib.left_pad(ids, tok.pad_id, rows)
   start = time.perf_counter()

@@ -138,11 +138,19 @@ def test_context_cap_is_reported_in_one_line(restored, capsys):
   prompt = 'the cat sat on the '                     # bos + 19 bytes = 20 tokens of a 32-token context
   notes = []
   capped = generate.generate(restored, [prompt], max_new_tokens=64, warn=notes.append)
-  assert notes == ['note: max_new_tokens=64 capped to 12: the longest prompt has 20 tokens and the model '
-                   'context is 32 (model.max_seq_len / seq_len), so at most 12 new tokens fit']
+  assert notes == ['note: max_new_tokens=64 capped to 12 by the model context 32 and the prompt of 20 tokens']
   assert capped.steps <= 12 and len(capped.tokens[0]) <= 12
   fits = generate.generate(restored, [prompt], max_new_tokens=12, warn=notes.append)
   assert len(notes) == 1 and fits.tokens == capped.tokens     # no note when everything fits
   assert generate.main(['--workdir', restored.cfg.workdir, '--prompt', prompt, '--max-new-tokens', '64']) == 0
   err = capsys.readouterr().err.strip().splitlines()
   assert [line for line in err if 'capped' in line] == [notes[0]], err
+
+
+def test_context_cap_is_said_before_decoding(restored):
+  prompt = 'abcdefghijklmnopqrstuvw'                 # bos + 23 bytes = 24 tokens: a shape no other test decodes
+  said = []
+  generate.generate(restored, [prompt], max_new_tokens=300, warn=lambda m: said.append((m, set(restored.compiled))))
+  (note, compiled_then), = said
+  assert note == 'note: max_new_tokens=300 capped to 8 by the model context 32 and the prompt of 24 tokens'
+  assert [k[2:] for k in set(restored.compiled) - compiled_then] == [(24, 8)]   # compiled and decoded after the note
