@@ -4,18 +4,27 @@ Validation comes from `finetune.validation_files` (csv/jsonl, a glob) or is held
 split (`finetune.validation_fraction`): per label, the distinct texts ranked by a stable hash of the
 text, the first share of them held out. The choice depends on neither the order of the examples nor
 the other labels' examples, and copies of one text always land on the same side.
+
+When that holds out nothing (every label's examples are copies of one text, e.g. 40 examples of a
+few repeated texts), examples are held out instead (`hold_out_by_example`): per label, the share of
+examples of lowest hash of the whole example, with a one-line notice. Those examples repeat train
+texts, so validation then measures fit rather than generalisation; it still chooses the checkpoint
+and the eval split stays unseen (choosing on the eval split would bias the reported metrics).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 from typing import Sequence
 
 import numpy as np
 
 from fmjax.data import labeled
 from fmjax.data.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -67,6 +76,42 @@ def hold_out(texts: Sequence[str], labels: Sequence, fraction: float) -> tuple[n
   return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
+def hold_out_by_example(columns: Sequence[Sequence[str]], labels: Sequence,
+                        fraction: float) -> tuple[np.ndarray, np.ndarray]:
+  """(train indices, held-out indices) by example: per label, the round(fraction * examples) examples
+  (at least one of a label with two or more, never all) of lowest hash of all their `columns`."""
+  if not 0 < fraction < 1:
+    raise DataError(f'finetune.validation_fraction={fraction} must be in [0, 1)')
+  rows = ['\x1f'.join(values) for values in zip(*columns)]
+  by_label: dict = {}
+  for i, label in enumerate(labels):
+    by_label.setdefault(label, []).append(i)
+  held = []
+  for members in by_label.values():
+    ranked = sorted(members, key=lambda i: (text_rank(rows[i]), rows[i]))
+    held.extend(ranked[:min(max(int(round(fraction * len(members))), 1), len(members) - 1)])
+  mask = np.zeros(len(rows), bool)
+  mask[held] = True
+  return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+def _hold_out_validation(ft, train: Split, columns: Sequence[str], key: Sequence) -> tuple[Split, Split, str]:
+  """(train, validation, where from) held out of the train split: by distinct text, else by example."""
+  keep, held = hold_out(train.columns[columns[0]], key, ft.validation_fraction)
+  if len(held):
+    return train.take(keep), train.take(held), 'held out of train'
+  keep, held = hold_out_by_example([train.columns[c] for c in columns], key, ft.validation_fraction)
+  if len(held) == 0:
+    raise DataError(f'finetune.validation_fraction={ft.validation_fraction} holds out no example of the '
+                    f'{len(train)} train examples (every label has one example): add examples or set '
+                    'finetune.validation_files')
+  log.warning('finetune.validation_fraction=%g holds out no text of the %d train examples (each label\'s '
+              'examples are copies of one %s, kept together): holding out %d examples instead, which repeat '
+              'train texts (validation then measures fit, not generalisation; set finetune.validation_files '
+              'for a fair choice)', ft.validation_fraction, len(train), columns[0], len(held))
+  return train.take(keep), train.take(held), 'held out of train by example: copies of train texts'
+
+
 def _read(ft, split: str, columns: Sequence[str]) -> Split:
   return Split(labeled.load_split(ft, split, columns))
 
@@ -96,11 +141,7 @@ def load(ft) -> LabeledData:
     validation, source = _read_validation_files(ft, columns), 'files'
   elif uses_validation(ft):
     key = train.columns[ft.label_feature] if classify else [''] * len(train)
-    keep, held = hold_out(train.columns[columns[0]], key, ft.validation_fraction)
-    if len(held) == 0:
-      raise DataError(f'finetune.validation_fraction={ft.validation_fraction} holds out no example of the '
-                      f'{len(train)} train examples: raise it or set finetune.validation_files')
-    train, validation, source = train.take(keep), train.take(held), 'held out of train'
+    train, validation, source = _hold_out_validation(ft, train, columns, key)
   names = ()
   if classify:
     names = labeled.label_set(ft, train.columns[ft.label_feature])
