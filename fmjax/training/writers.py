@@ -1,9 +1,12 @@
-"""Where metrics go: TensorBoard event files, a JSONL log, and a console progress bar.
+"""Where metrics go: TensorBoard event files, a JSONL log, a console progress bar, and W&B when configured.
 
 Only process 0 writes; other processes get a writer that drops everything. A resumed run passes
-`resume_step`: records after it are dropped from `metrics.jsonl` and TensorBoard purges them, so
-the logs hold each step once. `metrics.jsonl` is strict JSON (NaN and infinities are written as
-null). A write that fails (disk full) is one WorkdirWriteError line.
+`resume_step`: records after it are dropped from `metrics.jsonl` and from the earlier TensorBoard
+event files (fmjax/training/event_files.py), so the logs hold each step once. With
+`metrics.wandb_project` set, the same scalars go to Weights & Biases (fmjax/training/wandb_run.py).
+The progress bar shows the train `loss=` and the last eval's as `eval_loss=`. `metrics.jsonl` is
+strict JSON (NaN and infinities are written as null). A write that fails (disk full) is one
+WorkdirWriteError line.
 
 A remote workdir (gs://...) cannot be appended to: both files are kept in a local staging directory
 and uploaded whole at every `flush` (each checkpoint, and at least every FLUSH_SECONDS) and at `close`.
@@ -21,19 +24,25 @@ import time
 
 import jax
 
-from fmjax.runtime import paths
 from fmjax.checkpoints.store import WorkdirWriteError
+from fmjax.runtime import paths
+from fmjax.training import event_files, wandb_run
 
 FLUSH_SECONDS = 30.0  # TensorBoard events reach the disk at least this often (and at every `flush`)
+POSTFIX_TRAIN = ('loss', 'tokens_per_s', 'mfu', 'data_wait_share')   # train scalars the progress bar shows
 
 
 class MetricWriter:
-  """TensorBoard event file + `metrics.jsonl` in the workdir + tqdm progress bar."""
+  """TensorBoard event file + `metrics.jsonl` in the workdir + tqdm progress bar (+ W&B).
+
+  `config` is the run's config: its `metrics` section turns W&B on, and W&B records the whole of it.
+  """
 
   def __init__(self, workdir: str, total_steps: int, initial_step: int = 0, progress_bar: bool = True,
-               enabled: bool | None = None, resume_step: int | None = None):
+               enabled: bool | None = None, resume_step: int | None = None, config=None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self._tb = self._bar = None
+    self._tb = self._bar = self._wandb = None
+    self.postfix: dict[str, str] = {}   # what the progress bar shows after the counter
     self._fd = -1
     self._failed = False
     self._remote = workdir if paths.is_url(workdir) else None   # uploaded to at each flush
@@ -49,33 +58,57 @@ class MetricWriter:
       os.makedirs(workdir, exist_ok=True)
       if resume_step is not None:
         keep_steps_up_to(self.path, resume_step)
+        tensorboard = paths.join(self._remote or workdir, 'tensorboard')
+        event_files.drop_steps_after(tensorboard, resume_step)
       self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-      self._tb = _EventFile(os.path.join(workdir, 'tensorboard'), None if resume_step is None else resume_step + 1)
+      self._tb = event_files.EventFile(os.path.join(workdir, 'tensorboard'),
+                                       None if resume_step is None else resume_step + 1)
     except OSError as e:
       raise _write_error(getattr(e, 'filename', None) or workdir, e) from None
+    metrics = config.get('metrics') if config is not None else None
+    run_config = config.to_dict() if config is not None and hasattr(config, 'to_dict') else None
+    try:
+      self._wandb = wandb_run.open_run(self._remote or workdir, metrics, run_config, self.log)
+    except BaseException:
+      self._close_files()
+      raise
     if progress_bar:
       from tqdm import tqdm
       self._bar = tqdm(total=total_steps, initial=initial_step or (resume_step or 0), dynamic_ncols=True,
                        file=sys.stderr, mininterval=1.0, unit='step')
 
-  def write(self, step: int, scalars: dict, prefix: str = 'train') -> None:
-    """Record scalars for a step (TensorBoard tags `prefix/name`)."""
+  def write(self, step: int, scalars: dict, prefix: str = 'train', console: bool = True) -> None:
+    """Record scalars for a step (TensorBoard and W&B tags `prefix/name`); `console=False` keeps a non-train
+    split's line off the console (the files get it all the same)."""
     if not self.enabled or self._failed:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
     record = {'step': step, 'split': prefix, **{k: _json_number(v) for k, v in scalars.items()}}
+    tagged = {f'{prefix}/{k}': v for k, v in scalars.items()}
     self._guarded(self._append, self.path, json.dumps(record, allow_nan=False) + '\n')
-    self._guarded(self._tb.scalars, self._tb.path, step, {f'{prefix}/{k}': v for k, v in scalars.items()})
+    self._guarded(self._tb.scalars, self._tb.path, step, tagged)
+    if self._wandb is not None:
+      self._wandb.log(step, tagged)
     if time.monotonic() - self._tb.flushed_at > FLUSH_SECONDS:  # a live TensorBoard sees recent steps
       self.flush()
+    self._update_postfix(scalars, prefix)
     if self._bar is not None:
-      shown = {k: scalars[k] for k in ('loss', 'tokens_per_s', 'mfu', 'data_wait_share') if k in scalars}
-      self._bar.set_postfix({k: (f'{v:.3g}' if k != 'tokens_per_s' else f'{v:,.0f}') for k, v in shown.items()},
-                            refresh=False)
-      if prefix != 'train':  # eval results reach the console with the bar too
+      if prefix != 'train' and console:  # eval results reach the console with the bar too
         self.log(_console_line(step, scalars, prefix))
-    elif prefix != 'train' or 'loss' in scalars:
+    elif (prefix != 'train' and console) or (prefix == 'train' and 'loss' in scalars):
       print(_console_line(step, scalars, prefix), flush=True)
+
+  def _update_postfix(self, scalars: dict, prefix: str) -> None:
+    """The bar's postfix: the train split's loss and speed, the last eval's loss beside them as eval_loss."""
+    if prefix == 'train':
+      shown = {k: scalars[k] for k in POSTFIX_TRAIN if k in scalars}
+    elif prefix == 'eval' and 'loss' in scalars:
+      shown = {'eval_loss': scalars['loss']}
+    else:
+      return
+    self.postfix.update({k: (f'{v:,.0f}' if k == 'tokens_per_s' else f'{v:.3g}') for k, v in shown.items()})
+    if self._bar is not None:
+      self._bar.set_postfix(self.postfix, refresh=False)
 
   def image(self, tag: str, pixels, step: int) -> None:
     """Record an RGB image (uint8, height x width x 3) in TensorBoard under `tag`."""
@@ -110,8 +143,20 @@ class MetricWriter:
     paths.copy(self._tb.path, paths.join(self._remote, 'tensorboard', os.path.basename(self._tb.path)))
 
   def close(self) -> None:
-    """Flush and close the files. Never raises (it runs in `finally` blocks): a failure is one warning line."""
+    """Flush and close the files and the W&B run. Never raises (it runs in `finally` blocks): a failure is one
+    warning line."""
     if not self.enabled or self._fd < 0:
+      return
+    if self._wandb is not None:
+      wandb, self._wandb = self._wandb, None
+      try:
+        wandb.close()
+      except Exception as e:  # pylint: disable=broad-except  # the local logs are complete without it
+        print(f'warning: the W&B run did not finish cleanly: {e}', file=sys.stderr, flush=True)
+    self._close_files()
+
+  def _close_files(self) -> None:
+    if self._fd < 0:
       return
     if self._bar is not None:
       self._bar.close()
@@ -149,51 +194,6 @@ class MetricWriter:
       self._failed = True
       self._tb.close(quiet=True)
       raise _write_error(path, e) from None
-
-
-class _EventFile:
-  """TensorBoard scalars written synchronously with tensorboardX's EventsWriter: `flush` means on disk, and a
-  failed write raises here rather than killing a background thread (whose queue then blocks the run)."""
-
-  def __init__(self, directory: str, purge_step: int | None):
-    from tensorboardX.event_file_writer import EventsWriter  # imported lazily: only process 0 needs it
-    from tensorboardX.proto import event_pb2, summary_pb2
-    self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
-    os.makedirs(directory, exist_ok=True)
-    self._events = EventsWriter(os.path.join(directory, 'events'), f'.{os.getpid()}.{time.time_ns() % 10**9}')
-    self.path = self._events._file_name  # pylint: disable=protected-access
-    self._closed = False
-    self.flushed_at = time.monotonic()
-    if purge_step is not None:  # TensorBoard drops the earlier files' events at steps >= purge_step
-      start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
-      self._events.write_event(event_pb2.Event(step=purge_step, wall_time=time.time(), session_log=start))
-
-  def scalars(self, step: int, values: dict[str, float]) -> None:
-    """One event holding every scalar of a step."""
-    summary = self._summary_pb2.Summary(
-        value=[self._summary_pb2.Summary.Value(tag=tag, simple_value=v) for tag, v in values.items()])
-    self._events.write_event(self._event_pb2.Event(step=step, wall_time=time.time(), summary=summary))
-
-  def image(self, step: int, tag: str, pixels) -> None:
-    """One event holding a PNG-encoded image."""
-    from tensorboardX import summary  # pylint: disable=import-outside-toplevel
-    event = self._event_pb2.Event(step=step, wall_time=time.time(),
-                                  summary=summary.image(tag, pixels, dataformats='HWC'))
-    self._events.write_event(event)
-
-  def flush(self) -> None:
-    self._events.flush()
-    self.flushed_at = time.monotonic()
-
-  def close(self, quiet: bool = False) -> None:
-    if self._closed:
-      return
-    self._closed = True
-    try:
-      self._events.close()
-    except OSError:
-      if not quiet:
-        raise
 
 
 def keep_steps_up_to(path: str, last_step: int) -> int:
