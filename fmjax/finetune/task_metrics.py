@@ -6,7 +6,6 @@ predictions (or no examples) has precision (or recall) 0, and F1 0 when both are
 
 from __future__ import annotations
 
-import io
 import json
 from typing import Sequence
 
@@ -77,30 +76,12 @@ def write_json(rep: dict, path: str) -> None:
 
 
 def plot_confusion(rep: dict, path: str, title: str = '') -> bool:
-  """Save the confusion matrix as a PNG; False (nothing written) when matplotlib is missing."""
+  """Save the confusion matrix as a PNG (fmjax/finetune/confusion_plot.py); False (nothing written) when
+  matplotlib is missing."""
   try:
-    import matplotlib  # pylint: disable=import-outside-toplevel
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    import matplotlib  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
     return False
-  cm, names = np.asarray(rep['confusion']), rep['class_names']
-  size = 1.5 + 0.6 * len(names)
-  fig, ax = plt.subplots(figsize=(size + 1, size))
-  im = ax.imshow(cm, cmap='Blues')
-  ax.set_xticks(range(len(names)), names, rotation=45, ha='right')
-  ax.set_yticks(range(len(names)), names)
-  ax.set_xlabel('predicted')
-  ax.set_ylabel('true')
-  for i in range(cm.shape[0]):
-    for j in range(cm.shape[1]):
-      ax.text(j, i, str(cm[i, j]), ha='center', va='center',
-              color='white' if cm[i, j] > cm.max() / 2 else 'black')
-  ax.set_title(title or f'accuracy {rep["accuracy"]:.3f}, macro-F1 {rep["macro_f1"]:.3f}')
-  fig.colorbar(im, ax=ax)
-  fig.tight_layout()
-  png = io.BytesIO()
-  fig.savefig(png, format='png', dpi=100)
-  plt.close(fig)
-  paths.write_bytes(path, png.getvalue())
+  from fmjax.finetune import confusion_plot  # pylint: disable=import-outside-toplevel
+  paths.write_bytes(path, confusion_plot.png(rep, title))
   return True

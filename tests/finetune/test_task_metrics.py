@@ -122,3 +122,55 @@ def test_best_checkpoint_follows_sklearn_macro_f1(tmp_path):
   best_f1, best_step = max(expected, key=lambda e: (e[0], -e[1]))
   assert tracker.best['step'] == best_step
   assert tracker.best['macro_f1'] == pytest.approx(best_f1, abs=1e-12)
+
+
+LONG_TITLE = 'step 250 (best validation macro-F1 0.912): eval macro-F1 0.905, a title longer than the figure'
+
+
+@pytest.mark.parametrize('names', [('neg', 'pos'), ('asyncio', 'email', 'tkinter', 'multiprocessing'),
+                                   tuple(f'a_really_long_class_name_number_{i}' for i in range(20))])
+def test_confusion_png_is_readable_at_its_written_size(tmp_path, names):
+  pytest.importorskip('matplotlib')
+  from PIL import Image
+  from fmjax.finetune import confusion_plot
+  n = len(names)
+  cm = np.random.default_rng(n).integers(0, 60, (n, n)) + np.diag(np.full(n, 12000))
+  rep = task_metrics.report(cm, names)
+  fig = confusion_plot.figure(rep, LONG_TITLE)
+  fig.canvas.draw()
+  ax, bar = fig.axes
+  assert (ax.get_xlabel(), ax.get_ylabel(), bar.get_ylabel()) == ('predicted class', 'true class', 'examples')
+  cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+  assert cells == {(i, j): (f'{cm[i, j] / 1000:.1f}k' if cm[i, j] >= 10_000 else str(cm[i, j]))
+                   for i in range(n) for j in range(n)}
+  shown_x = [t.get_text() for t in ax.get_xticklabels()]
+  assert shown_x == [t.get_text() for t in ax.get_yticklabels()] == [confusion_plot.short_label(s) for s in names]
+  assert len(set(shown_x)) == n and all(len(s) <= confusion_plot.LABEL_CHARS for s in shown_x)
+  assert all(s.startswith(name[:5]) and s.endswith(name[-5:]) for s, name in zip(shown_x, names))
+  lo, hi = bar.get_ylim()
+  scale = [t for t in bar.get_yticklabels() if lo <= t.get_position()[1] <= hi]   # the ticks drawn
+  assert len(scale) >= 3
+  words = [t for t in [ax.title, ax.xaxis.label, ax.yaxis.label, bar.yaxis.label]
+           + ax.get_xticklabels() + ax.get_yticklabels() + scale if t.get_text()]
+  renderer = fig.canvas.get_renderer()
+  inside = fig.bbox
+  for t in words + list(ax.texts):   # nothing is cut off by the image's edge
+    box = t.get_window_extent(renderer)
+    assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1, t
+  assert min(t.get_fontsize() for t in words) >= confusion_plot.MIN_FONT_POINTS
+  def collide(texts, others=None):
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    pairs = [(a, b) for i, a in enumerate(boxes) for b in (boxes[i + 1:] if others is None else
+                                                           [t.get_window_extent(renderer) for t in others])]
+    return any(a.overlaps(b) for a, b in pairs)
+  xs, ys = ax.get_xticklabels(), ax.get_yticklabels()
+  assert not collide(ys) and not collide(xs, ys)            # class labels do not run into each other
+  angle = np.radians(xs[0].get_rotation())
+  if angle:   # slanted labels are parallel strips: the gap across them must hold the text's height
+    step = ax.transData.transform((1, 0))[0] - ax.transData.transform((0, 0))[0]
+    assert step * np.sin(angle) >= xs[0].get_fontsize() * confusion_plot.DPI / 72
+  else:
+    assert not collide(xs)
+  assert task_metrics.plot_confusion(rep, str(tmp_path / 'cm.png'), LONG_TITLE)
+  width, height = Image.open(tmp_path / 'cm.png').size
+  assert (width, height) == tuple(round(v * confusion_plot.DPI) for v in fig.get_size_inches())
