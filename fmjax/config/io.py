@@ -89,9 +89,11 @@ def _to_tuples(value):
 
 
 def did_you_mean(name: str, known, prefix: str = '') -> str:
-  """' (did you mean model.num_layers?)' naming the nearest of `known` (at most 3), or ''."""
-  close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
-  return f' (did you mean {" or ".join(prefix + c for c in close)}?)' if close else ''
+  """' (did you mean model.num_layers?)' naming the nearest of `known` (those tied nearest), or ''."""
+  ratios = {k: difflib.SequenceMatcher(None, name, k).ratio() for k in known}
+  best = max(ratios.values(), default=0.0)
+  close = sorted(k for k, r in ratios.items() if r == best) if best >= 0.6 else []
+  return f' (did you mean {" or ".join(prefix + c for c in close[:3])}?)' if close else ''
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
