@@ -6,7 +6,8 @@
 - `BlankFilter`: drops whitespace-only documents (the data layer never trains on them).
 - `Measure`: documents, bytes, tokens and a log2 length histogram at one point of the pipeline,
   recorded as datatrove stats (summed over tasks, kept per task, so resumed runs still add up).
-- `CountingPIIFormatter`: datatrove's PIIFormatter that also counts what it replaced, by kind.
+- `CountingPIIFormatter`: e-mail (datatrove's pattern) and IPv4/IPv6 (fmjax.curate.pii) redaction,
+  counting what it replaced and the addresses it kept, by kind.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from datatrove.pipeline.formatters import PIIFormatter
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.readers.base import BaseDiskReader
 from datatrove.utils.logging import logger
+
+from fmjax.curate import pii
 
 LENGTH_BINS = 32  # bin i holds documents of 2**i <= UTF-8 bytes < 2**(i+1) (bin 0 also holds 0 and 1)
 
@@ -115,19 +118,30 @@ class Measure(PipelineStep):
 
 
 class CountingPIIFormatter(PIIFormatter):
-  """datatrove's PII formatter (e-mail and IP addresses), counting replacements by kind."""
+  """E-mail addresses (datatrove's pattern) and IPv4/IPv6 addresses (fmjax.curate.pii) replaced by
+  placeholders, counted by kind ('email', 'ip'; 'ip_kept' for loopback/unspecified, and with
+  only_remove_public_ips non-global, addresses left as they are)."""
+
+  def __init__(self, *, remove_emails: bool, remove_ips: bool, only_remove_public_ips: bool,
+               email_placeholder: str, ip_placeholder: str):
+    super().__init__(remove_emails=remove_emails, remove_ips=False, email_replacement=(email_placeholder,))
+    self.redact_ips, self.public_only, self.ip_placeholder = remove_ips, only_remove_public_ips, ip_placeholder
 
   def format(self, text: str) -> str:
-    found = False
-    for kind, enabled, replacer in (('email', self.remove_emails, self.emails_replacer),
-                                    ('ip', self.remove_ips, self.ip_replacer)):
-      if not enabled:
-        continue
-      count = sum(1 for m in replacer.regex.finditer(text) if not replacer.validator or replacer.validator(m.group(0)))
-      if count:
-        found = True
-        self.stat_update(kind, value=count)
+    found = 0
+    if self.remove_emails:
+      emails = sum(1 for _ in self.emails_replacer.regex.finditer(text))
+      if emails:
+        self.stat_update('email', value=emails)
+        text = self.emails_replacer.replace(text)
+      found += emails
+    if self.redact_ips:
+      text, ips, kept = pii.redact(text, self.ip_placeholder, self.public_only)
+      if ips:
+        self.stat_update('ip', value=ips)
+      if kept:
+        self.stat_update('ip_kept', value=kept)
+      found += ips
     if found:
       self.stat_update('documents_with_pii')
-    return super().format(text)
-
+    return text

@@ -141,7 +141,7 @@ def build_stages(cfg: ml_collections.ConfigDict, inputs: dict, eval_paths: list[
     p = cfg.pii
     last += [blocks.CountingPIIFormatter(remove_emails=p.emails, remove_ips=p.ips,
                                          only_remove_public_ips=p.only_public_ips,
-                                         email_replacement=(p.email_placeholder,), ip_replacement=(p.ip_placeholder,)),
+                                         email_placeholder=p.email_placeholder, ip_placeholder=p.ip_placeholder),
              blocks.Measure('after pii', tok)]
   last += [blocks.Measure('output', tok),
            JsonlWriter(cfg.output, output_filename='${rank}.jsonl.gz', adapter=_lean_output,

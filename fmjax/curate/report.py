@@ -145,6 +145,7 @@ def build_report(cfg: ml_collections.ConfigDict) -> dict:
           'near': {'clusters': sum(near_sizes.values()), 'sizes': near_sizes}},
       'pii': {'email': int(pii_stats['email']), 'ip': int(pii_stats['ip']),
               'documents': int(pii_stats['documents_with_pii'])},
+      'pii_kept': {'ip': int(pii_stats['ip_kept'])},
       'decontamination': decontamination(cfg, by_point.get('after decontaminate', {}).get('block_stats')),
       'length_histogram': {'bin_lower_bytes': [2 ** i if i else 0 for i in range(LENGTH_BINS)],
                            'before': _histogram(by_point.get('input', {}).get('stats', Counter())),
@@ -201,7 +202,11 @@ def summary(report: dict) -> str:
     sizes = ', '.join(f'{k}: {v}' for k, v in d['sizes'].items())
     lines.append(f'{kind} duplicate clusters: {d["clusters"]}' + (f' (size: clusters {sizes})' if sizes else ''))
   p = report['pii']
-  lines.append(f'PII redacted: {p["email"]} e-mail and {p["ip"]} IP addresses in {p["documents"]} documents')
+  kept = report.get('pii_kept', {}).get('ip', 0)
+  public = report.get('config', {}).get('pii', {}).get('only_public_ips')
+  lines.append(f'PII redacted: {p["email"]} e-mail and {p["ip"]} IP addresses in {p["documents"]} documents'
+               + (f'; {kept} IP addresses kept ({"non-public" if public else "loopback/unspecified"}: '
+                  f'pii.only_public_ips={str(bool(public)).lower()})' if kept else ''))
   for name, d in report['decontamination'].items():
     lines.append(f'decontamination {name}: {d["documents_removed"]} documents removed; {d["ngrams_in_corpus"]} of '
                  f'its {d["ngrams"]} {d["ngram_size"]}-grams ({100 * d["overlap"]:.1f}%) occur in the corpus')

@@ -95,7 +95,8 @@ def curate_defaults() -> ml_collections.ConfigDict:
           enabled=True,
           emails=True,
           ips=True,
-          only_public_ips=True,    # leave private/loopback addresses (127.0.0.1, 10.x, 192.168.x) alone
+          only_public_ips=False,   # true: also keep private/link-local/documentation addresses (10.x, 192.168.x,
+                                   # fe80::); loopback/unspecified (127.0.0.1, 0.0.0.0, ::1) are always kept
           email_placeholder='<EMAIL>',
           ip_placeholder='<IP_ADDRESS>',
       )),

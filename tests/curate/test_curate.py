@@ -227,6 +227,26 @@ def _small_corpus(root, count: int = 6) -> str:
   return str(corpus)
 
 
+def test_pii_redacts_private_ipv4_and_ipv6_addresses_and_reports_them(tmp_path, capsys):
+  corpus = _small_corpus(tmp_path, 3)
+  header = ('# hosts: db at 192.168.1.20, cache at 10.1.2.3, edge at [2001:db8::7]:443 and 2606:4700:4700::1111\n'
+            '# bind 127.0.0.1 for tests; version 1.2.3.4.5\n')
+  path = os.path.join(corpus, 'm0.py')
+  with open(path, encoding='utf-8') as f:
+    body = f.read()
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(header + body)
+  out = str(tmp_path / 'out')
+  assert main(_args(CODE, corpus + '/*', out, '--config.near_dedup.enabled=false')) == 0
+  text = next(r['text'] for r in _read_output(out) if r['text'].endswith(body))
+  assert text[:-len(body)] == ('# hosts: db at <IP_ADDRESS>, cache at <IP_ADDRESS>, edge at [<IP_ADDRESS>]:443 and '
+                               '<IP_ADDRESS>\n# bind 127.0.0.1 for tests; version 1.2.3.4.5\n')
+  with open(os.path.join(out, 'report.json')) as f:
+    report = json.load(f)
+  assert report['pii'] == {'email': 0, 'ip': 4, 'documents': 1} and report['pii_kept'] == {'ip': 1}
+  assert 'PII redacted: 0 e-mail and 4 IP addresses in 1 documents; 1 IP addresses kept' in capsys.readouterr().out
+
+
 def test_non_empty_output_is_refused_and_overwrite_replaces_it(tmp_path, capsys):
   corpus = _small_corpus(tmp_path, 3)
   out = tmp_path / 'out'
