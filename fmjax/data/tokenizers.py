@@ -16,13 +16,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
 from fmjax.runtime import paths
-from fmjax.data import documents
+from fmjax.data import documents, formats
 from fmjax.data.errors import DataError
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -57,6 +58,19 @@ class ByteTokenizer:
     return 'ByteTokenizer()'
 
 
+_TOKENIZER_KINDS = ("data.tokenizer must be 'byte', a SentencePiece .model file (tools/train_tokenizer.py), a "
+                    'Hugging Face tokenizer.json or a char tokenizer .json file')
+
+
+def _sentencepiece_reason(proto: bytes, error: Exception) -> str:
+  """Why SentencePiece refused a model, without its C++ source location."""
+  if not proto.strip(b'\0'):
+    return 'the file is empty'
+  text = re.sub(r'\S+\.cc\(\d+\)\s*(\[.*?\])?', '', str(error).strip().splitlines()[0])
+  text = re.sub(r'^[A-Z_]+:\s*', '', text).strip(' .')
+  return text or 'its bytes do not parse as a SentencePiece model'
+
+
 class SentencePieceTokenizer:
   """A SentencePiece model file; pickles as its serialized proto (for worker processes)."""
 
@@ -73,7 +87,8 @@ class SentencePieceTokenizer:
     try:
       self._sp.LoadFromSerializedProto(proto)
     except RuntimeError as e:
-      raise DataError(f'{self.path} is not a SentencePiece model: {e}') from None
+      raise DataError(f'tokenizer {self.path} is not a SentencePiece model ({_sentencepiece_reason(proto, e)}): '
+                      f'{_TOKENIZER_KINDS}') from None
     self.vocab_size = self._sp.GetPieceSize()
     self.pad_id, self.bos_id, self.eos_id = self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id()
     if self.pad_id < 0:
@@ -304,12 +319,26 @@ def load_tokenizer(spec: str) -> Tokenizer:
       head = f.read(64).lstrip()
   except OSError as e:
     raise DataError(f'cannot read tokenizer {path}: {e.strerror or e}') from None
-  if head.startswith(b'{'):
-    text = documents.read_utf8(path, 'tokenizer')
+  if head.startswith(b'{') or formats.inner_name(path).lower().endswith('.json'):
+    text = _json_tokenizer_text(path)
     if '"kind"' not in text[:200] and '"model"' in text:   # a Hugging Face tokenizer.json
       return HFTokenizer(path)
     return CharTokenizer.from_file(path, text)
   return SentencePieceTokenizer(path)
+
+
+def _json_tokenizer_text(path: str) -> str:
+  """The text of a .json tokenizer file; binary or non-JSON content is one line saying what it should be."""
+  try:
+    text = documents.read_utf8(path, 'tokenizer')
+  except DataError:
+    raise DataError(f'tokenizer {path} is not a JSON text file (binary or not UTF-8): {_TOKENIZER_KINDS}') from None
+  try:
+    json.loads(text)
+  except json.JSONDecodeError as e:
+    raise DataError(f'tokenizer {path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}): '
+                    f'{_TOKENIZER_KINDS}') from None
+  return text
 
 
 def train_char(files: Sequence[str], output: str) -> CharTokenizer:

@@ -98,6 +98,25 @@ def test_missing_or_bad_tokenizer_file(tmp_path):
     load_tokenizer(str(junk))
 
 
+@pytest.mark.parametrize('name, content, says', [
+    ('random.model', random.Random(0).randbytes(4096), 'is not a SentencePiece model'),
+    ('text.model', b'hello world, this is text\n', 'is not a SentencePiece model'),
+    ('empty.model', b'', 'is not a SentencePiece model (the file is empty)'),
+    ('tokenizer.json', b'{"model": {"type": "BPE", "vocab": {', 'is not valid JSON'),
+    ('chars.json', b'chars: abc', 'is not valid JSON (Expecting value at line 1 column 1)'),
+    ('binary.json', bytes(range(255, -1, -1)) * 2, 'is not a JSON text file'),
+])
+def test_a_corrupt_tokenizer_file_is_one_line_naming_it_and_what_it_should_be(tmp_path, name, content, says):
+  path = tmp_path / name
+  path.write_bytes(content)
+  with pytest.raises(DataError) as e:
+    load_tokenizer(str(path))
+  msg = str(e.value)
+  assert '\n' not in msg and msg.startswith(f'tokenizer {path} ') and says in msg
+  assert 'a SentencePiece .model file' in msg and 'tokenizer.json' in msg
+  assert '.cc(' not in msg and 'INTERNAL' not in msg and 'ParseFromArray' not in msg   # no C++ source location
+
+
 def test_check_vocab(sp_model):
   check_vocab(load_tokenizer('byte'), 259)
   with pytest.raises(DataError, match='model.vocab_size=259.*>= 600'):
