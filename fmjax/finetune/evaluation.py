@@ -151,6 +151,8 @@ def evaluation(cfg, parts, workdir: str, meta: dict, writer, baseline: dict | No
     tracker.update(step, held, state, eval_report=out)
     return out
 
+  baseline_shown = []   # the eval steps whose baseline line was written (printed at the first only)
+
   def evaluate(state, step):
     if not classify:
       return evaluate_lm(state, step)
@@ -162,8 +164,9 @@ def evaluation(cfg, parts, workdir: str, meta: dict, writer, baseline: dict | No
       _write_eval_outputs(parts, eval_dir, step, report, held, out, better, writer)
       if held is not None:
         writer.write(step, task_metrics.scalars(held), prefix='validation')
-      if baseline:
-        writer.write(step, baseline_scalars(baseline), prefix='baseline')
+      if baseline:   # fixed numbers: every eval's files and TensorBoard get them, the console the first time
+        writer.write(step, baseline_scalars(baseline), prefix='baseline', console=not baseline_shown)
+        baseline_shown.append(step)
     return task_metrics.scalars(report)
 
   return evaluate, tracker
