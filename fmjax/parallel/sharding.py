@@ -24,23 +24,38 @@ class MeshError(UserError):
   """The mesh does not fit the devices or the model."""
 
 
-def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
-  """Resolve the configured (data, fsdp, tensor) shape; one -1 takes the remaining devices."""
+def _too_few_devices_hint(needed: int, available: int, platform: str) -> str:
+  """How to get `needed` devices where there are fewer: fake CPU devices, or a bigger machine."""
+  if available >= needed:
+    return ''
+  if platform == 'cpu':
+    return f'; to try this mesh on CPU, run with XLA_FLAGS=--xla_force_host_platform_device_count={needed}'
+  return f'; or run on a machine (or slice) with {needed} devices'
+
+
+def mesh_shape(mesh_cfg, num_devices: int, platform: str = '') -> tuple[int, int, int]:
+  """Resolve the configured (data, fsdp, tensor) shape; one -1 takes the remaining devices.
+
+  `platform` (e.g. 'cpu') names the devices in the error of a mesh that does not fit them."""
   dims = [int(mesh_cfg[a]) for a in MESH_AXES]
+  named = ' '.join(f'{a}={d}' for a, d in zip(MESH_AXES, dims))
+  have = f'{num_devices} {"is" if num_devices == 1 else "are"} available' + (f' ({platform})' if platform else '')
   free = [i for i, d in enumerate(dims) if d == -1]
   if len(free) > 1:
-    raise MeshError(f'mesh {dict(zip(MESH_AXES, dims))}: at most one axis may be -1')
+    raise MeshError(f'mesh {named}: at most one axis may be -1')
   if any(d == 0 or d < -1 for d in dims):
-    raise MeshError(f'mesh {dict(zip(MESH_AXES, dims))}: axis sizes must be positive or -1')
+    raise MeshError(f'mesh {named}: axis sizes must be positive or -1')
   fixed = math.prod(d for d in dims if d != -1)
   if free:
     if num_devices % fixed:
-      raise MeshError(f'mesh {dict(zip(MESH_AXES, dims))} does not divide the {num_devices} devices; '
-                      'set --config.mesh.data/fsdp/tensor so their product divides the device count')
+      raise MeshError(f'mesh {named} needs a multiple of {fixed} devices but {have}; set --config.mesh.data/fsdp/'
+                      f'tensor so the product of the fixed sizes divides {num_devices}'
+                      + _too_few_devices_hint(fixed, num_devices, platform))
     dims[free[0]] = num_devices // fixed
-  if math.prod(dims) != num_devices:
-    raise MeshError(f'mesh {"x".join(map(str, dims))} (data x fsdp x tensor) needs {math.prod(dims)} devices '
-                    f'but {num_devices} are available; set --config.mesh.* so the product is {num_devices}')
+  needed = math.prod(dims)
+  if needed != num_devices:
+    raise MeshError(f'mesh {named} needs {needed} devices but {have}; set --config.mesh.* so the product is '
+                    f'{num_devices}' + _too_few_devices_hint(needed, num_devices, platform))
   return tuple(dims)
 
 
@@ -59,7 +74,7 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A Mesh over all (or the given) devices with GSPMD-style (Auto) axes."""
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(mesh_cfg, len(devices))
+  shape = mesh_shape(mesh_cfg, len(devices), devices[0].platform if devices else '')
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   try:
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
