@@ -218,7 +218,8 @@ def make_eval_batches(data_cfg, tokenizer, *, seq_len: int, batch_size: int, num
 
   Deterministic. A short last batch is filled with padding rows (weight 0). Every process
   returns the same number of batches (it counts the other shards' rows too), so that
-  multi-host evaluation steps stay in lockstep.
+  multi-host evaluation steps stay in lockstep; with fewer eval documents than processes, the
+  processes without one evaluate padding only.
   """
   if batch_size <= 0 or num_batches <= 0:
     raise DataError(f'eval batch_size={batch_size} and num_batches={num_batches} must be positive')
@@ -226,9 +227,11 @@ def make_eval_batches(data_cfg, tokenizer, *, seq_len: int, batch_size: int, num
   limit = num_batches * batch_size
   source = _eval_documents(data_cfg)
   own, counts = [], []
+  if not 0 <= process_index < process_count:
+    raise DataError(f'process_index={process_index} must be in [0, process_count={process_count})')
   for shard in range(process_count):
-    docs = _shard(source, split, shard, process_count)
-    rows = itertools.islice(_eval_rows(data_cfg, tokenizer, docs, seq_len), limit)
+    docs = source[shard::process_count]   # a process without eval documents evaluates padding rows
+    rows = itertools.islice(_eval_rows(data_cfg, tokenizer, docs, seq_len), limit) if len(docs) else iter(())
     if shard == process_index:
       own = list(rows)
       counts.append(len(own))

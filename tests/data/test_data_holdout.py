@@ -219,3 +219,15 @@ def test_a_missing_tfds_eval_split_names_the_dataset_also_in_a_mixture(tmp_path)
   mixed = _data_cfg(tmp_path, tfds_data_dir=str(tmp_path / 'tfds'), validation_fraction=0.0,
                     mixture=f'web:0.5:{tmp_path}/*.jsonl,set:0.5:tfds:fmjax_holdout_text')
   assert expected in _one_line(mixed)
+
+
+def test_a_single_held_out_document_is_evaluated_by_two_processes_in_lockstep(tmp_path):
+  texts = _texts_none_held(8, 0.02, seed=3)
+  cfg = _data_cfg(tmp_path, source='text', files=_write_files(tmp_path / 'txt', texts))
+  assert len(builders.open_split(cfg, 'validation')) == 1
+  one = pipeline.make_eval_batches(cfg, TOK, seq_len=16, batch_size=2, num_batches=8)
+  two = [pipeline.make_eval_batches(cfg, TOK, seq_len=16, batch_size=1, num_batches=16, process_index=i,
+                                    process_count=2) for i in range(2)]
+  assert len(two[0]) == len(two[1]) > 0
+  weight = lambda batches: sum(float(b['weights'].sum()) for b in batches)  # noqa: E731
+  assert weight(two[0]) == weight(one) > 0 and weight(two[1]) == 0        # process 1 has no document: padding
