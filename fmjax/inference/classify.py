@@ -91,12 +91,20 @@ def _checked_meta(ckpt, step: int, workdir: str) -> dict:
     raise
 
 
+DEMO_ARMS = ('pretrained', 'random_init')   # the fine-tunes `python -m fmjax.finetune --demo` writes, one folder each
+
+
 def _check_workdir(workdir: str) -> str:
-  """The absolute workdir; a one-line error when it does not exist."""
+  """The absolute workdir; a one-line error when it does not exist, or when it is a `finetune --demo` folder
+  (which holds one fine-tune workdir per arm)."""
   workdir = paths.resolve(workdir)
   if not paths.isdir(workdir):
     raise CheckpointError(f'--workdir {workdir} does not exist: pass the workdir of a classification fine-tune '
                           '(python -m fmjax.finetune)')
+  arms = [a for a in DEMO_ARMS if paths.isdir(paths.join(workdir, a))]
+  if arms and not paths.exists(paths.join(workdir, 'config.json')):
+    raise CheckpointError(f'{workdir} is a finetune --demo folder: classify with --workdir '
+                          f'{paths.join(workdir, DEMO_ARMS[0])} (or {paths.join(workdir, DEMO_ARMS[1])})')
   return workdir
 
 

@@ -255,3 +255,21 @@ def test_the_installed_command_runs(tuned, tmp_path):
   assert proc.returncode == 0, proc.stderr
   [record] = predictions_lib.read_predictions(str(out))
   assert record['prediction'] in CLASSES and set(record['probabilities']) == set(CLASSES)
+
+
+def test_a_demo_folder_is_named_with_its_two_fine_tunes(tuned, tmp_path, capsys):
+  workdir, rows = tuned
+  demo = tmp_path / 'demo'                  # what `python -m fmjax.finetune --demo --workdir demo` leaves
+  demo.mkdir()
+  for arm in ('pretrained', 'random_init'):
+    os.symlink(workdir, demo / arm)
+  (demo / 'demo.json').write_text('{}')
+  _one_line_error(capsys, ['--workdir', str(demo), '--text', rows[0][0]],
+                  f'{demo} is a finetune --demo folder: classify with --workdir {demo}/pretrained '
+                  f'(or {demo}/random_init)')
+  with pytest.raises(CheckpointError, match='is a finetune --demo folder'):
+    classify_lib.classify(str(demo), [rows[0][0]])
+  got = classify_lib.classify(str(demo / 'pretrained'), [rows[0][0]])    # the named workdir classifies
+  want = classify_lib.classify(workdir, [rows[0][0]])
+  assert got.predictions == want.predictions
+  np.testing.assert_array_equal(got.probabilities, want.probabilities)
