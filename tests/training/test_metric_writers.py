@@ -234,3 +234,18 @@ def test_console_false_keeps_a_split_off_the_console_but_in_the_files(tmp_path, 
   assert [r['split'] for r in strict_records(tmp_path / 'metrics.jsonl')] == ['baseline', 'eval']
   assert [(e.step, v.tag) for events in tb_events(tmp_path) for e in events for v in e.summary.value] == [
       (4, 'baseline/eval/accuracy'), (4, 'eval/accuracy')]
+
+
+def test_a_resume_on_gs_cuts_the_uploaded_event_files_back_too(tmp_path, gcs):
+  from fmjax.runtime import paths
+  remote = f'{gcs}/resumed-tensorboard-{os.getpid()}'
+  run_writer(remote, range(1, 11), killed_after=6)
+  run_writer(remote, range(7, 11), resume_step=6)
+  local = tmp_path / 'downloaded' / 'tensorboard'
+  local.mkdir(parents=True)
+  for name in paths.listdir(f'{remote}/tensorboard'):
+    (local / name).write_bytes(paths.read_bytes(f'{remote}/tensorboard/{name}'))
+  first, second = tb_events(tmp_path / 'downloaded')
+  assert sorted({e.step for e in first if e.summary.value}) == list(range(1, 7))
+  assert [(e.step, v.simple_value) for e in second for v in e.summary.value if v.tag == 'train/loss'] == [
+      (s, pytest.approx(metrics_for(s)['loss'])) for s in range(7, 11)]
