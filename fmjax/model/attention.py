@@ -2,29 +2,30 @@
 interchangeable implementations.
 
 Shapes: q (B, T, H, D); k, v (B, S, K, D) with H a multiple of K (MHA, GQA, MQA).
-Every implementation masks the future (by index in the row) when `causal` (the default; an
-encoder, model.kind='encoder', passes False) and never attends across documents packed into one
-row (segment ids must match; 0 marks padding, always at the row's end in training). Implementations (`model.attention`): `xla`, the reference (full scores,
-autodiff); `dense`, the same scores with a hand-written backward pass (the flash identity
-rowsum(P dP) = rowsum(dO O), batch-major layouts, key blocks in the causal future skipped: the
-fastest on CPU); `chunked`, online softmax over key blocks for long sequences on any backend;
-`splash`, the Pallas splash kernel on TPU; `pallas_gpu`, the Pallas (Triton) flash kernel on
-GPU, exact for packed rows; `cudnn`, cuDNN flash attention through
-`jax.nn.dot_product_attention` with its causal mode and per-row lengths, exact only for rows of
-one document then padding. `auto` is settled once per run by `select` (see `for_run`) from the
-platform, compute dtype, head dim, sequence length and packing, and logged in one line. Softmax
+What a layer computes is its `ScoreSpec` (fmjax/model/attention_spec.py): causal or not, the
+score scale, optionally a sliding window and a logit soft-cap; segment ids are passed beside q,
+k, v (ids must match; 0 marks padding, always at the row's end in training). Every implementation
+takes `spec=` (or, in direct calls, `causal=` as the shorthand of the plain spec of q's head dim).
+Implementations (`model.attention`): `xla`, the reference (full scores, autodiff); `dense`, the
+same scores with a hand-written backward pass (the flash identity rowsum(P dP) = rowsum(dO O),
+batch-major layouts, key blocks in the causal future skipped: the fastest on CPU); `chunked`,
+online softmax over key blocks for long sequences on any backend; `splash`, the Pallas splash
+kernel on TPU; `pallas_gpu`, the Pallas (Triton) flash kernel on GPU, exact for packed rows;
+`cudnn`, cuDNN flash attention through `jax.nn.dot_product_attention` with its causal mode and
+per-row lengths, exact only for rows of one document then padding. `auto` is settled once per
+run by `select` (fmjax/model/attention_select.py, see `for_run`) from the platform, compute
+dtype, head dim, sequence length, packing and the spec, and logged in one line. Softmax
 statistics are fp32 in every implementation.
 
 Decoding (`Attention(decode=True)`) keeps keys, values and their segment ids in the 'cache'
 collection: each call writes its T new tokens at the cache index and attends over the whole
-cache, masked by slot (causal) and segment (left padding has segment 0). When 'intermediates'
-is mutable the attention probabilities are sown (for `fmjax.inspect`); training never is.
+cache, masked by slot (causal, window) and segment (left padding has segment 0). When
+'intermediates' is mutable the attention probabilities are sown (for `fmjax.inspect`); training
+never is.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import logging
 from typing import Any
 
 import jax
@@ -32,71 +33,75 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from fmjax.errors import UserError
+from fmjax.model.attention_select import (  # noqa: F401  (the choice of implementation, re-exported)
+    AttentionError, Choice, cudnn_problem, for_run, log_once as _log_once, refuse_features, resolve_call, select)
+from fmjax.model.attention_spec import ScoreSpec, cap_scores, head_dim, resolve, score_spec, visible
 from fmjax.model.layers import Projection, apply_rope, dtype_of, fused_projections, lora_spec, rope_scaling
 
 _NEG = -1e30
 
 
-def _mask(q_index, kv_index, q_seg, kv_seg, causal: bool = True):
-  """Boolean (B, T, S): key visible to query (same segment, and not in the future when causal).
-
-  A real token (segment > 0) never sees padding (segment 0) either way; padded queries see
-  padding only (finite rows that nothing uses).
-  """
-  same = q_seg[:, :, None] == kv_seg[:, None, :]
-  if not causal:
-    return same
-  return same & (kv_index[None, None, :] <= q_index[None, :, None])
-
-
-def attention_probs(q, k, q_seg, kv_seg, q_index=None, kv_index=None, causal: bool = True):
+def attention_probs(q, k, q_seg, kv_seg, q_index=None, kv_index=None, causal: bool | None = None,
+                    spec: ScoreSpec | None = None):
   """Softmax attention weights (B, K, G, T, S) in fp32, heads grouped by KV head."""
   b, t, h, d = q.shape
   s, kh = k.shape[1], k.shape[2]
+  spec = resolve(spec, d, causal)
   q_index = jnp.arange(t) if q_index is None else q_index
   kv_index = jnp.arange(s) if kv_index is None else kv_index
   qg = q.reshape(b, t, kh, h // kh, d)
-  scores = jnp.einsum('btkgd,bskd->bkgts', qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
-  mask = _mask(q_index, kv_index, q_seg, kv_seg, causal)[:, None, None]
+  scores = jnp.einsum('btkgd,bskd->bkgts', qg, k, preferred_element_type=jnp.float32) * spec.scale
+  scores = cap_scores(spec, scores)
+  mask = visible(spec, q_index, kv_index, q_seg, kv_seg)[:, None, None]
   return jax.nn.softmax(jnp.where(mask, scores, _NEG), axis=-1)
 
 
-def xla_attention(q, k, v, q_seg, kv_seg, q_index=None, kv_index=None, causal: bool = True):
+def xla_attention(q, k, v, q_seg, kv_seg, q_index=None, kv_index=None, causal: bool | None = None,
+                  spec: ScoreSpec | None = None):
   """Reference attention: full score matrix, fp32 softmax."""
   b, t, h, d = q.shape
-  probs = attention_probs(q, k, q_seg, kv_seg, q_index, kv_index, causal).astype(v.dtype)
+  probs = attention_probs(q, k, q_seg, kv_seg, q_index, kv_index, causal, spec).astype(v.dtype)
   out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
   return out.reshape(b, t, h, d)
 
 
-def _dense_forward(q, k, v, mask, scale):
-  """q (B, K, G, T, D), k/v (B, K, S, D), mask (B, 1, 1, T, S) -> (out, fp32 probs)."""
+def _dense_forward(q, k, v, mask, scale, softcap):
+  """q (B, K, G, T, D), k/v (B, K, S, D), mask (B, 1, 1, T, S) -> (out, fp32 probs, tanh of capped scores)."""
   scores = jnp.einsum('bkgtd,bksd->bkgts', q * jnp.asarray(scale, q.dtype), k,
                       preferred_element_type=jnp.float32)
+  capped = None
+  if softcap is not None:
+    capped = jnp.tanh(scores / softcap)
+    scores = capped * softcap
   probs = jax.nn.softmax(jnp.where(mask, scores, _NEG), axis=-1)
   out = jnp.einsum('bkgts,bksd->bkgtd', probs.astype(v.dtype), v)
-  return out, probs
+  return out, probs, capped
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _dense_core(q, k, v, mask, scale):
-  return _dense_forward(q, k, v, mask, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _dense_core(q, k, v, mask, scale, softcap):
+  return _dense_forward(q, k, v, mask, scale, softcap)[0]
 
 
-def _dense_fwd(q, k, v, mask, scale):
-  out, probs = _dense_forward(q, k, v, mask, scale)
-  return out, (q, k, v, mask, probs, out)
+def _dense_fwd(q, k, v, mask, scale, softcap):
+  out, probs, capped = _dense_forward(q, k, v, mask, scale, softcap)
+  return out, (q, k, v, mask, probs, out, capped)
 
 
-def _dense_bwd(scale, res, g):
-  """dS = P * (dP - rowsum(dO * O)): the flash identity avoids a reduction over the (T, S) rows."""
-  q, k, v, mask, probs, out = res
+def _dense_bwd(scale, softcap, res, g):
+  """dS = P * (dP - rowsum(dO * O)): the flash identity avoids a reduction over the (T, S) rows.
+
+  With a soft-cap, d(cap * tanh(s / cap))/ds = 1 - tanh^2 scales dS.
+  """
+  q, k, v, mask, probs, out, capped = res
   g32 = g.astype(jnp.float32)
   dv = jnp.einsum('bkgts,bkgtd->bksd', probs.astype(g.dtype), g)
   dp = jnp.einsum('bkgtd,bksd->bkgts', g, v, preferred_element_type=jnp.float32)
   delta = jnp.sum(g32 * out.astype(jnp.float32), axis=-1, keepdims=True)
-  ds = (probs * (dp - delta)).astype(q.dtype)
+  ds = probs * (dp - delta)
+  if softcap is not None:
+    ds = ds * (1.0 - jnp.square(capped))
+  ds = ds.astype(q.dtype)
   scale = jnp.asarray(scale, q.dtype)
   dq = jnp.einsum('bkgts,bksd->bkgtd', ds, k) * scale
   dk = jnp.einsum('bkgts,bkgtd->bksd', ds, q * scale)
@@ -106,7 +111,8 @@ def _dense_bwd(scale, res, g):
 _dense_core.defvjp(_dense_fwd, _dense_bwd)
 
 
-def dense_attention(q, k, v, q_seg, kv_seg, q_index=None, kv_index=None, block: int = 64, causal: bool = True):
+def dense_attention(q, k, v, q_seg, kv_seg, q_index=None, kv_index=None, block: int = 64,
+                    causal: bool | None = None, spec: ScoreSpec | None = None):
   """Full-score attention with a hand-written backward pass (fewer, larger XLA ops than autodiff).
 
   Self-attention of at least two `block`s of queries skips the key blocks wholly in the causal
@@ -114,32 +120,37 @@ def dense_attention(q, k, v, q_seg, kv_seg, q_index=None, kv_index=None, block: 
   """
   b, t, h, d = q.shape
   s, kh = k.shape[1], k.shape[2]
-  causal_blocks = causal and q_index is None and kv_index is None and t == s and t % block == 0 and t >= 2 * block
+  spec = resolve(spec, d, causal)
+  causal_blocks = (spec.causal and q_index is None and kv_index is None and t == s and t % block == 0
+                   and t >= 2 * block)
   q_index = jnp.arange(t) if q_index is None else q_index
   kv_index = jnp.arange(s) if kv_index is None else kv_index
-  mask = _mask(q_index, kv_index, q_seg, kv_seg, causal)[:, None, None]  # (B, 1, 1, T, S)
+  mask = visible(spec, q_index, kv_index, q_seg, kv_seg)[:, None, None]  # (B, 1, 1, T, S)
   qg = q.reshape(b, t, kh, h // kh, d).transpose(0, 2, 3, 1, 4)       # (B, K, G, T, D)
   kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)           # (B, K, S, D)
+  core = lambda q_, k_, v_, m_: _dense_core(q_, k_, v_, m_, spec.scale, spec.logit_softcap)
   if causal_blocks:
     outs = []
     for i in range(t // block):
       rows, keys = slice(i * block, (i + 1) * block), slice(0, (i + 1) * block)
-      outs.append(_dense_core(qg[:, :, :, rows], kt[:, :, keys], vt[:, :, keys], mask[..., rows, keys],
-                              d ** -0.5))
+      outs.append(core(qg[:, :, :, rows], kt[:, :, keys], vt[:, :, keys], mask[..., rows, keys]))
     out = jnp.concatenate(outs, axis=3)
   else:
-    out = _dense_core(qg, kt, vt, mask, d ** -0.5)
+    out = core(qg, kt, vt, mask)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-def chunked_attention(q, k, v, q_seg, kv_seg, chunk: int = 128, causal: bool = True):
+def chunked_attention(q, k, v, q_seg, kv_seg, chunk: int = 128, causal: bool | None = None,
+                      spec: ScoreSpec | None = None):
   """Memory-efficient attention: online softmax over key blocks, one query block at a time.
 
-  Never materialises the (T, S) score matrix; when causal, blocks wholly above the diagonal are skipped.
+  Never materialises the (T, S) score matrix; when causal, blocks wholly above the diagonal (or
+  wholly before a sliding window) are skipped.
   """
   b, t, h, d = q.shape
   kh = k.shape[2]
   g = h // kh
+  spec = resolve(spec, d, causal)
   c = min(chunk, t)
   pad = (-t) % c
   if pad:  # pad to a whole number of blocks with a segment id no real token has
@@ -148,7 +159,6 @@ def chunked_attention(q, k, v, q_seg, kv_seg, chunk: int = 128, causal: bool = T
     q_seg = jnp.pad(q_seg, [(0, 0), (0, pad)], constant_values=-1)
     kv_seg = jnp.pad(kv_seg, [(0, 0), (0, pad)], constant_values=-2)
   n = (t + pad) // c
-  scale = d ** -0.5
   qb = q.reshape(b, n, c, kh, g, d).transpose(1, 0, 2, 3, 4, 5)   # (n, B, C, K, G, D)
   kb = k.reshape(b, n, c, kh, d).transpose(1, 0, 2, 3, 4)          # (n, B, C, K, D)
   vb = v.reshape(b, n, c, kh, d).transpose(1, 0, 2, 3, 4)
@@ -167,8 +177,9 @@ def chunked_attention(q, k, v, q_seg, kv_seg, chunk: int = 128, causal: bool = T
 
       def update(carry):
         m, l, acc = carry
-        s = jnp.einsum('bqkgd,bskd->bkgqs', qi, kj, preferred_element_type=jnp.float32) * scale
-        mask = _mask(i * c + local, j * c + local, qsi, ksj, causal)[:, None, None]
+        s = jnp.einsum('bqkgd,bskd->bkgqs', qi, kj, preferred_element_type=jnp.float32) * spec.scale
+        s = cap_scores(spec, s)
+        mask = visible(spec, i * c + local, j * c + local, qsi, ksj)[:, None, None]
         s = jnp.where(mask, s, _NEG)
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
@@ -178,9 +189,12 @@ def chunked_attention(q, k, v, q_seg, kv_seg, chunk: int = 128, causal: bool = T
                                                  preferred_element_type=jnp.float32)
         return m_new, l, acc
 
-      if not causal:
+      if not spec.causal:
         return update(carry), None
-      return jax.lax.cond(j <= i, update, lambda c_: c_, carry), None
+      needed = j <= i
+      if spec.sliding_window is not None:  # the block's last key within the window of its first query
+        needed = needed & ((i - j) * c - (c - 1) < spec.sliding_window)
+      return jax.lax.cond(needed, update, lambda c_: c_, carry), None
 
     (m, l, acc), _ = jax.lax.scan(kv_step, init, (jnp.arange(n), kb, vb, ks))
     out = acc / jnp.maximum(l, 1e-30)[..., None]                    # (B, K, G, C, D)
@@ -191,164 +205,58 @@ def chunked_attention(q, k, v, q_seg, kv_seg, chunk: int = 128, causal: bool = T
   return out[:, :t]
 
 
-# ---------------------------------------------------------------------------------------------
-# The GPU path and the choice of implementation.
-
 def sequence_lengths(seg):
   """Tokens before the padding of each row (B,) int32, at least 1 (an all-padding row stays finite)."""
   return jnp.maximum(jnp.sum(seg != 0, axis=1), 1).astype(jnp.int32)
 
 
-def cudnn_attention(q, k, v, q_seg, kv_seg, implementation: str = 'cudnn', causal: bool = True):
+def cudnn_attention(q, k, v, q_seg, kv_seg, implementation: str = 'cudnn', causal: bool | None = None,
+                    spec: ScoreSpec | None = None):
   """Attention for rows holding one document then padding, as cuDNN flash attention runs it.
 
-  The kernel's own causal mode (when `causal`) skips the future key tiles; padding is masked by
-  per-row lengths (no (B, 1, T, S) mask or bias). Packed rows (several documents) are out of its reach: see
-  `select`. Outputs at padded query positions are not attention over anything the model uses
-  (the loss weights them 0). `implementation='xla'` runs the very same call on any backend.
+  The kernel's own causal mode (when causal) skips the future key tiles; padding is masked by
+  per-row lengths (no (B, 1, T, S) mask or bias). Packed rows (several documents) are out of its
+  reach: see `select`. Outputs at padded query positions are not attention over anything the model
+  uses (the loss weights them 0). `implementation='xla'` runs the very same call on any backend.
   """
+  spec = resolve(spec, q.shape[-1], causal)
+  refuse_features('cudnn', spec)
   return jax.nn.dot_product_attention(
-      q, k, v, is_causal=causal, query_seq_lengths=sequence_lengths(q_seg),
+      q, k, v, scale=spec.scale, is_causal=spec.causal, query_seq_lengths=sequence_lengths(q_seg),
       key_value_seq_lengths=sequence_lengths(kv_seg), implementation=implementation)
 
 
-@dataclasses.dataclass(frozen=True)
-class Choice:
-  """The attention implementation a run uses, and why."""
-  impl: str
-  reason: str
-
-  def line(self) -> str:
-    return f'attention: {self.impl} ({self.reason})'
-
-
-class AttentionError(UserError):
-  """model.attention names an implementation that cannot run this configuration (one line)."""
-
-
-_HALF = ('bfloat16', 'float16')
-_FLASH_TILE = 128  # the Pallas kernels (splash on TPU, flash on GPU) tile the sequence by this
-
-
-def cudnn_problem(platform: str, dtype: str, head_dim: int, packed: bool, hopper: bool = False) -> str:
-  """Why cuDNN flash attention cannot run this configuration exactly ('' if it can)."""
-  max_dim = 256 if hopper else 128
-  if platform != 'gpu':
-    return f'it needs an NVIDIA GPU and the backend is {platform}'
-  if dtype not in _HALF:
-    return f'it needs bfloat16/float16 compute and model.dtype={dtype}'
-  if head_dim % 8 or head_dim > max_dim:
-    return f'it needs a head dim that is a multiple of 8 and <= {max_dim}, got {head_dim}'
-  if packed:
-    return ('rows pack several documents (data.packing=true) and JAX\'s cuDNN call masks padding '
-            'by one length per row, not documents')
-  return ''
-
-
-def select(requested: str, *, platform: str, dtype: str, head_dim: int, seq_len: int, packed: bool,
-           hopper: bool = False) -> Choice:
-  """The implementation for model.attention=`requested` (a pure function of its arguments).
-
-  Explicit names are kept (an explicit 'cudnn' that cannot run is an AttentionError). 'auto': TPU ->
-  splash (dense if seq_len is not a multiple of 128); NVIDIA GPU -> cudnn for one document per
-  row in bf16/fp16, the Pallas flash kernel for packed rows (exact per-document masking), dense
-  otherwise; CPU -> dense.
-  """
-  if requested == 'cudnn':
-    problem = cudnn_problem(platform, dtype, head_dim, packed, hopper)
-    if problem:
-      raise AttentionError(f'model.attention=cudnn cannot run: {problem}; use model.attention=auto')
-    return Choice('cudnn', 'set by model.attention')
-  kernel_platform = {'splash': 'tpu', 'pallas_gpu': 'gpu'}.get(requested)
-  if kernel_platform and platform != kernel_platform:
-    raise AttentionError(f'model.attention={requested} needs a {kernel_platform.upper()} and the backend is '
-                         f'{platform}; use model.attention=auto')
-  if requested != 'auto':
-    return Choice(requested, 'set by model.attention')
-  tiles = seq_len % _FLASH_TILE == 0
-  if platform == 'tpu':
-    if tiles:
-      return Choice('splash', 'Pallas splash kernel on TPU')
-    return Choice('dense', f'seq_len={seq_len} is not a multiple of {_FLASH_TILE}, the splash kernel tile')
-  if platform != 'gpu':
-    return Choice('dense', f'fastest exact implementation on {platform}')
-  problem = cudnn_problem(platform, dtype, head_dim, packed, hopper)
-  if not problem:
-    return Choice('cudnn', 'cuDNN flash attention: causal, one document per row, padding by length')
-  if dtype in _HALF and tiles:
-    return Choice('pallas_gpu', f'not cudnn: {problem}; the Pallas flash kernel masks documents exactly')
-  return Choice('dense', f'not cudnn: {problem}')
-
-
-def _hopper() -> bool:
-  """Whether the first device is an NVIDIA GPU of compute capability >= 9.0 (wider cuDNN head dims)."""
-  capability = getattr(jax.devices()[0], 'compute_capability', '') or ''
-  return capability.split('.')[0].isdigit() and int(capability.split('.')[0]) >= 9
-
-
-@functools.lru_cache(maxsize=None)
-def _log_once(line: str) -> None:
-  if jax.process_index() == 0:
-    logging.getLogger(__name__).info(line)
-
-
-def for_run(model_cfg, *, seq_len: int, packed: bool, platform: str | None = None):
-  """A copy of `model_cfg` with model.attention resolved for this run; logs the choice once.
-
-  Entry points call it with what the data pipeline feeds (`packed`: rows may hold several
-  documents, i.e. data.packing for pretraining, False for one padded example per row).
-  """
-  platform = platform or jax.default_backend()
-  head_dim = model_cfg.head_dim or model_cfg.d_model // model_cfg.num_heads
-  choice = select(model_cfg.attention, platform=platform, dtype=model_cfg.dtype, head_dim=head_dim,
-                  seq_len=seq_len, packed=packed, hopper=platform == 'gpu' and _hopper())
-  _log_once(choice.line())
-  resolved = model_cfg.copy_and_resolve_references()
-  with resolved.unlocked():
-    resolved.attention = choice.impl
-    resolved.attention_platform = platform  # the target the choice was checked for (not saved)
-  return resolved
-
-
 def attend(impl: str, q, k, v, q_seg, kv_seg, chunk: int = 128, platform: str | None = None,
-           causal: bool = True):
-  """Run implementation `impl` (causal or not); 'auto' not resolved by `for_run` assumes packed rows (exact).
+           causal: bool | None = None, spec: ScoreSpec | None = None):
+  """Run implementation `impl` under `spec` (default: the plain spec of q's head dim, causal unless
+  `causal=False`); 'auto' not resolved by `for_run` assumes packed rows (exact).
 
   `platform` is the target the program is compiled for (default: the JAX backend; compile-only
   TPU plans run on a CPU backend and pass 'tpu').
   """
-  if impl in ('auto', 'cudnn', 'splash', 'pallas_gpu'):  # explicit kernels: only checked here
-    platform = platform or jax.default_backend()
-    choice = select(impl, platform=platform, dtype=jnp.dtype(q.dtype).name, head_dim=q.shape[-1],
-                    seq_len=q.shape[1], packed=impl == 'auto', hopper=platform == 'gpu' and _hopper())
-    if impl == 'auto':
-      _log_once(choice.line())
-    impl = choice.impl
+  spec = resolve(spec, q.shape[-1], causal)
+  impl = resolve_call(impl, spec, dtype=jnp.dtype(q.dtype).name, head_dim=q.shape[-1], seq_len=q.shape[1],
+                      platform=platform)
   if impl == 'xla':
-    return xla_attention(q, k, v, q_seg, kv_seg, causal=causal)
+    return xla_attention(q, k, v, q_seg, kv_seg, spec=spec)
   if impl == 'dense':
-    return dense_attention(q, k, v, q_seg, kv_seg, causal=causal)
+    return dense_attention(q, k, v, q_seg, kv_seg, spec=spec)
   if impl == 'cudnn':
-    return cudnn_attention(q, k, v, q_seg, kv_seg, causal=causal)
+    return cudnn_attention(q, k, v, q_seg, kv_seg, spec=spec)
   if impl == 'chunked':
-    return chunked_attention(q, k, v, q_seg, kv_seg, chunk, causal=causal)
+    return chunked_attention(q, k, v, q_seg, kv_seg, chunk, spec=spec)
   if impl in ('splash', 'pallas_gpu'):
     from fmjax.model import splash  # pylint: disable=import-outside-toplevel
     if impl == 'pallas_gpu':
-      return splash.sharded_gpu_flash_attention(q, k, v, q_seg, kv_seg, causal=causal)
+      return splash.sharded_gpu_flash_attention(q, k, v, q_seg, kv_seg, spec=spec)
     return splash.sharded_splash_attention(q, k, v, q_seg, kv_seg, block=_splash_block(q.shape[1]) or 512,
-                                           causal=causal)
+                                           spec=spec)
   raise ValueError(f'unknown attention implementation {impl!r}')
 
 
 def _splash_block(t: int) -> int:
   """The largest of 512, 256, 128 dividing t (the splash kernel's tile), or 0 if none does."""
   return next((blk for blk in (512, 256, 128) if t % blk == 0), 0)
-
-
-def is_causal(model_cfg) -> bool:
-  """Whether the model attends causally: every kind but 'encoder' (configs without `kind` are decoders)."""
-  return model_cfg.get('kind', 'decoder') != 'encoder'
 
 
 class Attention(nn.Module):
@@ -360,7 +268,7 @@ class Attention(nn.Module):
   def __call__(self, x, positions, segment_ids):
     cfg = self.cfg
     h, kh = cfg.num_heads, cfg.num_kv_heads or cfg.num_heads
-    d = cfg.head_dim or cfg.d_model // cfg.num_heads
+    d = head_dim(cfg)
     kw = dict(use_bias=cfg.use_bias, init_std=cfg.init_std, dtype=dtype_of(cfg.dtype),
               param_dtype=dtype_of(cfg.param_dtype))
     def proj(name, heads, axis, **extra):
@@ -377,12 +285,12 @@ class Attention(nn.Module):
       k = apply_rope(k, positions, cfg.rope_theta, rope_scaling(cfg))
     q = nn.with_logical_constraint(q, ('batch', 'activation_length', 'activation_heads', 'activation_kv'))
     q, k, v = (checkpoint_name(a, 'qkv') for a in (q, k, v))
-    causal = is_causal(cfg)
-    if self.decode and not causal:
+    spec = score_spec(cfg)
+    if self.decode and not spec.causal:
       raise ValueError("model.kind='encoder' has no KV cache: it is not a decoder (decode=False)")
     if self.decode and self.has_variable('cache', 'index'):
       k, v, kv_seg, q_index = self._update_cache(k, v, segment_ids)
-      out = xla_attention(q, k, v, segment_ids, kv_seg, q_index)
+      out = xla_attention(q, k, v, segment_ids, kv_seg, q_index, spec=spec)
     else:
       if self.decode:  # first call creates the cache, sized by this input (see transformer.init_cache)
         self._update_cache(k, v, segment_ids)
@@ -391,10 +299,9 @@ class Attention(nn.Module):
       if self.decode and impl == 'cudnn':  # prompts are left-padded: cudnn's row lengths do not apply
         impl = 'dense'
       out = attend(impl, q, k, v, segment_ids, segment_ids, cfg.attention_chunk,
-                   platform=cfg.get('attention_platform'), causal=causal)
+                   platform=cfg.get('attention_platform'), spec=spec)
     if self.is_mutable_collection('intermediates'):
-      probs = attention_probs(q, k, segment_ids, segment_ids if kv_seg is None else kv_seg, q_index,
-                              causal=causal)
+      probs = attention_probs(q, k, segment_ids, segment_ids if kv_seg is None else kv_seg, q_index, spec=spec)
       self.sow('intermediates', 'attention', probs.reshape(probs.shape[0], h, *probs.shape[3:]))  # (B, H, T, S)
     out = nn.with_logical_constraint(out, ('batch', 'activation_length', 'activation_heads', 'activation_kv'))
     out = checkpoint_name(out, 'attn_out')

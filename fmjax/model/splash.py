@@ -6,10 +6,12 @@ marks padding), mask causally by index and across segments (exact for packed row
 (B, T, H, D) in q's dtype, like `fmjax.model.attention.xla_attention`; softmax statistics are
 fp32. Both kernels have their own VJP (Pallas backward kernels), so they train like the others.
 Splash maps grouped and multi-query heads to their KV head itself; the GPU kernel wants as many
-KV heads as query heads, so k and v are repeated per group there. `causal=False` (encoders)
-drops the causal mask and keeps the segment mask. `interpret=True` runs either
-kernel in the Pallas interpreter on any backend (slow; for tests). A Pallas call is not
-partitioned automatically: the `sharded_*` functions run it per shard with `shard_map`.
+KV heads as query heads, so k and v are repeated per group there. Both read the layer's
+`ScoreSpec` (`spec=`; `causal=False`, the encoders' shorthand, drops the causal mask and keeps the
+segment mask): splash applies its sliding window (a local mask) and logit soft-cap too, the GPU
+kernel neither (fmjax.model.attention_select.HONOURS). `interpret=True` runs either kernel in the
+Pallas interpreter on any backend (slow; for tests). A Pallas call is not partitioned
+automatically: the `sharded_*` functions run it per shard with `shard_map`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import attention as _gpu_kernel
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as _kernel
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as _mask
+
+from fmjax.model.attention_select import refuse_features
+from fmjax.model.attention_spec import ScoreSpec, resolve
 
 _LANES = _kernel.NUM_LANES  # 128: the kernel's key blocks must be whole multiples of this
 
@@ -39,25 +44,34 @@ def _check_block(name: str, length: int, blk: int):
         f'(fmjax then tiles by the largest of 512, 256, 128 dividing it) or use model.attention=auto')
 
 
-def splash_attention(q, k, v, q_seg, kv_seg, block: int = 512, interpret: bool = False, causal: bool = True):
-  """Segment-masked attention (causal unless `causal=False`) through the Pallas splash kernel (TPU).
+def _head_mask(spec: ScoreSpec, t: int, s: int):
+  """The splash mask of one head: full, causal, or causal within the sliding window (a local mask)."""
+  if spec.sliding_window is not None:
+    return _mask.LocalMask((t, s), window_size=(spec.sliding_window - 1, 0), offset=0)
+  return _mask.CausalMask((t, s)) if spec.causal else _mask.FullMask((t, s))
+
+
+def splash_attention(q, k, v, q_seg, kv_seg, block: int = 512, interpret: bool = False, causal: bool | None = None,
+                     spec: ScoreSpec | None = None):
+  """Segment-masked attention under `spec` (default: causal unless `causal=False`) through the
+  Pallas splash kernel (TPU).
 
   The target platform is checked where the implementation is chosen (fmjax.model.attention.select),
   not here: a compile-only TPU program is traced on a CPU backend.
   """
   b, t, h, d = q.shape
   s, kh = k.shape[1], k.shape[2]
+  spec = resolve(spec, d, causal)
   if h % kh:
     raise ValueError(f'query heads ({h}) must be a multiple of key/value heads ({kh})')
   bq, bkv = min(block, t), min(block, s)
   _check_block('query', t, bq)
   _check_block('key', s, bkv)
 
-  head_mask = _mask.CausalMask if causal else _mask.FullMask
-  mask = _mask.MultiHeadMask([head_mask((t, s)) for _ in range(h)])
-  kernel = _kernel.make_splash_mha(mask, block_sizes=_block_sizes(bq, bkv), head_shards=1,
-                                   q_seq_shards=1, interpret=interpret)
-  qh = (q * jnp.asarray(d ** -0.5, q.dtype)).transpose(0, 2, 1, 3)   # (B, H, T, D), pre-scaled
+  mask = _mask.MultiHeadMask([_head_mask(spec, t, s) for _ in range(h)])
+  kernel = _kernel.make_splash_mha(mask, block_sizes=_block_sizes(bq, bkv), head_shards=1, q_seq_shards=1,
+                                   attn_logits_soft_cap=spec.logit_softcap, interpret=interpret)
+  qh = (q * jnp.asarray(spec.scale, q.dtype)).transpose(0, 2, 1, 3)  # (B, H, T, D), pre-scaled
   kh_, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)          # (B, K, S, D)
   seg = _kernel.SegmentIds(q=q_seg.astype(jnp.int32), kv=kv_seg.astype(jnp.int32))
   run = jax.vmap(lambda q_, k_, v_, seg_: kernel(q_, k_, v_, segment_ids=seg_))
@@ -65,14 +79,18 @@ def splash_attention(q, k, v, q_seg, kv_seg, block: int = 512, interpret: bool =
   return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
 
-def gpu_flash_attention(q, k, v, q_seg, kv_seg, interpret: bool = False, causal: bool = True):
-  """Segment-masked self-attention (causal unless `causal=False`) through JAX's Pallas (Triton) flash kernel (GPU).
+def gpu_flash_attention(q, k, v, q_seg, kv_seg, interpret: bool = False, causal: bool | None = None,
+                        spec: ScoreSpec | None = None):
+  """Segment-masked self-attention under `spec` (default: causal unless `causal=False`) through JAX's
+  Pallas (Triton) flash kernel (GPU), which applies no sliding window or soft-cap.
 
   One segment-id row serves queries and keys (self-attention: q_seg is kv_seg). The kernel
   tiles the sequence by min(128, T) (backward by min(32, T)), so T must be a multiple of those.
   """
   b, t, h, d = q.shape
   kh = k.shape[2]
+  spec = resolve(spec, d, causal)
+  refuse_features('pallas_gpu', spec)
   if h % kh:
     raise ValueError(f'query heads ({h}) must be a multiple of key/value heads ({kh})')
   if k.shape[1] != t or q_seg.shape != kv_seg.shape:
@@ -84,7 +102,7 @@ def gpu_flash_attention(q, k, v, q_seg, kv_seg, interpret: bool = False, causal:
                      'use model.attention=auto')
   if kh != h:  # the kernel reads key/value head i for query head i
     k, v = jnp.repeat(k, h // kh, axis=2), jnp.repeat(v, h // kh, axis=2)
-  return _gpu_kernel.mha(q, k, v, q_seg.astype(jnp.int32), sm_scale=d ** -0.5, causal=causal,
+  return _gpu_kernel.mha(q, k, v, q_seg.astype(jnp.int32), sm_scale=spec.scale, causal=spec.causal,
                          block_sizes=blocks, interpret=interpret)
 
 
@@ -127,15 +145,18 @@ def _per_shard(run, impl: str, q, k, v, q_seg, kv_seg):
 
 
 def sharded_splash_attention(q, k, v, q_seg, kv_seg, block: int = 512, interpret: bool = False,
-                             causal: bool = True):
+                             causal: bool | None = None, spec: ScoreSpec | None = None):
   """`splash_attention` per shard of the batch and heads (see `_per_shard`)."""
-  run = lambda *a: splash_attention(*a, block=block, interpret=interpret, causal=causal)
+  spec = resolve(spec, q.shape[-1], causal)
+  run = lambda *a: splash_attention(*a, block=block, interpret=interpret, spec=spec)
   return _per_shard(run, 'splash', q, k, v, q_seg, kv_seg)
 
 
-def sharded_gpu_flash_attention(q, k, v, q_seg, kv_seg, interpret: bool = False, causal: bool = True):
+def sharded_gpu_flash_attention(q, k, v, q_seg, kv_seg, interpret: bool = False, causal: bool | None = None,
+                                spec: ScoreSpec | None = None):
   """`gpu_flash_attention` per shard of the batch and heads (see `_per_shard`)."""
-  run = lambda *a: gpu_flash_attention(*a, interpret=interpret, causal=causal)
+  spec = resolve(spec, q.shape[-1], causal)
+  run = lambda *a: gpu_flash_attention(*a, interpret=interpret, spec=spec)
   return _per_shard(run, 'pallas_gpu', q, k, v, q_seg, kv_seg)
 
 
