@@ -221,15 +221,10 @@ def to_device(np_tree, abstract):
 
 
 def save_params(out_workdir: str, step: int, params, meta: dict) -> str:
-  """Write a params-only checkpoint OUT/checkpoints/<step>/{state,meta}."""
-  ckpt = Checkpointer(os.path.join(out_workdir, 'checkpoints'), keep=1000, async_save=False)
-  try:
-    if step in ckpt.manager.all_steps():
-      raise ConversionError(f'{out_workdir}/checkpoints/{step} already exists; choose another output directory')
-    ckpt.save(step, {'params': params}, meta, force=True)
-    ckpt.wait()
-  finally:
-    ckpt.close()
+  """Write a params-only checkpoint OUT/checkpoints/<step>/{state,meta} (through the one checkpoint writer)."""
+  from fmjax.training import session  # pylint: disable=import-outside-toplevel
+  if not session.write_checkpoint(os.path.join(out_workdir, 'checkpoints'), step, {'params': params}, meta):
+    raise ConversionError(f'{out_workdir}/checkpoints/{step} already exists; choose another output directory')
   return os.path.join(out_workdir, 'checkpoints', str(step))
 
 

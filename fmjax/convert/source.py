@@ -122,7 +122,7 @@ def abstract_params(model_cfg, mesh=None, dtype=None, rules=None):
 def restore_params(src: Source, mesh=None, dtype=None):
   """Only the parameters (no optimizer state), cast to `dtype` as they are read, on `mesh`."""
   target = abstract_params(src.model, mesh, dtype)
-  ckpt = Checkpointer(src.checkpoint_dir, keep=1000, async_save=False)
+  ckpt = Checkpointer.open_for_reading(src.checkpoint_dir)
   try:
     return ckpt.restore(src.step, target, params_only=True)
   finally:

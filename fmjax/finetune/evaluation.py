@@ -14,9 +14,8 @@ import tempfile
 import jax
 import numpy as np
 
-from fmjax.checkpoints import store as checkpoint
 from fmjax.runtime import distributed
-from fmjax.training import loop
+from fmjax.training import loop, session
 from fmjax.runtime import paths
 from fmjax.finetune import task_metrics
 from fmjax.inference import evaluate as evaluate_lib
@@ -43,7 +42,7 @@ class BestTracker:
       self.best = json.loads(paths.read_text(self.path))
       if self.best.get('chosen_on', 'eval') != split:  # the choice was made on another split: start over
         self.best = None
-    self.ckpt = checkpoint.Checkpointer(paths.join(workdir, 'best'), keep=1, async_save=False)
+    self.ckpt = session.BestCheckpoints(paths.join(workdir, 'best'), meta)   # written by the run lifecycle
 
   def update(self, step: int, report: dict, state, eval_report: dict | None = None) -> bool:
     """Record the `split` report of `step` (and the eval split's, when that is not the choosing split)."""
@@ -55,7 +54,7 @@ class BestTracker:
                                    value < self.best[self.metric])
     if better:
       self.best = self.last
-      self.ckpt.save(step, state, self.meta, force=True)
+      self.ckpt.save(step, state)
       if distributed.is_leader():
         write_best(self.path, self.best)
     return better
@@ -120,8 +119,18 @@ def baseline_scalars(baseline: dict) -> dict:
   return out
 
 
-def evaluation(cfg, parts, workdir: str, meta: dict, writer, baseline: dict | None = None):
-  """`evaluate(state, step) -> eval scalars` for the loop, and its tracker.
+def best_tracker(cfg, parts, workdir: str, meta: dict) -> BestTracker:
+  """What 'best' means for the task: classify by finetune.best_metric / best_mode, else the lowest loss;
+  chosen on the validation split when there is one, else on eval."""
+  ft = cfg.finetune
+  classify = ft.task == 'classify'
+  split = 'validation' if parts.validation_rows is not None else 'eval'
+  return BestTracker(workdir, ft.best_metric if classify else 'loss', ft.best_mode if classify else 'min', meta,
+                     split)
+
+
+def evaluation(cfg, parts, workdir: str, tracker: BestTracker, writer, baseline: dict | None = None):
+  """`evaluate(state, step) -> eval scalars` for the loop, reporting to `tracker` (see `best_tracker`).
 
   Classification writes, at each eval on process 0: eval/step_N.json (+ validation_step_N.json),
   eval/confusion_step_N.png, eval/predictions_step_N.jsonl, TensorBoard scalars validation/* and
@@ -130,9 +139,6 @@ def evaluation(cfg, parts, workdir: str, meta: dict, writer, baseline: dict | No
   ft, run = cfg.finetune, parts.run
   classify = ft.task == 'classify'
   validation = parts.validation_rows is not None
-  split = 'validation' if validation else 'eval'
-  tracker = BestTracker(workdir, ft.best_metric if classify else 'loss', ft.best_mode if classify else 'min', meta,
-                        split)
   if ft.task != 'lm' and not validation:
     writer.log(CHOICE_WARNING)
   eval_dir = paths.join(workdir, 'eval')
@@ -169,7 +175,7 @@ def evaluation(cfg, parts, workdir: str, meta: dict, writer, baseline: dict | No
         baseline_shown.append(step)
     return task_metrics.scalars(report)
 
-  return evaluate, tracker
+  return evaluate
 
 
 def _write_eval_outputs(parts, eval_dir: str, step: int, report: dict, held: dict | None, out: dict, better: bool,

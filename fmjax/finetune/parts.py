@@ -1,17 +1,20 @@
 """The pieces of a fine-tuning run: its task (head, loss, optimizer) for the shared run builder,
-its labelled data, loading the pretrained parameters, and saving LoRA adapters."""
+its labelled data, loading the pretrained parameters, saving LoRA adapters, and `FineTuning`, the
+objective the run lifecycle (fmjax/training/session.py) trains."""
 
 from __future__ import annotations
 
 import jax
 
-from fmjax.training import build
+from fmjax.training import build, session
+from fmjax.training.objective import Objective
 from fmjax.checkpoints import store as checkpoint
 from fmjax.checkpoints.store import abstract_like
-from fmjax.data import labeled, pipeline
-from fmjax.finetune import adaptation, splits
+from fmjax.data import labeled, pipeline, stream_set, tokenizers
+from fmjax.finetune import adaptation, evaluation, schedule, splits, summary
 from fmjax.objectives.classification import HEAD, Classifier, loss_fn
 from fmjax.model import lora
+from fmjax.runtime import distributed, paths
 
 
 def task(cfg, num_classes: int = 0) -> build.Task:
@@ -75,10 +78,15 @@ class Parts:
                                           self.tokenizer, cfg.seq_len)
 
   def data_save_arg(self):
+    """The data item of a checkpoint: the stream state (task lm); None: the step positions the epochs."""
     return None if self._grain is None else pipeline.checkpoint_save_arg(self._grain)
 
-  def data_restore_arg(self):
-    return None if self._grain is None else pipeline.checkpoint_restore_arg(self._grain)
+  def start_data(self, step: int, directory: str | None) -> None:
+    """Position the train batches at `step` (`directory`: the checkpoint's data item when resuming)."""
+    if self._grain is None:
+      self.batches.start(step)
+    elif directory is not None:
+      self._grain.set_state(stream_set.read_saved_state(directory))
 
   def load_pretrained(self, params, source, step: int):
     """`params` with every pretrained leaf replaced by the checkpoint's (onto this mesh)."""
@@ -104,10 +112,8 @@ class Parts:
     tree = lora.adapter_params(state.params)
     if HEAD in state.params:
       tree[HEAD] = state.params[HEAD]
-    ckpt = checkpoint.Checkpointer(directory, keep=1, async_save=False)
-    ckpt.save(step, {'params': tree}, {**meta, 'lora': {'rank': self.cfg.finetune.lora_rank,
-                                                        'alpha': self.cfg.finetune.lora_alpha}}, force=True)
-    ckpt.close()
+    session.write_checkpoint(directory, step, {'params': tree}, {**meta, 'lora': {
+        'rank': self.cfg.finetune.lora_rank, 'alpha': self.cfg.finetune.lora_alpha}}, keep=1)
 
 
 def _overlay(full, part):
@@ -115,3 +121,89 @@ def _overlay(full, part):
     return {k: _overlay(v, part[k]) if k in part else v for k, v in full.items()}
   return part
 
+
+class FineTuning(Objective):
+  """Fine-tuning (finetune.task classify, lm or prompt) for the run lifecycle: the labelled splits and the
+  schedule they imply, the pretrained checkpoint's tokenizer and parameters, the task's evaluation and
+  best checkpoint (fmjax/finetune/evaluation.py), LoRA adapters and the classification summary at the end.
+  After the run: `tracker` (last and best reports) and `summary` (classify)."""
+
+  finetune = True
+
+  def __init__(self):
+    self.data = self.parts = self.baseline = self.tracker = self.summary = None
+
+  def heading(self, cfg) -> str:
+    return f'fmjax.finetune: task {cfg.finetune.task}; '
+
+  def adopt(self, cfg, source) -> None:
+    checkpoint.check_compatible(source.meta, cfg.model, source.where)
+
+  def configure(self, cfg) -> list[str]:
+    from fmjax.finetune.run import check_config  # pylint: disable=import-outside-toplevel
+    check_config(cfg)   # again: the model may be the checkpoint's now
+    ft = cfg.finetune
+    self.data = splits.load(ft) if ft.task != 'lm' else None   # its size sets the steps of finetune.epochs
+    notes = schedule.resolve(cfg, None if self.data is None else len(self.data.train))
+    return notes + _describe_splits(self.data)
+
+  def tokenizer(self, cfg, source):
+    """The checkpoint's tokenizer (with init_from), else data.tokenizer."""
+    return tokenizers.load_tokenizer(source.tokenizer_path('byte') if source else cfg.data.tokenizer)
+
+  def build(self, s):
+    ft = s.cfg.finetune
+    if ft.task == 'classify' and ft.baseline and distributed.is_leader():
+      self.baseline = summary.fit_baseline(ft, self.data, s.log)
+    self.parts = Parts(s.cfg, s.mesh, s.tokenizer, data=self.data)   # model, optimizer, compiled step
+    self.batches = self.parts.batches
+    return self.parts.run
+
+  def describe(self, s) -> list[str]:
+    return [f'trainable: {self.parts.trainable_summary}; step compiled in {self.parts.run.compile_seconds:.1f}s']
+
+  def metadata(self, cfg) -> dict:
+    ft = cfg.finetune
+    return {'finetune': ft.to_dict(), 'classes': list(self.parts.class_names), 'init_from': ft.init_from}
+
+  def load_source(self, s, state):
+    return state.replace(params=self.parts.load_pretrained(state.params, s.source.reader, s.source.step))
+
+  def start_data(self, step: int, directory: str | None) -> None:
+    self.parts.start_data(step, directory)
+
+  def data_save_arg(self):
+    return self.parts.data_save_arg()
+
+  def evaluation(self, s):
+    self.tracker = s.on_close(evaluation.best_tracker(s.cfg, self.parts, s.workdir, s.meta))
+    evaluate = evaluation.evaluation(s.cfg, self.parts, s.workdir, self.tracker, s.writer, self.baseline)
+    return evaluate, s.cfg.eval_every or s.cfg.steps
+
+  def finish(self, s, result) -> None:
+    ft = s.cfg.finetune
+    if ft.lora_rank and distributed.is_leader():
+      self.parts.save_adapters(result.state, paths.join(s.workdir, 'adapters'), result.last_step, s.meta)
+    if self.tracker is None:   # nothing was left to train: the reports of the runs before
+      self.tracker = s.on_close(evaluation.best_tracker(s.cfg, self.parts, s.workdir, s.meta))
+    if ft.task == 'classify':
+      self.summary = summary.summarize(self.tracker, self.baseline, result.last_step)
+      if distributed.is_leader():
+        summary.write_summary(paths.join(s.workdir, 'summary.json'), self.summary)
+        s.log(summary.tables(self.summary))
+
+  def outcome(self, result) -> dict:
+    """finetune()'s answer (see fmjax/finetune/run.py)."""
+    last = self.tracker.last
+    if last is not None and 'eval' in last:   # validation chose: the eval split's report of the last step
+      last = last['eval']
+    return {'report': last, 'best': self.tracker.best, 'summary': self.summary, 'history': result.history,
+            'state': result.state, 'last_step': result.last_step}
+
+
+def _describe_splits(data) -> list[str]:
+  if data is None:
+    return []
+  held = (f'{len(data.validation)} validation ({data.validation_from}; chooses the best checkpoint)'
+          if data.validation is not None else 'no validation')
+  return [f'examples: {len(data.train)} train, {held}, {len(data.eval)} eval (reported)']

@@ -1,15 +1,14 @@
 """Fine-tune a pretrained model: `python -m fmjax.finetune --config configs/finetune_TASK.py
 --config.init_from=PRETRAIN_WORKDIR --workdir DIR`.
 
-The run is assembled by the pretraining builder (`fmjax.training.build.build_run` with the fine-tuning
-task of fmjax/finetune/parts.py) and driven by the pretraining loop, checkpoints and workdir
-lock. `--demo` fine-tunes the embedded stdlib task from the checkpoint and from random
+The run is the lifecycle every objective shares (fmjax/training/session.py: lock, checkpoints, resume,
+writers, loop) training `FineTuning` (fmjax/finetune/parts.py), whose model is assembled by the
+pretraining builder (`fmjax.training.build.build_run` with the fine-tuning task). `--demo` fine-tunes the embedded stdlib task from the checkpoint and from random
 initialisation and prints both metric tables.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 from typing import Sequence
 
@@ -81,119 +80,12 @@ def finetune(cfg, overrides: Sequence[str] | None = None) -> dict:
   the command line's items, and a `model.KEY=VALUE` among them that contradicts the checkpoint is refused;
   with None (a call from Python) every field of cfg.model must agree with the checkpoint.
   """
-
+  from fmjax.finetune.parts import FineTuning
+  from fmjax.training import session
   check_config(cfg)
-  ft, workdir = cfg.finetune, cfg.workdir
-  with contextlib.ExitStack() as cleanup:   # closed in reverse: writer, tracker, checkpointer, then the lock
-    lock = workdir_lock.lock_for_run(workdir, cfg.force_unlock)   # before anything in the workdir changes
-    if lock is not None:
-      cleanup.callback(lock.release)
-    source = meta = None
-    pretrain_workdir = where = ''
-    if ft.init_from:   # the pretrained checkpoint defines the model: read it before anything else
-      source, source_step, pretrain_workdir = restore.locate_checkpoint(ft.init_from)
-      cleanup.callback(source.close)
-      meta = source.read_metadata(source_step)
-      where = f'{source.directory}/{source_step}'
-      explicit = set(cfg.model.keys()) if overrides is None else restore.explicit_model_keys(overrides)
-      cfg.model = restore.adopt_model(cfg.model, meta, explicit, where)
-      config_lib.validate(cfg)
-      check_config(cfg)
-      checkpoint.check_compatible(meta, cfg.model, where)
-    ckpt = checkpoint.Checkpointer(paths.join(workdir, 'checkpoints'), cfg.keep_checkpoints, cfg.async_checkpoints)
-    cleanup.callback(ckpt.close)
-    latest = ckpt.latest_step()
-    if latest is not None:
-      checkpoint.check_compatible(ckpt.read_metadata(latest), cfg.model, f'{ckpt.directory}/{latest}')
-    data = splits.load(ft) if ft.task != 'lm' else None   # its size sets the steps of finetune.epochs
-    notes = schedule.resolve(cfg, None if data is None else len(data.train))
-    changes = resume.resume_changes(workdir, cfg, latest is not None, finetune=True)
-    if distributed.is_leader():
-      config_lib.save(cfg, paths.join(workdir, 'config.json'))
-    tokenizer = _tokenizer(cfg, meta, pretrain_workdir, where)
-    mesh = shd.make_mesh(cfg.mesh)
-    build.check_batch(cfg, mesh)
-    start = int(latest or 0)
-    writer = metric_writers.MetricWriter(workdir, cfg.steps, initial_step=start, progress_bar=cfg.progress_bar,
-                                         resume_step=start)  # drops records of steps after the checkpoint
-    cleanup.callback(writer.close)
-    writer.log(f'fmjax.finetune: task {ft.task}; {distributed.describe()}; mesh {shd.describe(mesh)}')
-    for line in changes + notes + _describe_splits(data):
-      writer.log(line)
-    baseline = None
-    if ft.task == 'classify' and ft.baseline and distributed.is_leader():
-      baseline = summary.fit_baseline(ft, data, writer.log)
-
-    parts = Parts(cfg, mesh, tokenizer, data=data)        # model, optimizer, compiled step
-    run = parts.run
-    extra = {'finetune': ft.to_dict(), 'classes': list(parts.class_names), 'init_from': ft.init_from}
-    run_meta = checkpoint.make_metadata(cfg, tokenizers.place_in_workdir(tokenizer, workdir), extra)
-    if latest is not None:
-      state = ckpt.restore(latest, run.state.abstract, data_arg=parts.data_restore_arg())
-      writer.log(f'resumed from {ckpt.directory}/{latest}')
-    else:
-      state = run.init(jax.random.PRNGKey(cfg.seed))
-      if source is not None:
-        state = state.replace(params=parts.load_pretrained(state.params, source, source_step))
-        writer.log(f'loaded pretrained parameters from {source.directory}/{source_step}')
-    if hasattr(parts.batches, 'start'):
-      parts.batches.start(start)
-    writer.log(f'trainable: {parts.trainable_summary}; step compiled in {run.compile_seconds:.1f}s')
-
-    evaluate, tracker = evaluation.evaluation(cfg, parts, workdir, run_meta, writer, baseline)
-    cleanup.callback(tracker.close)
-
-    def save(step, state, wait):
-      ckpt.save(step, state, run_meta, data_arg=parts.data_save_arg(), force=True)
-      if wait:
-        ckpt.wait()
-
-    result = loop.LoopResult(state=state, last_step=start)
-    if start < cfg.steps:
-      result = loop.run_loop(
-          train_step=run.train_step, state=state, batches=parts.batches, batch_sharding=run.batch_sharding,
-          start_step=start, total_steps=cfg.steps, writer=writer, model_cfg=cfg.model, seq_len=cfg.seq_len,
-          tokens_per_step=cfg.global_batch_size * cfg.seq_len, log_every=cfg.log_every,
-          checkpoint_every=cfg.checkpoint_every, save=save, evaluate=evaluate,
-          eval_every=cfg.eval_every or cfg.steps, cpu_peak_flops=cfg.cpu_peak_flops,
-          compute_dtype=cfg.model.dtype, guards=numerics.GuardConfig.from_config(cfg))
-    else:
-      writer.log(f'nothing to do: the checkpoint is at step {start} and steps={cfg.steps}')
-    if ft.lora_rank and distributed.is_leader():
-      parts.save_adapters(result.state, paths.join(workdir, 'adapters'), result.last_step, run_meta)
-    outcome = None
-    if ft.task == 'classify':
-      outcome = summary.summarize(tracker, baseline, result.last_step)
-      if distributed.is_leader():
-        summary.write_summary(paths.join(workdir, 'summary.json'), outcome)
-        writer.log(summary.tables(outcome))
-  last = tracker.last
-  if last is not None and 'eval' in last:   # validation chose: the eval split's report of the last step
-    last = last['eval']
-  return {'report': last, 'best': tracker.best, 'summary': outcome, 'history': result.history,
-          'state': result.state, 'last_step': result.last_step}
-
-
-def _tokenizer(cfg, meta, pretrain_workdir: str, where: str):
-  """The checkpoint's tokenizer (with init_from), else data.tokenizer; checked against the vocabulary."""
-  if pretrain_workdir:
-    spec = meta.get('tokenizer', 'byte')
-    if not spec:
-      raise checkpoint.CheckpointError(f'{where} records no tokenizer: import the model again with one '
-                                       '(fmjax-convert from-hf --tokenizer byte|FILE)')
-    tokenizer = restore.load_tokenizer(pretrain_workdir, spec)
-  else:
-    tokenizer = tokenizers.load_tokenizer(cfg.data.tokenizer)
-  tokenizers.check_vocab(tokenizer, cfg.model.vocab_size)
-  return tokenizer
-
-
-def _describe_splits(data) -> list[str]:
-  if data is None:
-    return []
-  held = (f'{len(data.validation)} validation ({data.validation_from}; chooses the best checkpoint)'
-          if data.validation is not None else 'no validation')
-  return [f'examples: {len(data.train)} train, {held}, {len(data.eval)} eval (reported)']
+  objective = FineTuning()
+  result = session.run(cfg, objective, cfg.finetune.init_from or None, overrides)
+  return objective.outcome(result)
 
 
 def demo(cfg, overrides: Sequence[str] | None = None) -> dict:

@@ -2,16 +2,19 @@
 
 The host never waits on the device inside the loop: metrics of step n are read after step n+1
 is dispatched (its `nonfinite` flag every step, the rest every `log_every` steps). Checkpoints
-are saved asynchronously every `checkpoint_every` steps and at the end; SIGTERM (preemption)
-finishes the current step, saves, waits for the save and returns. Before an evaluation or a save
+are saved asynchronously every `checkpoint_every` steps and at the end; SIGTERM (preemption) or
+Ctrl-C finishes the current step, saves, waits for the save and returns (a second Ctrl-C aborts at
+once, see `PreemptionWatch`). Before an evaluation or a save
 the step is checked to be finite (fmjax/training/numerics.py), and the time spent evaluating and saving is
 left out of the throughput window.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -29,31 +32,108 @@ class LoopResult:
   """What a finished (or preempted) loop leaves behind."""
   state: Any
   last_step: int
-  preempted: bool = False
+  preempted: bool = False           # stopped early by SIGTERM or Ctrl-C, after saving a checkpoint
   history: list = field(default_factory=list)   # [(step, {metric: value})] as logged
+  interrupted: bool = False         # the stop was a Ctrl-C (the command exits with 130)
 
 
 class PreemptionWatch:
-  """Notices SIGTERM; in multi-process runs all processes agree on the step to stop at.
+  """Notices SIGTERM (preemption) and Ctrl-C (SIGINT); in multi-process runs all processes agree on the
+  step to stop at.
 
-  One process: a Python SIGTERM handler. Several: JAX's preemption sync manager (started by
-  `jax.distributed.initialize`, see fmjax/runtime/distributed.py) catches SIGTERM in whichever process
-  gets it and tells the others; every process stops at the same step, which all of them save.
-  Must be asked at every step, with the same step numbers in every process.
+  While armed (during the loop) SIGTERM or a first Ctrl-C asks to save at the next step boundary and
+  stop. One process: Python handlers. Several: JAX's preemption sync manager (started by
+  `jax.distributed.initialize`, see fmjax/runtime/distributed.py) catches SIGTERM in whichever process gets
+  it and tells the others (a Ctrl-C is passed on to it as a SIGTERM to this process); every process stops
+  at the same step, which all of them save. Unarmed (set-up, end of run) a Ctrl-C raises
+  KeyboardInterrupt as usual.
+
+  A second Ctrl-C, armed or not, aborts at once: a thread woken by the signal itself (signal.set_wakeup_fd,
+  so a main thread busy in XLA or in a save does not delay it) prints the line `on_abort()` returns and
+  exits with 130 without waiting for a save in progress. Orbax finalises a save atomically, so the last
+  complete checkpoint stays the latest. Must be asked at every step, with the same step numbers in every
+  process.
   """
 
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-    self._multi = jax.process_count() > 1
-    if not self._multi:
-      try:
-        self._previous = signal.signal(signal.SIGTERM, self._handler)
-      except ValueError:  # not the main thread
-        self._previous = None
+  EXIT_CODE = 130   # 128 + SIGINT, what shells report for Ctrl-C
 
-  def _handler(self, signum, frame):
+  def __init__(self, on_abort: Callable[[], str] | None = None, exit: Callable[[int], None] = os._exit):
+    self.requested = False      # stop at the next step boundary
+    self.interrupted = False    # ... because of a Ctrl-C
+    self.on_abort = on_abort
+    self._exit = exit
+    self._multi = jax.process_count() > 1
+    self._saved: dict = {}      # signal -> its handler before arm()
+    self._pipe = self._thread = None
+    self._wakeup = -1
+    self._start_abort_thread()
+
+  def _start_abort_thread(self) -> None:
+    if threading.current_thread() is not threading.main_thread() or not _catches_sigint():
+      return   # handlers can only be set from the main thread; an ignored SIGINT (a background job) stays so
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    self._wakeup = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    self._pipe = (read, write)
+    self._thread = threading.Thread(target=self._count_interrupts, name='fmjax-second-ctrl-c', daemon=True)
+    self._thread.start()
+
+  def _count_interrupts(self) -> None:
+    """The abort thread: one byte per caught signal arrives on the pipe; a 0 byte means closed."""
+    count = 0
+    while True:
+      try:
+        data = os.read(self._pipe[0], 64)
+      except OSError:
+        return
+      if not data or 0 in data:
+        return
+      count += data.count(signal.SIGINT)
+      if count >= 2:
+        self._abort()
+        return
+
+  def _abort(self) -> None:
+    line = 'fmjax: aborted by a second Ctrl-C'
+    try:
+      if self.on_abort is not None:
+        line = self.on_abort()
+    except Exception as e:  # noqa: BLE001 - abort anyway, saying what failed
+      line += f' ({type(e).__name__}: {e})'
+    try:
+      sys.stdout.flush()
+      print(line, file=sys.stderr, flush=True)
+    finally:
+      self._exit(self.EXIT_CODE)
+
+  def arm(self) -> None:
+    """From now on SIGTERM and a first Ctrl-C ask to stop at the next step boundary."""
+    handlers = {signal.SIGINT: self._on_interrupt} if _catches_sigint() else {}
+    if not self._multi:
+      handlers[signal.SIGTERM] = self._on_terminate
+    for signum, handler in handlers.items():
+      try:
+        self._saved[signum] = signal.signal(signum, handler)
+      except ValueError:  # not the main thread
+        pass
+
+  def disarm(self) -> None:
+    """Back to the handlers from before `arm` (a Ctrl-C raises KeyboardInterrupt again)."""
+    for signum, previous in self._saved.items():
+      signal.signal(signum, previous)
+    self._saved = {}
+
+  def _on_terminate(self, signum, frame):
     self.requested = True
+
+  def _on_interrupt(self, signum, frame):
+    if self.interrupted:
+      return   # the second one: the abort thread handles it
+    self.interrupted = True
+    if self._multi:   # JAX's preemption sync decides the step all processes stop at
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      self.requested = True
 
   def should_stop(self, step: int) -> bool:
     """Whether to save and stop after `step` (the same answer in every process)."""
@@ -63,9 +143,32 @@ class PreemptionWatch:
             file=sys.stderr, flush=True)
     return stop
 
-  def close(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+  def stop_line(self, step: int) -> str:
+    """The one line logged once the stop's checkpoint is written."""
+    if self.interrupted:
+      return f'interrupted (Ctrl-C): checkpoint at step {step} written, exiting; rerun the same command to resume'
+    return f'preemption requested: checkpoint at step {step} written, exiting'
+
+  def close(self) -> None:
+    """Disarm and stop the abort thread (the wakeup fd before it is restored)."""
+    self.disarm()
+    if self._pipe is None:
+      return
+    signal.set_wakeup_fd(self._wakeup)
+    read, write = self._pipe
+    self._pipe = None
+    try:
+      os.write(write, b'\0')
+    except OSError:
+      pass
+    self._thread.join(timeout=5)
+    os.close(write)
+    os.close(read)
+
+
+def _catches_sigint() -> bool:
+  """Whether Python handles SIGINT here (not ignored, e.g. in a background job, or left to the OS)."""
+  return signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, signal.SIG_DFL, None)
 
 
 def to_global(batch: dict, sharding) -> dict:
@@ -122,11 +225,12 @@ def run_loop(*, train_step: Callable, state, batches: Iterator[dict], batch_shar
              checkpoint_every: int = 0, save: Callable[[int, Any, bool], None] | None = None,
              evaluate: Callable[[Any, int], dict] | None = None, eval_every: int = 0,
              cpu_peak_flops: float = 0.0, compute_dtype: str = 'float32',
-             guards: numerics.GuardConfig | None = None) -> LoopResult:
+             guards: numerics.GuardConfig | None = None, watch: PreemptionWatch | None = None) -> LoopResult:
   """Run steps `start_step+1 .. total_steps`. `save(step, state, wait)` writes a checkpoint.
 
-  Raises numerics.NonFiniteError at the first non-finite step (beyond `guards.skip_nonfinite_steps`)
-  without saving it; checkpoints saved before stay valid.
+  `watch` (the run's, armed for the loop; default: one for this loop) says when SIGTERM or Ctrl-C asks
+  to stop. Raises numerics.NonFiniteError at the first non-finite step (beyond
+  `guards.skip_nonfinite_steps`) without saving it; checkpoints saved before stay valid.
   """
   platform = jax.devices()[0].platform
   # On CPU the (possibly forced) devices of a process share one processor: count hosts.
@@ -136,7 +240,9 @@ def run_loop(*, train_step: Callable, state, batches: Iterator[dict], batch_shar
   guard = numerics.NumericsGuard(guards, jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec()),
                                  writer.log)
   monitor = numerics.DivergenceMonitor(guards.divergence_factor, guards.grad_spike_factor, guards.warmup_steps)
-  watch = PreemptionWatch()
+  own_watch = watch is None
+  watch = watch or PreemptionWatch()
+  watch.arm()
   result = LoopResult(state=state, last_step=start_step)
   pending = None                       # (step, device metrics) of the step before the current one
   mark_time, mark_step = time.perf_counter(), start_step
@@ -195,14 +301,16 @@ def run_loop(*, train_step: Callable, state, batches: Iterator[dict], batch_shar
             writer.flush()   # the logs on disk reach the checkpoint: a resume after a kill continues them
         paused += time.perf_counter() - started
       if stop:
-        writer.log(f'preemption requested: checkpoint at step {step} written, exiting')
-        result.preempted = True
+        writer.log(watch.stop_line(step))
+        result.preempted, result.interrupted = True, watch.interrupted
         break
     if pending is not None:
       jax.block_until_ready(pending[1])
       guard.check_step(*pending)
       report(*pending)
   finally:
-    watch.close()
+    watch.disarm()
+    if own_watch:
+      watch.close()
   result.state, result.last_step = state, step
   return result

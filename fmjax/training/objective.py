@@ -1,0 +1,154 @@
+"""What a run trains, as the run lifecycle (fmjax/training/session.py) sees it.
+
+The session does everything every run does (lock, checkpoints, config.json, tokenizer, mesh,
+writers, restore-or-init, the loop, closing); an `Objective` supplies the rest through the hooks
+below, each called once, in this order. Pretraining (`Pretraining`, here) and fine-tuning
+(fmjax/finetune/parts.py `FineTuning`) are the two objectives; SFT or DPO would be a third: their
+data, loss (a `build.Task`), evaluation and what 'best' means, nothing of the lifecycle.
+
+  adopt(cfg, source)            the init_from checkpoint's model is adopted: take what else it defines
+  configure(cfg) -> [lines]     before config.json: settle what depends on the data (e.g. epochs -> steps)
+  tokenizer(cfg, source)        the run's tokenizer (checked against the vocabulary by the session)
+  build(session) -> Run         the compiled run (fmjax/training/build.py) and `self.batches`, the train
+                                data iterator, once the mesh and writer exist
+  describe(session) -> [lines]  logged once built
+  metadata(cfg) -> dict         extra checkpoint metadata
+  load_source(session, state)   a fresh run's state with the init_from checkpoint's parameters
+  start_data(step, directory)   the train data positioned at `step` (directory: the checkpoint's data item)
+  data_save_arg()               the data item a checkpoint saves (None: the step alone positions the data)
+  evaluation(session)           (evaluate(state, step) -> scalars, or None; eval_every)
+  finish(session, result)       after the loop (or a run with nothing to do): adapters, summaries
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+
+from fmjax.checkpoints import restore
+from fmjax.checkpoints.store import Checkpointer, CheckpointError
+
+
+@dataclass
+class Source:
+  """The checkpoint a run starts from (`init_from`), opened for reading; its metadata defines the model."""
+  reader: Checkpointer
+  step: int
+  workdir: str        # the workdir holding it (a tokenizer file is named relative to it)
+  meta: dict
+
+  @property
+  def where(self) -> str:
+    return f'{self.reader.directory}/{self.step}'
+
+  def tokenizer_path(self, default: str | None) -> str:
+    """The checkpoint's tokenizer as a data.tokenizer value ('byte' or a file); `default` when it names none."""
+    spec = self.meta.get('tokenizer', default)
+    if not spec:
+      raise CheckpointError(f'{self.where} records no tokenizer: import the model again with one '
+                            '(fmjax-convert from-hf --tokenizer byte|FILE)')
+    return restore.tokenizer_path(self.workdir, spec)
+
+  def params(self, abstract_params):
+    """The checkpoint's parameters, read onto the shardings of `abstract_params`."""
+    return self.reader.restore(self.step, abstract_params, params_only=True)
+
+
+class Objective:
+  """The hooks of one kind of run (see the module docstring); the defaults do nothing extra."""
+
+  finetune = False    # resume checks read the saved config as a fine-tune's (fmjax/checkpoints/resume.py)
+  batches = None      # this process's train batches, set by build()
+
+  def heading(self, cfg) -> str:
+    """The start of the run's first log line (the session adds the processes and the mesh)."""
+    return 'fmjax: '
+
+  def adopt(self, cfg, source: Source) -> None:
+    pass
+
+  def configure(self, cfg) -> list[str]:
+    return []
+
+  def tokenizer(self, cfg, source: Source | None):
+    from fmjax.data import tokenizers  # pylint: disable=import-outside-toplevel
+    return tokenizers.load_tokenizer(cfg.data.tokenizer)
+
+  def build(self, session):
+    raise NotImplementedError
+
+  def describe(self, session) -> list[str]:
+    return []
+
+  def metadata(self, cfg) -> dict:
+    return {}
+
+  def load_source(self, session, state):
+    return state.replace(params=session.source.params(session.run.state.abstract.params))
+
+  def start_data(self, step: int, directory: str | None) -> None:
+    pass
+
+  def data_save_arg(self) -> Any:
+    return None
+
+  def evaluation(self, session) -> tuple[Callable | None, int]:
+    return None, 0
+
+  def finish(self, session, result) -> None:
+    pass
+
+
+class Pretraining(Objective):
+  """Next-token prediction (decoders) or masked-LM (model.kind='encoder') on cfg.data; eval on its
+  validation split every eval_every steps. With init_from, the checkpoint's tokenizer too."""
+
+  def adopt(self, cfg, source: Source) -> None:
+    cfg.data.tokenizer = source.tokenizer_path(default=cfg.data.tokenizer)
+
+  def build(self, session):
+    from fmjax.data import pipeline  # pylint: disable=import-outside-toplevel
+    from fmjax.training import build  # pylint: disable=import-outside-toplevel
+    cfg = session.cfg
+    self.batches = pipeline.make_train_iterator(cfg.data, session.tokenizer, seq_len=cfg.seq_len,
+                                                batch_size=cfg.global_batch_size // jax.process_count(),
+                                                seed=cfg.seed, process_index=jax.process_index(),
+                                                process_count=jax.process_count())
+    if cfg.eval_every:
+      pipeline.check_eval_split(cfg.data)   # an empty validation split is found before compiling
+    return build.build_lm_run(cfg, session.mesh)
+
+  def describe(self, session) -> list[str]:
+    from fmjax.training.state import param_count  # pylint: disable=import-outside-toplevel
+    run = session.run
+    lines = [f'model: {param_count(run.state.abstract.params) / 1e6:.2f}M parameters; train step compiled in '
+             f'{run.compile_seconds:.1f}s']
+    memory = run.train_step.memory_analysis()
+    if memory is not None:
+      lines.append(f'per-device memory: arguments {memory.argument_size_in_bytes / 2**20:.1f} MiB, '
+                   f'temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB')
+    return lines
+
+  def start_data(self, step: int, directory: str | None) -> None:
+    from fmjax.data import stream_set  # pylint: disable=import-outside-toplevel
+    if directory is not None:
+      self.batches.set_state(stream_set.read_saved_state(directory))
+
+  def data_save_arg(self):
+    from fmjax.data import pipeline  # pylint: disable=import-outside-toplevel
+    return pipeline.checkpoint_save_arg(self.batches)
+
+  def evaluation(self, session):
+    cfg = session.cfg
+    if not cfg.eval_every:
+      return None, 0
+    from fmjax.data import pipeline  # pylint: disable=import-outside-toplevel
+    from fmjax.inference import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
+    eval_batches = pipeline.make_eval_batches(cfg.data, session.tokenizer, seq_len=cfg.seq_len,
+                                              batch_size=cfg.global_batch_size // jax.process_count(),
+                                              num_batches=cfg.eval_batches, process_index=jax.process_index(),
+                                              process_count=jax.process_count())
+    evaluator = evaluate_lib.make_evaluator(session.run, session.tokenizer.token_byte_lengths())
+    return (lambda state, step: evaluator(state.params, eval_batches)), cfg.eval_every
