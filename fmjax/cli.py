@@ -3,7 +3,10 @@
 Each command builds an `ArgumentParser` with its own flags (so `--help` lists them), adds the
 shared ones (`add_config_flags`, `add_workdir_flags`) and hands its body to `run`, which
 re-executes the process once with huge pages for malloc (fmjax/runtime/hugepages.py, every command the
-same), sets up logging and turns any `fmjax.errors.UserError` into one line and exit code 2.
+same), chooses JAX's platforms (fmjax/runtime/platforms.py), sets up logging and turns any
+`fmjax.errors.UserError` into one line and exit code 2. A command's parser is built in a module that
+imports nothing heavy, and jax and the command's work are imported after parsing: `--help` and usage
+errors never start JAX.
 
 Config overrides are `--config.a.b=value` or `--config.a.b value`, parsed here and only here and
 applied by `fmjax.config` (which checks keys and types). ml_collections' `config_flags` is not
@@ -20,6 +23,7 @@ import sys
 from typing import Callable, Sequence
 
 from fmjax.runtime import hugepages
+from fmjax.runtime import platforms
 from fmjax.errors import UserError
 
 _PACKAGE_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
@@ -29,18 +33,39 @@ class UsageError(UserError):
   """A bad command line."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+  """--help as written: the description's line breaks kept, each flag's default shown where it has one."""
+
+  def _get_help_string(self, action):
+    text = action.help or ''
+    default = action.default
+    if ('default' in text or default is None or default is False or default == '' or default == []
+        or default is argparse.SUPPRESS or not action.option_strings):
+      return text
+    return f'{text} (default: %(default)s)' if text else '(default: %(default)s)'
+
+
 class ArgumentParser(argparse.ArgumentParser):
-  """argparse that raises UsageError (one line, exit 2) instead of printing usage and exiting."""
+  """argparse that raises UsageError (one line, exit 2) instead of printing usage and exiting.
+
+  Build it from light modules only (no jax): `--help` is answered before anything heavy is imported.
+  """
+
+  def __init__(self, *args, **kwargs):
+    kwargs.setdefault('formatter_class', HelpFormatter)
+    super().__init__(*args, **kwargs)
 
   def error(self, message):
     raise UsageError(f'{message} (see --help)')
 
 
-def add_config_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
-  """--config FILE (plus --config.KEY=VALUE overrides, documented in the help)."""
+def add_config_flags(parser: argparse.ArgumentParser, required: bool = True,
+                     examples: str = 'default, llama_1b', note: str = '') -> None:
+  """--config FILE (plus --config.KEY=VALUE overrides, documented in the help); `examples`: shipped
+  configs that suit the command; `note`: appended to the help."""
   parser.add_argument('--config', required=required, metavar='CONFIG',
-                      help='a get_config() Python file, or the name of a shipped config (e.g. default, '
-                           'llama_1b); override any field with --config.KEY=VALUE')
+                      help=f'a get_config() Python file, or the name of a shipped config (e.g. {examples}); '
+                           f'override any field with --config.KEY=VALUE{note}')
 
 
 def add_workdir_flags(parser: argparse.ArgumentParser, required: bool = True, checkpoint: bool = True) -> None:
@@ -139,11 +164,13 @@ def run(prog: str, body: Callable[[Sequence[str]], int | None], argv: Sequence[s
   """Run a command's `body(argv)`; a UserError becomes `prog: error: ...` and exit code 2.
 
   Called with argv=None (the real command line), it first re-executes the process once with
-  huge pages for malloc (a no-op where unsupported or `FMJAX_HUGEPAGES=0`).
+  huge pages for malloc (a no-op where unsupported or `FMJAX_HUGEPAGES=0`). Then JAX's platforms are
+  chosen (`platforms.choose`: the user's JAX_PLATFORMS wins; off TPU hosts libtpu is not loaded).
   """
   if argv is None:
     hugepages.reexec_with_hugepages()
     argv = sys.argv[1:]
+  platforms.choose()   # before anything imports jax: no libtpu off TPU hosts (fmjax/runtime/platforms.py)
   try:
     with command_logging():
       code = body(list(argv))

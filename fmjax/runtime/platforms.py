@@ -16,10 +16,7 @@ Compile-only TPU programs (fmjax.plan --topology v5p-8) still work: they load li
 from __future__ import annotations
 
 import glob
-import importlib.metadata
-import importlib.util
 import os
-import pkgutil
 import sys
 from typing import Iterable, Mapping, MutableMapping
 
@@ -70,6 +67,9 @@ def tpu_host_evidence(environ: Mapping[str, str] = os.environ, root: str = '/') 
 
 def installed_plugins() -> list[str]:
   """Names of the installed JAX PJRT plugins (jax_plugins.* modules and 'jax_plugins' entry points)."""
+  import importlib.metadata  # pylint: disable=import-outside-toplevel
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import pkgutil  # pylint: disable=import-outside-toplevel
   names = set()
   spec = importlib.util.find_spec('jax_plugins')
   if spec is not None and spec.submodule_search_locations:
