@@ -1,7 +1,11 @@
-"""Every entry point goes through the one CLI layer: its own --help, huge pages, one-line errors."""
+"""Every entry point goes through the one CLI layer: its own --help (instant, without jax), huge pages,
+one-line errors."""
 
 import importlib
+import os
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -23,14 +27,88 @@ COMMANDS = [
 ]
 
 
+# `python -m NAME` of each command above
+RUN_AS = {'fmjax.finetune.run': 'fmjax.finetune', 'fmjax.convert.cli': 'fmjax.convert', 'fmjax.curate.cli': 'fmjax.curate'}
+
+
+def _help(module, capsys) -> str:
+  with pytest.raises(SystemExit) as done:
+    importlib.import_module(module).main(['--help'])
+  assert done.value.code == 0
+  return capsys.readouterr().out
+
+
 @pytest.mark.parametrize('module, flags', COMMANDS, ids=[c[0] for c in COMMANDS])
 def test_help_lists_the_commands_own_flags(module, flags, capsys):
-  main = importlib.import_module(module).main
-  with pytest.raises(SystemExit) as done:
-    main(['--help'])
-  assert done.value.code == 0
-  text = capsys.readouterr().out
+  text = _help(module, capsys)
   assert all(flag in text for flag in flags), (module, [f for f in flags if f not in text])
+
+
+@pytest.mark.parametrize('module', [c[0] for c in COMMANDS])
+def test_help_has_one_description_between_usage_and_flags(module, capsys):
+  """usage, then the description once (not also the module docstring's first line), then the flags."""
+  blocks = [b for b in _help(module, capsys).split('\n\n') if b.strip()]
+  assert blocks[0].startswith('usage: ')
+  flags = next(i for i, b in enumerate(blocks) if b.startswith(('options:', 'positional arguments:')))
+  assert flags == 2, blocks[:flags]
+  description = blocks[1]
+  assert description.count('`') % 2 == 0, description   # no sentence cut off inside a `code` span
+
+
+def test_help_says_what_the_command_does_and_which_configs_suit_it(capsys):
+  finetune = _help('fmjax.finetune.run', capsys)
+  assert 'finetune_stdlib' in finetune.split('options:')[1] and 'llama_1b' not in finetune
+  curate = _help('fmjax.curate.cli', capsys)
+  assert 'curate_default' in curate.split('options:')[1] and 'llama_1b' not in curate
+  plan = _help('fmjax.plan', capsys)
+  assert 'llama_1b' in plan.split('options:')[1] and '(default: this machine)' not in plan and "the config's topology" in plan
+  assert 'nanogpt_cpu' in _help('fmjax.bench', capsys).split('options:')[1]
+  train = _help('fmjax.train', capsys)
+  assert 'decoder-only' not in train and 'encoder' in train
+
+
+def test_help_shows_defaults(capsys):
+  generate = ' '.join(_help('fmjax.generate', capsys).split())
+  assert '--max-new-tokens N tokens to generate per prompt (fewer when the context is full) (default: 64)' in generate
+  assert '(default: 0, or 1 with --top-k / --top-p)' in generate and 'seed (default: 0)' in generate
+  bench = ' '.join(_help('fmjax.bench', capsys).split())
+  assert '--steps N timed train steps per run (default: 10)' in bench and "(default: 0,1,2)" in bench
+  assert '--mfu MFU MFU assumed for the predicted step time (default: 0.5)' in ' '.join(_help('fmjax.plan', capsys).split())
+
+
+def test_the_help_formatter_shows_only_real_defaults():
+  parser = cli.ArgumentParser(prog='x', description='line one\nline two')
+  parser.add_argument('--n', type=int, default=3, help='count')
+  parser.add_argument('--none', default=None, help='nothing')
+  parser.add_argument('--flag', action='store_true', help='a switch')
+  parser.add_argument('--own', default=5, help='five (default: five)')
+  parser.add_argument('--empty', default='', help='empty')
+  text = parser.format_help()
+  assert 'line one\nline two' in text   # the description's line breaks are kept
+  assert 'count (default: 3)' in text and 'five (default: five)' in text
+  assert text.count('(default:') == 2
+
+
+def _without_jax_platforms() -> dict:
+  env = {k: v for k, v in os.environ.items() if k not in ('JAX_PLATFORMS', 'JAX_PLATFORM_NAME')}
+  env['PYTHONPATH'] = os.pathsep.join(p for p in [os.getcwd(), env.get('PYTHONPATH', '')] if p)
+  return env
+
+
+@pytest.mark.parametrize('module', [c[0] for c in COMMANDS])
+def test_help_is_fast_and_imports_no_jax(module):
+  """`python -m fmjax.<cmd> --help` answers in well under a second (3 s on a shared CPU) without importing jax."""
+  start = time.perf_counter()
+  done = subprocess.run([sys.executable, '-m', RUN_AS.get(module, module), '--help'], capture_output=True, text=True,
+                        env=_without_jax_platforms(), timeout=120)
+  seconds = time.perf_counter() - start
+  assert done.returncode == 0 and 'usage: ' in done.stdout, done.stderr
+  assert seconds < 3, f'{module} --help took {seconds:.1f}s'
+  code = (f'import sys\nimport {module} as command\ntry:\n  command.main(["--help"])\nexcept SystemExit as e:\n'
+          '  assert e.code == 0\nprint("jax imported:", "jax" in sys.modules)')
+  done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=_without_jax_platforms(),
+                        timeout=120)
+  assert done.stdout.strip().endswith('jax imported: False'), (done.stdout[-300:], done.stderr[-300:])
 
 
 class _Reexec(Exception):

@@ -12,27 +12,32 @@ from typing import Sequence
 
 from fmjax import cli
 
-USAGE = """python -m fmjax.curate --config CONFIG.py --config.input=GLOB --config.output=DIR [--overwrite]
-       [--dry-run] [--verbose] [--config.KEY=VALUE ...]
+USAGE = """python -m fmjax.curate --config CONFIG --config.input=GLOB --config.output=DIR [--overwrite]
+       [--dry-run] [--verbose] [--config.KEY=VALUE ...]"""
+DESCRIPTION = """Curate raw documents into training shards: exact and near-duplicate removal, quality filters,
+PII redaction and decontamination on datatrove, locally with N worker processes or as SLURM job
+arrays (--config.executor=slurm). Writes OUT/*.jsonl.gz (what fmjax.train reads) and a data report;
+rerunning the same command resumes an interrupted curation. Shipped configs: curate_default
+(prose) and curate_code (source code)."""
 
-Exact and near-duplicate removal, quality filters, PII redaction and decontamination on datatrove,
-locally with N worker processes or as SLURM job arrays (--config.executor=slurm). Shipped configs:
-configs/curate_default.py (prose) and configs/curate_code.py (source code)."""
+
+def parser() -> cli.ArgumentParser:
+  p = cli.ArgumentParser(prog='fmjax.curate', usage=USAGE, description=DESCRIPTION)
+  cli.add_config_flags(p, examples='curate_default, curate_code')
+  p.add_argument('--overwrite', action='store_true', help='replace the contents of a non-empty output directory')
+  p.add_argument('--dry-run', action='store_true',
+                 help='print what would run (with --config.executor=slurm: the sbatch scripts) and stop')
+  p.add_argument('--verbose', action='store_true', help="show datatrove's task logs on the console")
+  return p
 
 
 def _curate_command(argv: Sequence[str]) -> int:
+  args, overrides = cli.parse(parser(), argv)   # before datatrove: --help and usage errors stay instant
   try:
     import datatrove  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
     raise cli.UsageError("fmjax.curate needs datatrove: pip install 'fmjax[curate]'") from None
   from fmjax.curate import executors, pipeline, quality, report, schema, workspace  # pylint: disable=import-outside-toplevel
-  parser = cli.ArgumentParser(prog='fmjax.curate', usage=USAGE, description=__doc__.splitlines()[0])
-  cli.add_config_flags(parser)
-  parser.add_argument('--overwrite', action='store_true', help='replace the contents of a non-empty output directory')
-  parser.add_argument('--dry-run', action='store_true',
-                      help='print what would run (with --config.executor=slurm: the sbatch scripts) and stop')
-  parser.add_argument('--verbose', action='store_true', help="show datatrove's task logs on the console")
-  args, overrides = cli.parse(parser, argv)
   cfg = schema.resolve(cli.config_path(args.config), overrides)
   if cfg.quality.language.enabled:
     quality.check_language_model(cfg.quality.language)

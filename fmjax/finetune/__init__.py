@@ -12,8 +12,17 @@
   predictions  per-example predictions as JSONL (written by evaluation and fmjax.classify)
 """
 
-from fmjax.finetune.evaluation import BestTracker
-from fmjax.finetune.parts import Parts
+import importlib
+
 from fmjax.finetune.run import demo, finetune, main
 
 __all__ = ['BestTracker', 'Parts', 'demo', 'finetune', 'main']
+_LAZY = {'BestTracker': 'fmjax.finetune.evaluation', 'Parts': 'fmjax.finetune.parts'}
+
+
+def __getattr__(name: str):
+  """BestTracker and Parts, imported on first use: they import jax, and `python -m fmjax.finetune --help`
+  (which imports this package) must not."""
+  if name in _LAZY:
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

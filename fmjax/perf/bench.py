@@ -16,16 +16,10 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Sequence
 
 from fmjax import cli
 from fmjax import config as config_lib
 from fmjax.runtime import hugepages
-
-USAGE = """python -m fmjax.bench --config CONFIG.py [--config.KEY=VALUE ...] [--steps N] [--sweep "k=v,k=v;k=v"]
-                          [--torch-reference PATH --text FILE] [--out FILE] [--repeats R]
-       python -m fmjax.bench --data --config CONFIG.py [--workers 0,1,2] [--seconds S] [--out FILE]"""
-
 
 def bench_config(cfg, steps: int = 10, warmup: int = 2) -> dict:
   """Time `steps` train steps of cfg on synthetic tokens; returns the measurements."""
@@ -117,7 +111,7 @@ def _data_command(args, overrides: list[str]) -> int:
   rows = []
   for workers in counts:
     rows.append(bench_data(cfg, workers, args.seconds))
-    print(format_data_table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    print_progress(format_data_table(rows), first=len(rows) == 1)
   print(format_data_table(rows))
   print(json.dumps(rows))
   if args.out:
@@ -151,19 +145,14 @@ def format_table(rows: list[dict]) -> str:
   return '\n'.join([line(cols)] + [line(r) for r in cells])
 
 
-def _bench_command(argv: Sequence[str]) -> int:
-  parser = cli.ArgumentParser(prog='fmjax.bench', usage=USAGE, description=__doc__.splitlines()[0])
-  cli.add_config_flags(parser)
-  parser.add_argument('--steps', type=int, default=10, help='timed train steps per run')
-  parser.add_argument('--repeats', type=int, default=1, help='alternate fmjax/reference runs this many times')
-  parser.add_argument('--sweep', default='', help='override sets to compare, e.g. "a=1,b=2;a=3"')
-  parser.add_argument('--torch-reference', default='', metavar='PATH', help='a PyTorch baseline script')
-  parser.add_argument('--text', default='', metavar='FILE', help='training text for the PyTorch baseline')
-  parser.add_argument('--out', default='', metavar='FILE', help='also write the rows as JSON to FILE')
-  parser.add_argument('--data', action='store_true', help="time the config's input pipeline, not the model")
-  parser.add_argument('--workers', default='0,1,2', help='--data: data.worker_count values to time (default 0,1,2)')
-  parser.add_argument('--seconds', type=float, default=10.0, help='--data: seconds timed per worker count')
-  args, overrides = cli.parse(parser, argv)
+def print_progress(table: str, first: bool) -> None:
+  """A row on stderr as soon as it is measured: the last line of `table`, after its header for the first row."""
+  lines = table.splitlines()
+  print('\n'.join(lines if first else lines[-1:]), file=sys.stderr, flush=True)
+
+
+def run_command(args, overrides: list[str]) -> int:
+  """`python -m fmjax.bench` after its flags are parsed (fmjax/bench.py): the table and JSON rows."""
   if args.data:
     return _data_command(args, overrides)
   config_path = cli.config_path(args.config)
@@ -176,7 +165,7 @@ def _bench_command(argv: Sequence[str]) -> int:
       cfg = config_lib.resolve(config_path, overrides + list(group))
       row = {'name': ','.join(group) or 'fmjax', **bench_config(cfg, args.steps)}
       rows.append(row)
-      print(format_table([row]).splitlines()[-1], file=sys.stderr, flush=True)
+      print_progress(format_table(rows), first=len(rows) == 1)
     if args.torch_reference:
       ref = torch_reference(args.torch_reference, args.text, cfg, max(args.steps, 20))
       rows.append({'name': 'torch-reference', 'tokens_per_s': ref['tokens_per_s'], 'step_ms': ref['step_ms']})
@@ -190,11 +179,3 @@ def _bench_command(argv: Sequence[str]) -> int:
     with open(args.out, 'w') as f:
       json.dump(rows, f, indent=2)
   return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  return cli.run('fmjax.bench', _bench_command, argv)
-
-
-if __name__ == '__main__':
-  sys.exit(main())

@@ -21,9 +21,7 @@ from typing import Sequence
 
 from fmjax import cli
 from fmjax.errors import UserError
-
-USAGE = """python -m fmjax.plan --config CONFIG.py [--config.KEY=VALUE ...] [--topology NAME | --devices N]
-                         [--memory-gib G] [--mfu 0.5]"""
+from fmjax.runtime import elapsed
 
 # Chip layouts (libtpu topology names) of common slices; others via --tpu-topology-name.
 TPU_TOPOLOGIES = {
@@ -32,6 +30,9 @@ TPU_TOPOLOGIES = {
     'v5e-4': 'v5e:2x2', 'v5e-8': 'v5e:2x4', 'v5e-16': 'v5e:4x4', 'v5e-32': 'v5e:4x8', 'v5e-64': 'v5e:8x8',
     'v6e-4': 'v6e:2x2', 'v6e-8': 'v6e:2x4', 'v6e-16': 'v6e:4x4', 'v6e-32': 'v6e:4x8', 'v6e-64': 'v6e:8x8',
 }
+
+
+COMPILE_REPORT_EVERY = 30.0   # seconds between the elapsed-time lines of a long compile
 
 
 class PlanError(UserError):
@@ -89,15 +90,19 @@ def out_of_memory(error: Exception) -> PlanError | None:
 
 
 def plan(cfg, memory_gib: float | None = None, mfu: float = 0.5, peak_flops: float | None = None,
-         devices=None) -> dict:
-  """Compile cfg's train step for `devices` (default: all) and estimate memory and time per device."""
+         devices=None, target: str = '', every: float = COMPILE_REPORT_EVERY) -> dict:
+  """Compile cfg's train step for `devices` (default: all) and estimate memory and time per device.
+
+  A compile longer than `every` seconds prints elapsed-time lines naming `target` (e.g. 'v5p-8';
+  default: the mesh) on stderr."""
   from fmjax.training import build
   from fmjax.perf import flops as metrics
   from fmjax.parallel import sharding as shd
 
   mesh = shd.make_mesh(cfg.mesh, devices)
   try:
-    run = build.build_lm_run(cfg, mesh)
+    with elapsed.report(f'compiling the train step for {target or shd.describe(mesh)}', every):
+      run = build.build_lm_run(cfg, mesh)
   except Exception as e:  # noqa: BLE001 - only XLA's out-of-memory refusal is turned into a PlanError
     refusal = out_of_memory(e)
     if refusal is None:
@@ -170,15 +175,8 @@ def _use_devices(kind: str | None, chips: int) -> None:
   os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={chips}'.strip()
 
 
-def _plan_command(argv: Sequence[str]) -> int:
-  parser = cli.ArgumentParser(prog='fmjax.plan', usage=USAGE, description=__doc__.splitlines()[0])
-  cli.add_config_flags(parser)
-  parser.add_argument('--topology', default='', help='e.g. v5p-32, v6e-16, v4-8, h100-8 (default: this machine)')
-  parser.add_argument('--devices', type=int, default=0, help='plan for N devices of this platform')
-  parser.add_argument('--memory-gib', type=float, default=0.0, help='device memory limit (default: the chip\'s)')
-  parser.add_argument('--mfu', type=float, default=0.5, help='MFU assumed for the predicted step time')
-  parser.add_argument('--tpu-topology-name', default='', help='libtpu chip layout, e.g. v5p:2x2x4')
-  args, overrides = cli.parse(parser, argv)
+def run_command(args, overrides: Sequence[str]) -> int:
+  """`python -m fmjax.plan` after its flags are parsed (fmjax/plan.py): compile, report, refuse what does not fit."""
   if args.topology and args.devices:
     raise PlanError('pass --topology or --devices, not both')
   from fmjax import config as config_lib  # no jax import: the device count is set below, before jax starts
@@ -203,7 +201,7 @@ def _plan_command(argv: Sequence[str]) -> int:
     raise PlanError(f'{chips} devices were asked for but {jax.device_count()} exist; run fmjax.plan in a fresh '
                     'process (it must set the device count before jax starts)')
   try:
-    result = plan(cfg, memory, args.mfu, peak, devices)
+    result = plan(cfg, memory, args.mfu, peak, devices, target=topology)
   except PlanError as e:
     if not str(e).startswith('does not fit'):
       raise
@@ -233,12 +231,3 @@ def suggest_batch(cfg, memory_gib: float | None, devices=None) -> str:
               'or add devices / use remat to keep the batch')
     batch //= 2
   return 'no smaller batch fits: add devices, shard more (--config.mesh.*) or use remat (--config.model.remat=full)'
-
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  return cli.run('fmjax.plan', _plan_command, argv)
-
-
-if __name__ == '__main__':
-  sys.exit(main())

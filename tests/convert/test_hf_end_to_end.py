@@ -12,6 +12,7 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 hf_tokenizers = pytest.importorskip('tokenizers')
 
+from fmjax import generate as generate_command  # noqa: E402
 from fmjax.inference import generate as generate_lib  # noqa: E402
 from fmjax.checkpoints import restore  # noqa: E402
 from fmjax.convert import verify  # noqa: E402
@@ -161,7 +162,7 @@ def test_llama3_rope_logits_match_transformers_past_original_context(imported_ll
 
 
 def test_generate_cli_runs_an_imported_tokenizer_json_model(imported_llama3, capsys):
-  assert generate_lib.main(['--workdir', str(imported_llama3 / 'fm'), '--prompt', 'the quick brown',
+  assert generate_command.main(['--workdir', str(imported_llama3 / 'fm'), '--prompt', 'the quick brown',
                             '--max-new-tokens', '4']) == 0
   out = capsys.readouterr().out
   assert "--- [1] 'the quick brown'" in out and 'decode: ' in out

@@ -3,7 +3,7 @@
 import json
 import os
 
-from fmjax.perf import bench
+from fmjax import bench   # the command (fmjax/bench.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny.py')

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+from fmjax import classify as classify_command
 from fmjax.inference import classify as classify_lib
 from fmjax import train
 from fmjax.checkpoints.store import CheckpointError
@@ -136,7 +137,7 @@ def test_command_line_writes_predictions_and_metrics(tuned, tmp_path, capsys):
   workdir, rows = tuned
   data = _write(tmp_path / 'new.jsonl', rows)
   out = str(tmp_path / 'out' / 'preds.jsonl')
-  assert classify_lib.main(['--workdir', workdir, '--checkpoint', 'last', '--input', data, '--out', out]) == 0
+  assert classify_command.main(['--workdir', workdir, '--checkpoint', 'last', '--input', data, '--out', out]) == 0
   printed = capsys.readouterr().out
   records = predictions_lib.read_predictions(out)
   want = classify_lib.classify(workdir, [t for t, _ in rows], checkpoint='last')
@@ -154,7 +155,7 @@ def test_command_line_writes_predictions_and_metrics(tuned, tmp_path, capsys):
 def test_command_line_prints_jsonl_alone_for_texts(tuned, capsys):
   workdir, rows = tuned
   texts = [rows[0][0], 'ééé ' * 20]
-  assert classify_lib.main(['--workdir', workdir, '--text', texts[0], '--text', texts[1]]) == 0
+  assert classify_command.main(['--workdir', workdir, '--text', texts[0], '--text', texts[1]]) == 0
   lines = capsys.readouterr().out.splitlines()
   records = [json.loads(line) for line in lines]   # nothing but JSON on stdout
   want = classify_lib.classify(workdir, texts)
@@ -168,12 +169,12 @@ def test_csv_input_without_labels_and_field_flags(tuned, tmp_path, capsys):
   with open(path, 'w', newline='', encoding='utf-8') as f:
     csv.writer(f).writerows([('sentence',)] + [(t,) for t, _ in rows[:5]])
   out = tmp_path / 'p.jsonl'
-  assert classify_lib.main(['--workdir', workdir, '--input', str(path), '--text-field', 'sentence',
+  assert classify_command.main(['--workdir', workdir, '--input', str(path), '--text-field', 'sentence',
                             '--out', str(out)]) == 0
   assert len(predictions_lib.read_predictions(str(out))) == 5
   assert not (tmp_path / 'p.metrics.json').exists()
   capsys.readouterr()
-  assert classify_lib.main(['--workdir', workdir, '--input', str(path)]) == 2
+  assert classify_command.main(['--workdir', workdir, '--input', str(path)]) == 2
   err = capsys.readouterr().err.strip()
   assert "no column 'body'" in err and '--text-field' in err and '\n' not in err
 
@@ -207,7 +208,7 @@ def test_predictions_file_round_trip(tmp_path):
 
 
 def _one_line_error(capsys, argv, *needles):
-  assert classify_lib.main(argv) == 2
+  assert classify_command.main(argv) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith('fmjax.classify: error: ') and '\n' not in err, err
   for needle in needles:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fmjax.training import build
+from fmjax import evaluate as evaluate_command
 from fmjax.inference import evaluate
 from fmjax.parallel import sharding as shd
 from fmjax.model import Transformer
@@ -46,13 +47,13 @@ def test_evaluate_params_matches_reference_and_sharded_run():
 
 def test_cli(tmp_path_factory, tmp_path, capsys):
   workdir = train_tiny(tmp_path_factory.getbasetemp())
-  assert evaluate.main(['--workdir', workdir, '--batches', '2', '--split', 'train']) == 0
+  assert evaluate_command.main(['--workdir', workdir, '--batches', '2', '--split', 'train']) == 0
   line = capsys.readouterr().out.strip().splitlines()[-1]
   fields = dict(f.split('=') for f in line.split(' (')[0].split())
   assert float(fields['loss']) < math.log(259) - 1.0
   assert float(fields['perplexity']) == pytest.approx(math.exp(float(fields['loss'])), rel=1e-3)
   assert 'bits_per_byte' in fields and "split 'train'" in line
-  assert evaluate.main(['--workdir', str(tmp_path / 'none')]) == 2
-  assert evaluate.main(['--workdir', workdir, '--split', 'nosuchsplit']) == 2
+  assert evaluate_command.main(['--workdir', str(tmp_path / 'none')]) == 2
+  assert evaluate_command.main(['--workdir', workdir, '--split', 'nosuchsplit']) == 2
   errors = capsys.readouterr().err.strip().splitlines()
   assert len(errors) == 2 and all(e.startswith('fmjax.evaluate: error: ') for e in errors), errors

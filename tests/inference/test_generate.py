@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fmjax.inference import decode
+from fmjax import generate as generate_command
 from fmjax.inference import generate
 from fmjax.checkpoints import restore
 from fmjax.checkpoints.store import CheckpointError
@@ -110,7 +111,7 @@ def test_trained_checkpoint_scores_better_than_random(restored):
 def test_errors(restored, tmp_path, capsys):
   with pytest.raises(CheckpointError, match='no checkpoint'):
     restore.restore(str(tmp_path))
-  assert generate.main(['--workdir', str(tmp_path), '--prompt', 'x']) == 2
+  assert generate_command.main(['--workdir', str(tmp_path), '--prompt', 'x']) == 2
   assert capsys.readouterr().err.startswith('fmjax.generate: error: no checkpoint in')
   with pytest.raises(decode.DecodeError, match='model context is 32'):
     generate.generate(restored, ['x' * 40])
@@ -119,7 +120,7 @@ def test_errors(restored, tmp_path, capsys):
   workdir = restored.cfg.workdir
   for argv in (['--prompt', 'x' * 40], ['--prompt', 'x', '--top-z', '3'], ['--prompt', 'x', '--top-p', '1.5'],
                ['--prompt-file', str(tmp_path / 'missing.txt')], ['--prompt', 'x', '--mesh', '2,2']):
-    assert generate.main(['--workdir', workdir] + argv) == 2, argv
+    assert generate_command.main(['--workdir', workdir] + argv) == 2, argv
     err = capsys.readouterr().err.strip()
     assert err.startswith('fmjax.generate: error: ') and '\n' not in err, err
 
@@ -129,7 +130,7 @@ def test_cli(restored, tmp_path, capsys):
   prompts.write_text('the cat\nthe dog ate\n')
   argv = ['--workdir', restored.cfg.workdir, '--prompt-file', str(prompts), '--prompt', 'the', '--max-new-tokens',
           '6', '--temperature', '0.8', '--top-p', '0.9', '--seed', '1', '--mesh', '2,4,1', '--stop', '\n']
-  assert generate.main(argv) == 0
+  assert generate_command.main(argv) == 0
   out = capsys.readouterr().out
   assert out.count('--- [') == 3 and 'tokens/s' in out
 
@@ -142,7 +143,7 @@ def test_context_cap_is_reported_in_one_line(restored, capsys):
   assert capped.steps <= 12 and len(capped.tokens[0]) <= 12
   fits = generate.generate(restored, [prompt], max_new_tokens=12, warn=notes.append)
   assert len(notes) == 1 and fits.tokens == capped.tokens     # no note when everything fits
-  assert generate.main(['--workdir', restored.cfg.workdir, '--prompt', prompt, '--max-new-tokens', '64']) == 0
+  assert generate_command.main(['--workdir', restored.cfg.workdir, '--prompt', prompt, '--max-new-tokens', '64']) == 0
   err = capsys.readouterr().err.strip().splitlines()
   assert [line for line in err if 'capped' in line] == [notes[0]], err
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fmjax import inspect as inspect_command
 from fmjax.inference import inspect as fm_inspect
 from fmjax.checkpoints import restore
 from fmjax.model import Transformer
@@ -40,7 +41,7 @@ def test_analyse_and_cli(tmp_path_factory, tmp_path, capsys):
   assert len(result['token_loss']) == len(result['tokens']) - 1
 
   out = tmp_path / 'out'
-  assert fm_inspect.main(['--workdir', workdir, '--prompt', 'the dog', '--out', str(out)]) == 0
+  assert inspect_command.main(['--workdir', workdir, '--prompt', 'the dog', '--out', str(out)]) == 0
   files = sorted(os.listdir(out))
   assert files == ['attention_layer0.png', 'attention_layer1.png', 'inspect.json', 'logit_lens.png',
                    'token_loss.png']
@@ -53,7 +54,7 @@ def test_analyse_and_cli(tmp_path_factory, tmp_path, capsys):
   assert np.asarray(data['attention']).shape == (2, 4, t, t)
   assert len(data['logit_lens']) == 2 and len(data['logit_lens'][0]) == t and len(data['token_loss']) == t - 1
   capsys.readouterr()
-  assert fm_inspect.main(['--workdir', str(tmp_path / 'none'), '--prompt', 'x', '--out', str(out)]) == 2
-  assert fm_inspect.main(['--workdir', workdir, '--prompt', 'x' * 40, '--out', str(out)]) == 2
+  assert inspect_command.main(['--workdir', str(tmp_path / 'none'), '--prompt', 'x', '--out', str(out)]) == 2
+  assert inspect_command.main(['--workdir', workdir, '--prompt', 'x' * 40, '--out', str(out)]) == 2
   errors = capsys.readouterr().err.strip().splitlines()
   assert len(errors) == 2 and all(e.startswith('fmjax.inspect: error: ') for e in errors), errors

@@ -1,23 +1,26 @@
 """fmjax.plan's memory against a live run; fmjax.bench's measurements and output."""
 
 import json
+import re
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from fmjax.perf import bench
+from fmjax import bench as bench_command
+from fmjax import plan as plan_command
 from fmjax.training import build
 from fmjax.perf import flops as metrics
 from fmjax.perf import plan
 from helpers import tiny_config
 
 
-def test_plan_memory_matches_the_live_state_on_each_device():
+def test_plan_memory_matches_the_live_state_on_each_device(capsys):
   cfg = tiny_config(num_heads=8, num_kv_heads=8, d_model=64)
   cfg.mesh.update(dict(data=2, fsdp=2, tensor=2))
   p = plan.plan(cfg, memory_gib=1.0, peak_flops=1e12)
+  assert 'compiling' not in capsys.readouterr().err   # a short compile prints no elapsed-time lines
   run = build.build_lm_run(cfg, compile_step=False)
   state = run.init(jax.random.PRNGKey(0))
   dev = jax.devices()[0]
@@ -32,12 +35,12 @@ def test_plan_memory_matches_the_live_state_on_each_device():
 
 
 def test_plan_cli_rejects_a_config_that_does_not_fit(capsys, tmp_path):
-  code = plan.main(['--config', 'configs/default.py', '--devices', '8', '--memory-gib', '0.001'])
+  code = plan_command.main(['--config', 'configs/default.py', '--devices', '8', '--memory-gib', '0.001'])
   out = capsys.readouterr()
   assert code == 2 and 'DOES NOT FIT' in out.out
   assert out.err.startswith('fmjax.plan: error: ') and 'needs' in out.err and out.err.count('\n') == 1, out.err
-  assert plan.main(['--config', 'configs/default.py', '--devices', '8', '--memory-gib', '4']) == 0
-  assert plan.main(['--config', 'configs/default.py', '--topology', 'v9x-3']) == 2
+  assert plan_command.main(['--config', 'configs/default.py', '--devices', '8', '--memory-gib', '4']) == 0
+  assert plan_command.main(['--config', 'configs/default.py', '--topology', 'v9x-3']) == 2
 
 
 def test_flops_formula_against_a_hand_count():
@@ -51,7 +54,7 @@ def test_flops_formula_against_a_hand_count():
 
 def test_bench_reports_a_table_and_json(capsys, tmp_path):
   out_json = tmp_path / 'bench.json'
-  code = bench.main(['--config', 'configs/nanogpt_cpu.py', '--steps', '2', '--config.model.num_layers=1', '--config.mesh.data=8',
+  code = bench_command.main(['--config', 'configs/nanogpt_cpu.py', '--steps', '2', '--config.model.num_layers=1', '--config.mesh.data=8',
                      '--config.global_batch_size=16',
                      '--sweep', 'model.remat=none;model.remat=full', '--out', str(out_json)])
   assert code == 0
@@ -60,7 +63,24 @@ def test_bench_reports_a_table_and_json(capsys, tmp_path):
   for r in rows:
     assert r['tokens_per_s'] > 0 and 0 < r['mfu'] and r['step_ms'] > 0 and r['compile_s'] > 0
   assert rows[0]['loss'] == rows[1]['loss']           # remat changes memory, not the numbers
-  assert 'tokens_per_s' in capsys.readouterr().out
+  out = capsys.readouterr()
+  assert 'tokens_per_s' in out.out
+  progress = [line.split() for line in out.err.splitlines()]   # a row on stderr as each run finishes
+  header = [i for i, words in enumerate(progress) if words[:3] == ['name', 'compile_s', 'step_ms']]
+  rows = [i for i, words in enumerate(progress) if words and words[0].startswith('model.remat=')]
+  assert len(header) == 1 and [progress[i][0] for i in rows] == ['model.remat=none', 'model.remat=full'], out.err
+  assert header[0] < rows[0], out.err                         # the header before the first row
+
+
+def test_a_long_plan_compile_prints_elapsed_lines(capsys):
+  cfg = tiny_config()
+  cfg.mesh.update(dict(data=2, fsdp=2, tensor=2))
+  plan.plan(cfg, target='v5p-8', every=0.01)     # every compile is "long" at 10 ms
+  err = capsys.readouterr().err
+  assert re.search(r'^compiling the train step for v5p-8 \.\.\. \d+ s$', err, re.M), err
+  assert re.search(r'^compiling the train step for v5p-8: done in \d+ s$', err, re.M), err
+  plan.plan(cfg, every=0.01)                     # no target: the mesh names it
+  assert 'compiling the train step for data=2 fsdp=2 tensor=2 (8 devices, cpu) ...' in capsys.readouterr().err
 
 
 def _compiled_hlo_size(layers, scan):

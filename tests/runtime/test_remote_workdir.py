@@ -54,8 +54,8 @@ def test_restore_evaluate_and_generate_from_gs(tmp_path, gcs, capsys):
   restored = restore.restore(remote)
   assert restored.step == 2
   assert_same_tree(jax.device_get(restored.params), jax.device_get(result.state.params))
-  from fmjax.inference import evaluate
-  from fmjax.inference import generate
+  from fmjax import evaluate   # the commands (fmjax/evaluate.py, fmjax/generate.py)
+  from fmjax import generate
   assert evaluate.main(['--workdir', remote, '--batches', '1']) == 0
   assert 'loss=' in capsys.readouterr().out
   assert generate.main(['--workdir', remote, '--prompt', 'the quick', '--max-new-tokens', '4']) == 0
