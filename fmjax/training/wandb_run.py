@@ -61,14 +61,15 @@ def open_run(workdir: str, metrics, run_config: dict | None, log=print) -> Wandb
   run_id = paths.read_text(id_path).strip() if paths.exists(id_path) else ''
   resumed = bool(run_id)
   run_id = run_id or ''.join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-  local_dir = None if os.environ.get('WANDB_DIR') or paths.is_url(workdir) else workdir
+  # Given explicitly: W&B reads its environment once per process, and a process may run several (finetune --demo).
+  local_dir = os.environ.get('WANDB_DIR') or (None if paths.is_url(workdir) else workdir)
   try:
     run = wandb.init(project=metrics.wandb_project, entity=metrics.get('wandb_entity') or None,
                      name=metrics.get('wandb_run_name') or paths.basename(workdir.rstrip('/')), id=run_id,
-                     resume='allow', mode=mode, dir=local_dir)
+                     resume='allow', mode=mode or _env_mode(), dir=local_dir)
   except wandb.errors.Error as e:
     raise TrackerError(f'cannot start the W&B run {run_id} of project {metrics.wandb_project!r}: '
-                       f'{" ".join(str(e).split())}; run `wandb login`, set WANDB_MODE=offline, or set '
+                       f'{" ".join(str(e).split()).rstrip(".")}; run `wandb login`, set WANDB_MODE=offline, or set '
                        "metrics.wandb_project=''") from None
   if run_config is not None:
     run.config.update(run_config, allow_val_change=True)
@@ -78,3 +79,9 @@ def open_run(workdir: str, metrics, run_config: dict | None, log=print) -> Wandb
   if first:
     log(f'W&B run {run_id} already holds steps before {first}: those keep their logged values there')
   return WandbRun(run, first)
+
+
+def _env_mode() -> str | None:
+  """$WANDB_MODE when it names a mode (read at each run, see open_run); else None (W&B decides)."""
+  mode = os.environ.get('WANDB_MODE', '')
+  return mode if mode in MODES else None

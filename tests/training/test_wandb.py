@@ -133,3 +133,17 @@ def test_misconfigured_wandb_is_one_line_naming_the_fix(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, 'wandb', None)      # as if wandb were not installed
   with pytest.raises(wandb_run.TrackerError, match=r"pip install 'fmjax\[wandb\]'"):
     MetricWriter(str(tmp_path / 'b'), 10, progress_bar=False, enabled=True, config=cfg)
+
+
+def test_online_without_a_login_is_one_line_naming_the_ways_out(tmp_path, monkeypatch):
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))     # no ~/.netrc, no W&B settings: no API key anywhere
+  monkeypatch.delenv('WANDB_API_KEY', raising=False)
+  monkeypatch.setenv('WANDB_MODE', 'online')
+  monkeypatch.setenv('WANDB_DIR', str(tmp_path))
+  cfg = tiny_config()
+  cfg.metrics.wandb_project = 'fmjax-test'
+  with pytest.raises(wandb_run.TrackerError) as e:
+    MetricWriter(str(tmp_path / 'run'), 10, progress_bar=False, enabled=True, config=cfg)
+  assert "of project 'fmjax-test'" in str(e.value) and 'wandb login' in str(e.value)
+  assert 'WANDB_MODE=offline' in str(e.value) and '\n' not in str(e.value)
+  assert not os.path.exists(tmp_path / 'run' / 'wandb_run_id')
