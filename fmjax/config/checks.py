@@ -24,6 +24,9 @@ _CHOICES = {
     'model.dtype': ('float32', 'bfloat16'),
     'data.source': ('stdlib', 'text', 'jsonl', 'parquet', 'tfds'),
     'data.split_by': ('file', 'paragraph'),
+    'optim.name': ('adamw', 'muon', 'adafactor', 'lion'),
+    'optim.schedule': ('cosine', 'linear', 'constant', 'inverse_sqrt', 'wsd'),
+    'optim.decay_shape': ('linear', 'cosine', 'sqrt'),
 }
 
 
@@ -61,10 +64,29 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       raise ConfigError(f'{key} must be positive, got {cfg[key]}')
   for key, low, low_ok, high in _RANGES:
     _check_range(cfg, key, low, low_ok, high)
+  _check_schedule(cfg)
   for key in ('divergence_factor', 'grad_spike_factor'):
     if 0 < cfg.get(key, 0) <= 1:
       raise ConfigError(f'{key} must be 0 (off) or > 1, got {cfg[key]}')
   return cfg
+
+
+def _check_schedule(cfg: ml_collections.ConfigDict) -> None:
+  """WSD's decay: a fraction in (0, 1], a start after warmup and before the schedule's end."""
+  o = cfg.get('optim')
+  if o is None or o.get('schedule') != 'wsd':
+    return
+  fraction = o.get('decay_fraction', 0.2)
+  if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+    raise ConfigError(f'optim.decay_fraction={fraction!r} must be in (0, 1]: the share of the schedule spent '
+                      'decaying')
+  end = o.decay_steps or cfg.steps
+  start = o.decay_start or end - round(fraction * end)
+  if not o.warmup_steps <= start < end:
+    where = f'optim.decay_start={o.decay_start}' if o.decay_start else (f'the decay start {start} (from '
+                                                                        f'optim.decay_fraction={fraction:g})')
+    raise ConfigError(f'{where} must be at or after optim.warmup_steps={o.warmup_steps} and before the end of '
+                      f'the schedule, step {end} (optim.decay_steps, or steps when 0)')
 
 
 def _check_context(cfg: ml_collections.ConfigDict) -> None:
@@ -123,6 +145,9 @@ _RANGES = (
     ('optim.warmup_steps', 0, True, None), ('optim.decay_steps', 0, True, None),
     ('optim.b1', 0, True, 1), ('optim.b2', 0, True, 1), ('optim.eps', 0, False, None),
     ('optim.weight_decay', 0, True, None), ('optim.grad_clip', 0, True, None), ('z_loss', 0, True, None),
+    ('optim.decay_start', 0, True, None), ('optim.muon_momentum', 0, True, 1), ('optim.muon_ns_steps', 1, True, None),
+    ('optim.muon_rms', 0, True, None), ('optim.adafactor_min_dim', 1, True, None),
+    ('optim.adafactor_decay', 0, False, None),
     ('model.dropout', 0, True, 1), ('model.init_std', 0, False, None), ('model.norm_eps', 0, False, None),
     ('model.rope_theta', 0, False, None), ('eval_every', 0, True, None), ('checkpoint_every', 0, True, None),
     ('keep_checkpoints', 1, True, None), ('cpu_peak_flops', 0, True, None), ('skip_nonfinite_steps', 0, True, None),

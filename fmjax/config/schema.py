@@ -116,16 +116,32 @@ def logical_axis_rules_default() -> tuple:
   )
 
 
-OPTIM = dict(   # AdamW with linear warmup and cosine decay
-    learning_rate=field(1e-3, RUN),
-    end_learning_rate=field(1e-4, RUN),
-    warmup_steps=field(100, RUN),
-    decay_steps=field(0, RUN, '0 = steps'),
-    b1=field(0.9, RESUME),
-    b2=field(0.95, RESUME),
+OPTIM = dict(   # the optimizer and its learning-rate schedule (fmjax/training/optim.py, schedules.py)
+    name=field('adamw', RUN, 'adamw | muon (hidden matrices; AdamW on the rest) | adafactor (factored second '
+                             'moment) | lion'),
+    schedule=field('cosine', RUN, 'cosine | linear | constant | inverse_sqrt | wsd (warmup, stable, decay); a '
+                                  'resume may turn constant or wsd into wsd with a decay_start at or after its '
+                                  'checkpoint (a cooldown)'),
+    learning_rate=field(1e-3, RUN, 'the peak'),
+    end_learning_rate=field(1e-4, RUN, 'where cosine, linear and wsd decay to'),
+    warmup_steps=field(100, RUN, 'linear warmup from 0 to the peak'),
+    decay_steps=field(0, RUN, "the schedule's end; 0 = steps"),
+    decay_start=field(0, RUN, 'wsd: the first step of the decay; 0 = the end minus decay_fraction of it'),
+    decay_fraction=field(0.2, RUN, 'wsd: share of the schedule spent decaying, in (0, 1]'),
+    decay_shape=field('sqrt', RUN, 'wsd: linear | cosine | sqrt (1 - sqrt(t), the better cooldown in Hagele et '
+                                   'al. 2024)'),
+    b1=field(0.9, RESUME, 'AdamW (and Muon\'s AdamW part), Lion'),
+    b2=field(0.95, RESUME, 'AdamW (and Muon\'s AdamW part), Lion (paper: 0.99)'),
     eps=field(1e-8, RESUME),
-    weight_decay=field(0.1, RESUME),
+    weight_decay=field(0.1, RESUME, 'times the learning rate; norm scales and biases never decay'),
     grad_clip=field(1.0, RESUME, 'global-norm clip; 0 = off'),
+    muon_momentum=field(0.95, RESUME, 'muon: Nesterov momentum of the hidden matrices'),
+    muon_ns_steps=field(5, RESUME, 'muon: Newton-Schulz iterations'),
+    muon_rms=field(0.2, RESUME, "muon: update RMS matched to AdamW's (Liu et al. 2025), so learning_rate and "
+                                "weight_decay serve both; 0 = Jordan's sqrt(max(1, cols / rows)) scale"),
+    adafactor_min_dim=field(128, RUN, 'adafactor: factor a matrix view when both sides have this many entries '
+                                      '(else a full second moment)'),
+    adafactor_decay=field(0.8, RESUME, 'adafactor: second-moment decay 1 - t^-this at step t'),
 )
 
 # Fine-tuning (`python -m fmjax.finetune`); pretraining ignores it. The recipe was chosen on the validation
@@ -204,7 +220,8 @@ SCHEMA = dict(
     seq_len=field(128, RUN),
     global_batch_size=field(16, RUN),
     microbatches=field(1, RESUME, 'gradient accumulation: the batch is split into this many'),
-    steps=field(1000, RUN, 'may change on resume when optim.decay_steps fixes the schedule'),
+    steps=field(1000, RUN, 'may change on resume when the schedule does not depend on it (optim.decay_steps set, '
+                          'a constant or inverse_sqrt schedule) and in a cooldown (optim.decay_start)'),
     z_loss=field(0.0, RESUME),
     log_every=field(10, RESUME),
     eval_every=field(0, RESUME, '0 = never'),
@@ -264,7 +281,7 @@ def mesh_defaults() -> ml_collections.ConfigDict:
 
 
 def optim_defaults() -> ml_collections.ConfigDict:
-  """AdamW with linear warmup and cosine decay."""
+  """The optimizer (AdamW by default) and its learning-rate schedule (warmup + cosine by default)."""
   return values(OPTIM, 'optim.')
 
 
