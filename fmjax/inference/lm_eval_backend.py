@@ -92,6 +92,9 @@ class FmjaxLM(TemplateLM):
       overrides += [f'model.dtype={dtype}'] if dtype else []
       lm = api.load(str(pretrained), overrides, None if step is None else int(step), mesh)
     self.restored = getattr(lm, 'restored', lm)
+    if self.restored.cfg.model.get('kind', 'decoder') == 'encoder':
+      raise BackendArgumentError('this checkpoint is an encoder (model.kind=encoder, masked-LM): lm-eval\'s '
+                                 'log-likelihood and generation tasks need a causal decoder')
     self.tokenizer = self.restored.tokenizer
     self.runner = lm_eval_compute.RowRunner(self.restored, params, _batch_size(batch_size))
     self.batch_size = _batch_size(batch_size)

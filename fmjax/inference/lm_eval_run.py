@@ -1,8 +1,8 @@
 """Run lm-eval tasks on an fmjax model: by name, offline, in-process or from `python -m fmjax.lm_eval`.
 
     metrics = run_tasks(fmjax.api.load(WORKDIR), ['fmjax_sanity'], limit=100)   # {'task/metric': value}
-    evaluate_tasks = make_task_evaluator(restored, ['fmjax_stdlib_next_line'])  # in a training loop:
-    evaluate_tasks(state.params)                                                # compiled once, reused
+    evaluate_tasks = make_task_evaluator(for_run(run, cfg, tokenizer), ['fmjax_sanity'], limit=200)
+    evaluate_tasks(state.params)               # in a training loop, at checkpoints: compiled once, reused
 
 Task names are looked up in fmjax's shipped sanity tasks (fmjax/inference/lm_eval_tasks), then the
 `include_path` folders, and only when a name is in neither, in lm-eval's own task index (slow to build,
@@ -40,22 +40,24 @@ def _task_dirs(include_path) -> list[str]:
   return [TASKS_DIR] + [os.path.abspath(p) for p in extra]
 
 
-def task_manager(names: Sequence[str], include_path=None, metadata: dict | None = None):
-  """A lm_eval TaskManager that knows every name in `names` (else UnknownTask, naming close matches)."""
+def task_manager(names: Sequence[str], include_path=None, metadata: dict | None = None, builtin: bool = True):
+  """A lm_eval TaskManager that knows every name in `names` (else UnknownTask, naming close matches); with
+  `builtin`, lm-eval's own tasks are indexed too when a name is not among fmjax's and include_path's."""
   errors.require_lm_eval()
   from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
   logging.getLogger('lm_eval.api.task').addFilter(_QuietCustomDataset())
   dirs = _task_dirs(include_path)
   manager = TaskManager(include_path=dirs, include_defaults=False, metadata=dict(metadata or {}))
-  if _unknown(manager, names):
+  if builtin and _unknown(manager, names):
     log.info('looking for %s among lm-eval\'s own tasks (building its task index)', ', '.join(_unknown(manager, names)))
     manager = TaskManager(include_path=dirs, include_defaults=True, metadata=dict(metadata or {}))
   missing = _unknown(manager, names)
   if missing:
     close = difflib.get_close_matches(missing[0], manager.all_tasks, n=3)
     hint = f'; did you mean {", ".join(close)}?' if close else ''
+    where = ', lm-eval\'s tasks' if builtin else ''
     raise errors.UnknownTask(f'unknown lm-eval task {missing[0]!r}: no task, group or tag of that name in fmjax\'s '
-                             f'sanity tasks (e.g. fmjax_sanity), lm-eval\'s tasks or --include-path{hint}')
+                             f'sanity tasks (e.g. fmjax_sanity){where} or --include-path{hint}')
   return manager
 
 
@@ -129,6 +131,14 @@ def stdlib_metadata(restored) -> dict:
   return {'validation_fraction': float(data.validation_fraction)} if data.source == 'stdlib' else {}
 
 
+def for_run(run, cfg, tokenizer, step: int = 0):
+  """A restored-model view of a live training run (its Run: model, mesh, rules; its config and tokenizer),
+  for make_task_evaluator: no checkpoint is read, and the parameters come with each call."""
+  from fmjax.checkpoints.restore import Restored  # pylint: disable=import-outside-toplevel
+  return Restored(cfg=cfg, meta={'seq_len': int(cfg.seq_len)}, step=int(step), tokenizer=tokenizer, run=run,
+                  params=None)
+
+
 def make_task_evaluator(model, names: Sequence[str], **options) -> Callable[..., dict[str, float]]:
   """`evaluate(params=None) -> {'task/metric': value}` on a restored model (fmjax.api.load / checkpoints.restore),
   built once: compiled programs and loaded task documents are reused across calls with new `params` of the
@@ -145,6 +155,8 @@ def make_task_evaluator(model, names: Sequence[str], **options) -> Callable[...,
   lm = FmjaxLM(lm=restored, **options)
 
   def evaluate_tasks(params=None) -> dict[str, float]:
+    if params is None and restored.params is None:
+      raise errors.BackendArgumentError('no parameters: pass evaluate_tasks(params) (for_run views hold none)')
     lm.runner.params = restored.params if params is None else params
     return flat_metrics(evaluate(lm, names, manager=manager, log_samples=False, **run_options))
   return evaluate_tasks

@@ -154,7 +154,7 @@ class _LeakyPaddingRunner(lm_eval_compute.RowRunner):
 
 
 def test_the_comparison_catches_padding_that_changes_scores(setup):
-  ll = _loglikelihood_requests(setup['docs'])
+  ll = _loglikelihood_requests(setup['docs'])[12:]   # the requests shorter than their batch's width
   want = setup['hf'].loglikelihood(ll)
   lm = FmjaxLM(lm=setup['lm'], batch_size=8)
   lm.runner = _LeakyPaddingRunner(setup['lm'].restored, rows=8)
@@ -192,6 +192,8 @@ def test_run_tasks_in_process_with_new_params(setup):
   assert after['fmjax_stdlib_perplexity/bits_per_byte'] != before['fmjax_stdlib_perplexity/bits_per_byte']
   assert evaluate_tasks() == before
   assert lm_eval_run.run_tasks(lm, ['fmjax_stdlib_perplexity'], **options) == before
+  live = lm_eval_run.for_run(lm.restored.run, lm.config, lm.tokenizer, step=7)   # what a training loop holds
+  assert lm_eval_run.make_task_evaluator(live, ['fmjax_stdlib_perplexity'], **options)(scaled) == after
 
 
 def test_command_writes_results_and_samples(setup, tmp_path, capsys, monkeypatch):
@@ -327,3 +329,11 @@ def test_speed_against_the_hf_backend(setup):
         f'fmjax {rates["fmjax"]:.0f} (first call with compiles: {len(requests) / cold:.0f}), hf {rates["hf"]:.0f}; '
         f'fmjax / hf = {rates["fmjax"] / rates["hf"]:.2f}x (load average {os.getloadavg()[0]:.1f} on '
         f'{os.cpu_count()} CPUs)')
+
+
+@pytest.mark.slow
+def test_command_names_an_unknown_task_after_searching_lm_evals_own(setup, capsys):
+  from fmjax.lm_eval import main
+  assert main(['--workdir', setup['workdir'], '--tasks', 'fmjax_stdlib_next_line,hellaswagg']) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "unknown lm-eval task 'hellaswagg'" in err[0] and 'did you mean hellaswag' in err[0]
