@@ -39,7 +39,8 @@ def parser() -> cli.ArgumentParser:
                  help='tokens per request at most (default: the model context); longer ones are cut from the left')
   p.add_argument('--no-buckets', action='store_true',
                  help='pad each batch to its own longest request instead of a few bucket lengths (more compiles)')
-  p.add_argument('--dtype', default=None, metavar='DTYPE', help='compute dtype, e.g. float32 (default: the checkpoint\'s)')
+  p.add_argument('--dtype', default=None, metavar='DTYPE',
+                 help='compute dtype, e.g. float32 (default: the checkpoint\'s)')
   p.add_argument('--gen-kwargs', default=None, metavar='K=V,...',
                  help='generation options for generate_until tasks, e.g. max_gen_toks=32,until=\\n')
   p.add_argument('--bootstrap-iters', type=int, default=1000, metavar='N',

@@ -79,9 +79,13 @@ class FmjaxLM(TemplateLM):
                mesh: str | None = None, overrides: Sequence[str] = (), dtype: str | None = None,
                batch_size: Any = DEFAULT_BATCH_SIZE, max_length: int | None = None, buckets: Any = True,
                max_gen_toks: int = 256, add_bos_token: Any = None, prefix_token_id: int | None = None,
-               seed: int = 0, device: str | None = None, max_batch_size: int | None = None):
+               seed: int = 0, device: str | None = None, max_batch_size: int | None = None, **unknown):
     super().__init__()
     del device, max_batch_size   # lm-eval passes them to every model; fmjax places work by its mesh
+    if unknown:
+      raise BackendArgumentError(f'unknown fmjax model argument(s) {", ".join(sorted(unknown))}; known: pretrained, '
+                                 'step, mesh, overrides, dtype, batch_size, max_length, buckets, max_gen_toks, '
+                                 'add_bos_token, prefix_token_id, seed')
     from fmjax.inference import lm_eval_compute  # pylint: disable=import-outside-toplevel
     if lm is None:
       if not pretrained:
@@ -90,6 +94,7 @@ class FmjaxLM(TemplateLM):
       from fmjax.inference import api  # pylint: disable=import-outside-toplevel
       overrides = [overrides] if isinstance(overrides, str) else list(overrides)
       overrides += [f'model.dtype={dtype}'] if dtype else []
+      mesh = mesh.replace(';', ',') if isinstance(mesh, str) else mesh   # lm-eval's argument strings split on commas
       lm = api.load(str(pretrained), overrides, None if step is None else int(step), mesh)
     self.restored = getattr(lm, 'restored', lm)
     if self.restored.cfg.model.get('kind', 'decoder') == 'encoder':
@@ -99,6 +104,9 @@ class FmjaxLM(TemplateLM):
     self.runner = lm_eval_compute.RowRunner(self.restored, params, _batch_size(batch_size))
     self.batch_size = _batch_size(batch_size)
     self._max_length = int(max_length) if max_length else int(self.restored.context_length)
+    if not 0 < self._max_length <= self.restored.context_length:
+      raise BackendArgumentError(f'max_length={max_length} must be in 1..{self.restored.context_length} (the model '
+                                 'context)')
     self.buckets = _buckets(buckets, self._max_length)
     self._max_gen_toks = int(max_gen_toks)
     self.add_bos = bool(self.restored.cfg.data.add_bos) if add_bos_token is None else _flag(add_bos_token)

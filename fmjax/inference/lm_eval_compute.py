@@ -7,7 +7,9 @@ axes as in evaluation, parameters stay in their own shardings, and results come 
 
 Scoring right-pads: padding has segment id 0 and each row's positions run from 0, so a row is scored
 exactly as it would be alone. The score of a position is the float32 log-softmax of the model's
-logits at the next token, and whether that token is the argmax. Decoding left-pads into fmjax's
+logits at the next token (its logit minus the logsumexp), and whether that token is the argmax. The
+model's (rows, length, vocab) logits exist at once: lower the batch size for long rows of a large
+vocabulary. Decoding left-pads into fmjax's
 KV-cache decoder (fmjax.inference.decode), whose positions count real tokens only.
 """
 
@@ -68,9 +70,8 @@ class RowRunner:
 
       def score(params, tokens, positions, segments, targets):
         logits = model.apply({'params': params}, tokens, positions, segments).astype(jnp.float32)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-        return picked, jnp.argmax(logits, axis=-1) == targets
+        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]   # (B, W): no (B, W, V) log-softmax
+        return picked - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == targets
 
       param_sh = jax.tree.map(lambda x: x.sharding, self.params)
       spec = jax.ShapeDtypeStruct((self.rows, width), jnp.int32, sharding=self._row)
@@ -97,7 +98,7 @@ class RowRunner:
     fn = self._scorer(width)
     with shd.activate(self.restored.mesh, self.restored.run.rules):
       logp, greedy = fn(self.params, *map(self._global, (tokens, positions, segments, nexts)))
-    logp, greedy = jax.device_get((logp, greedy))
+    logp, greedy = _host(logp), _host(greedy)
     return np.asarray(logp[:n], np.float32), np.asarray(greedy[:n])
 
   def decode(self, prompts: Sequence[Sequence[int]], width: int, new_tokens: int,
@@ -118,8 +119,16 @@ class RowRunner:
                                                                batch['segment_ids'])))
       next_pos = self._global((batch['positions'][:, -1] + 1).astype(np.int32))
       out, lengths, _ = loop(self.params, cache, logits, next_pos, jax.random.PRNGKey(seed), sampling.as_arrays())
-    out, lengths = jax.device_get((out, lengths))
+    out, lengths = _host(out), _host(lengths)
     return [out[i, :lengths[i]].tolist() for i in range(len(prompts))]
+
+
+def _host(x: jax.Array) -> np.ndarray:
+  """The whole of a global array on this host (gathered from the other processes when it spans them)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, rows: int, width: int) -> dict[str, np.ndarray]:

@@ -66,7 +66,8 @@ def _loglikelihood_requests(docs):
   """12 multiple-choice requests longer than the model (cut from the left), 14 cloze requests of 49-62 tokens
   (so that, longest first, batches of 8 fill two buckets, 128 and 64, at several widths), an empty context
   (scored after the prefix token) and a context ending in spaces (moved to the continuation)."""
-  out = [Instance('loglikelihood', d, (d['context'], c), i) for d in docs['next_line'][:3] for i, c in enumerate(d['choices'])]
+  out = [Instance('loglikelihood', d, (d['context'], c), i)
+         for d in docs['next_line'][:3] for i, c in enumerate(d['choices'])]
   for j, d in enumerate(docs['last_word'][:14]):
     context = d['context'].encode('ascii', 'replace').decode()[-(62 - j - len(d['target'])):]
     out.append(Instance('loglikelihood', d, (context, d['target']), 0))   # BOS + context + target - 1 = 62 - j
@@ -252,7 +253,8 @@ def test_imported_hf_llama_scores_as_the_hf_backend(setup, tmp_path):
   ours = FmjaxLM(pretrained=str(tmp_path / 'fm'), batch_size=8)
   assert ours.max_length == hf.max_length == 256 and ours.prefix_token_id == hf.prefix_token_id
   docs = setup['docs']
-  ll = [Instance('loglikelihood', d, (d['context'], c), i) for d in docs['next_line'][:2] for i, c in enumerate(d['choices'])]
+  ll = [Instance('loglikelihood', d, (d['context'], c), i)
+        for d in docs['next_line'][:2] for i, c in enumerate(d['choices'])]
   ll += [Instance('loglikelihood', d, (d['context'][-80:], ' ' + d['target']), 0) for d in docs['last_word'][:8]]
   ll.append(Instance('loglikelihood', {}, ('', 'the quick brown fox'), 0))
   rolling = [Instance('loglikelihood_rolling', d, (d['text'][:n],), 0) for d, n in zip(docs['perplexity'], (1500, 200))]
