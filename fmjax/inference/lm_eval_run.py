@@ -17,7 +17,7 @@ import difflib
 import json
 import logging
 import os
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from fmjax.inference import lm_eval_errors as errors
 
@@ -199,16 +199,16 @@ def run_command(args, overrides: Sequence[str]) -> int:
   from fmjax.inference import api  # pylint: disable=import-outside-toplevel
   from fmjax.inference.lm_eval_backend import FmjaxLM  # pylint: disable=import-outside-toplevel
   names = [n.strip() for n in args.tasks.split(',') if n.strip()]
-  restored = None
-  manager_metadata: dict[str, Any] = {}
-  manager = None
-  if names:   # unknown names fail before the checkpoint is read
-    manager = task_manager(names, args.include_path, manager_metadata)
+  if not names:
+    raise errors.UnknownTask('no tasks given: pass --tasks NAME[,NAME...] (e.g. fmjax_sanity)')
+  try:   # names among fmjax's tasks and --include-path are checked before the checkpoint is read
+    task_manager(names, args.include_path, builtin=False)
+    builtin = False
+  except errors.UnknownTask:
+    builtin = True   # perhaps lm-eval's own: its (slow) index is built once, below
   overrides = list(overrides) + ([f'model.dtype={args.dtype}'] if args.dtype else [])
   restored = api.load(args.workdir, overrides, args.step, args.mesh).restored
-  manager_metadata.update(stdlib_metadata(restored))
-  if manager is not None and manager_metadata:
-    manager = task_manager(names, args.include_path, manager_metadata)
+  manager = task_manager(names, args.include_path, stdlib_metadata(restored), builtin=builtin)
   lm = FmjaxLM(lm=restored, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
                buckets=not args.no_buckets)
   limit = None if args.limit is None else (int(args.limit) if float(args.limit).is_integer() else float(args.limit))
