@@ -129,7 +129,13 @@ class Pretraining(Objective):
     if memory is not None:
       lines.append(f'per-device memory: arguments {memory.argument_size_in_bytes / 2**20:.1f} MiB, '
                    f'temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB')
-    return lines
+    from fmjax.training import optim  # pylint: disable=import-outside-toplevel
+    cfg = session.cfg
+    return lines + optim.describe(cfg.optim, cfg.steps, run.state.abstract.params, run.state.abstract.opt_state)
+
+  def metadata(self, cfg) -> dict:
+    from fmjax.training import optim  # pylint: disable=import-outside-toplevel
+    return {'optim': optim.summary(cfg.optim, cfg.steps)}   # the optimizer and schedule as used
 
   def start_data(self, step: int, directory: str | None) -> None:
     from fmjax.data import stream_set  # pylint: disable=import-outside-toplevel

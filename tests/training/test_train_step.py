@@ -114,16 +114,6 @@ def test_weight_decay_mask_exempts_norms_and_biases():
                   'embedding': True}
 
 
-def test_schedule_warms_up_then_decays_to_end_value():
-  cfg = _cfg().optim
-  cfg.update(dict(learning_rate=1e-3, end_learning_rate=1e-4, warmup_steps=10))
-  sched = optim.learning_rate_schedule(cfg, 100)
-  assert float(sched(0)) == 0.0
-  assert float(sched(10)) == pytest.approx(1e-3)
-  assert float(sched(100)) == pytest.approx(1e-4)
-  assert float(sched(5)) == pytest.approx(5e-4)
-
-
 def test_mesh_that_does_not_fit_devices_is_one_clear_line():
   cfg = _cfg(mesh=dict(data=3, fsdp=3, tensor=1))
   with pytest.raises(shd.MeshError, match='needs 9 devices but 8 are available') as e:
