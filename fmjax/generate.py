@@ -10,9 +10,11 @@ from typing import Sequence
 
 from fmjax import cli
 
-USAGE = 'python -m fmjax.generate --workdir DIR (--prompt TEXT ... | --prompt-file FILE) [options] [--config.KEY=VALUE ...]'
+USAGE = ('python -m fmjax.generate --workdir DIR (--prompt TEXT ... | --prompt-file FILE) [options] '
+         '[--config.KEY=VALUE ...]')
 DESCRIPTION = """Generate text from the newest checkpoint in DIR (or --step N): the prompts are decoded together
-with a KV cache on the training mesh, greedily unless --temperature, --top-k or --top-p ask for sampling."""
+with a KV cache on the training mesh, greedily unless --temperature, --top-k or --top-p ask for
+sampling."""
 
 
 def parser() -> cli.ArgumentParser:

@@ -26,7 +26,8 @@ def parser() -> cli.ArgumentParser:
   p.add_argument('--topology', default='', metavar='NAME',
                  help="e.g. v5p-32, v6e-16, v5litepod-8, v4-8, h100-8 (default: the config's topology; "
                       'without one, the devices of this machine)')
-  p.add_argument('--devices', type=int, default=0, metavar='N', help='plan for N devices of this platform (default: see --topology)')
+  p.add_argument('--devices', type=int, default=0, metavar='N',
+                 help='plan for N devices of this platform (default: see --topology)')
   p.add_argument('--memory-gib', type=float, default=0.0, metavar='G',
                  help="device memory limit (default: the target chip's)")
   p.add_argument('--mfu', type=float, default=0.5, help='MFU assumed for the predicted step time')

@@ -21,7 +21,8 @@ DESCRIPTION = """Pretrain a Transformer language model: a decoder (next-token lo
 loss, model.kind=encoder, e.g. --config encoder_default). Every field of the config can be
 overridden with --config.a.b=value (e.g. --config.model.num_layers=2 --config.steps=200). Rerunning
 with the same --workdir resumes from the latest complete checkpoint there (changing run-defining
-options such as the model, steps or learning-rate schedule then needs --config.allow_config_change=true)."""
+options such as the model, steps or learning-rate schedule then needs
+--config.allow_config_change=true)."""
 
 
 def train(cfg, init_from: str | None = None, overrides: Sequence[str] | None = None) -> 'loop.LoopResult':

@@ -2,7 +2,9 @@
 one-line errors."""
 
 import importlib
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 import time
@@ -11,6 +13,7 @@ import pytest
 
 from fmjax import cli
 from fmjax.runtime import hugepages
+from fmjax.runtime import platforms
 
 # (module with main(), flags its --help must list)
 COMMANDS = [
@@ -28,7 +31,8 @@ COMMANDS = [
 
 
 # `python -m NAME` of each command above
-RUN_AS = {'fmjax.finetune.run': 'fmjax.finetune', 'fmjax.convert.cli': 'fmjax.convert', 'fmjax.curate.cli': 'fmjax.curate'}
+RUN_AS = {'fmjax.finetune.run': 'fmjax.finetune', 'fmjax.convert.cli': 'fmjax.convert',
+          'fmjax.curate.cli': 'fmjax.curate'}
 
 
 def _help(module, capsys) -> str:
@@ -61,7 +65,8 @@ def test_help_says_what_the_command_does_and_which_configs_suit_it(capsys):
   curate = _help('fmjax.curate.cli', capsys)
   assert 'curate_default' in curate.split('options:')[1] and 'llama_1b' not in curate
   plan = _help('fmjax.plan', capsys)
-  assert 'llama_1b' in plan.split('options:')[1] and '(default: this machine)' not in plan and "the config's topology" in plan
+  assert 'llama_1b' in plan.split('options:')[1] and "the config's topology" in plan
+  assert '(default: this machine)' not in plan
   assert 'nanogpt_cpu' in _help('fmjax.bench', capsys).split('options:')[1]
   train = _help('fmjax.train', capsys)
   assert 'decoder-only' not in train and 'encoder' in train
@@ -73,7 +78,8 @@ def test_help_shows_defaults(capsys):
   assert '(default: 0, or 1 with --top-k / --top-p)' in generate and 'seed (default: 0)' in generate
   bench = ' '.join(_help('fmjax.bench', capsys).split())
   assert '--steps N timed train steps per run (default: 10)' in bench and "(default: 0,1,2)" in bench
-  assert '--mfu MFU MFU assumed for the predicted step time (default: 0.5)' in ' '.join(_help('fmjax.plan', capsys).split())
+  plan = ' '.join(_help('fmjax.plan', capsys).split())
+  assert '--mfu MFU MFU assumed for the predicted step time (default: 0.5)' in plan
 
 
 def test_the_help_formatter_shows_only_real_defaults():
@@ -155,3 +161,67 @@ def test_shipped_configs_are_found_by_name_from_anywhere(tmp_path, monkeypatch):
     assert cli.config_path(name).endswith(('fmjax/configs/default.py', 'fmjax/configs/llama_1b.py'))
   with pytest.raises(Exception, match='shipped configs: .*default'):
     cli.config_path('no_such_config')
+
+
+# ------------------------------------------------------------- JAX's platforms: no libtpu off TPU hosts
+_TPU_WORD = re.compile(r'\b(lib)?tpu\b', re.IGNORECASE)
+_TPU_VARIABLE = re.compile(r'\bTPU_[A-Z]')   # TPU_WORKER_HOSTNAMES, TPU_ACCELERATOR_TYPE, ...
+
+
+def _mentions_tpu(line: str) -> bool:
+  return bool(_TPU_WORD.search(line) or _TPU_VARIABLE.search(line))
+
+
+def _run_python(code: str, env: dict) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_commands_and_the_api_choose_the_platforms_before_jax_starts():
+  """cli.run and fmjax.api.load set JAX_PLATFORMS per platforms.choice() before jax is imported; a user's wins."""
+  env = _without_jax_platforms()
+  expected = platforms.choice(env)
+  command = ('import os, sys\nfrom fmjax import cli\n'
+             'cli.run("x", lambda argv: print(os.environ.get("JAX_PLATFORMS"), "jax" in sys.modules), [])')
+  assert _run_python(command, env).stdout.split() == [str(expected), 'False']
+  assert _run_python(command, dict(env, JAX_PLATFORMS='')).stdout.split() == ['False']   # '' (auto) kept as ''
+  api = ('import os\nimport fmjax.api\ntry:\n  fmjax.api.load("/no/such/workdir")\nexcept Exception:\n  pass\n'
+         'print(os.environ.get("JAX_PLATFORMS"))')
+  assert _run_python(api, env).stdout.split() == [str(expected)]
+
+
+needs_libtpu_off_tpu = pytest.mark.skipif(
+    importlib.util.find_spec('libtpu') is None or bool(platforms.tpu_host_evidence()),
+    reason='needs libtpu installed on a machine that is not a TPU host')
+
+
+@pytest.mark.slow
+@needs_libtpu_off_tpu
+def test_no_command_prints_tpu_lines_off_tpu_hosts(tmp_path):
+  """Every JAX-using command, run as a user runs it (no JAX_PLATFORMS, libtpu installed): no line about TPUs.
+  The same environment without the choice (JAX_PLATFORMS='', JAX's own search) does print libtpu's lines
+  on such machines: checked first, so that a machine where libtpu stays silent cannot pass for a fix."""
+  from helpers import write_corpus
+  env = dict(_without_jax_platforms(), FMJAX_HUGEPAGES='0')
+  env.pop('XLA_FLAGS', None)
+  tiny = os.path.join(os.getcwd(), 'tests', 'configs', 'tiny.py')
+  work = str(tmp_path / 'run')
+  data = [f'--config.data.files={write_corpus(tmp_path / "corpus")}', f'--config.data.cache_dir={tmp_path / "cache"}']
+  commands = [
+      ['fmjax.train', '--config', tiny, '--workdir', work, '--config.steps=2', '--config.checkpoint_every=2',
+       '--config.eval_every=0', *data],
+      ['fmjax.evaluate', '--workdir', work, '--batches', '1'],
+      ['fmjax.generate', '--workdir', work, '--prompt', 'the quick', '--max-new-tokens', '2'],
+      ['fmjax.inspect', '--workdir', work, '--prompt', 'the quick', '--out', str(tmp_path / 'inspect')],
+      ['fmjax.bench', '--config', tiny, '--steps', '2'],
+      ['fmjax.evaluate', '--workdir', str(tmp_path / 'missing')],
+      ['fmjax.classify', '--workdir', str(tmp_path / 'missing'), '--text', 'x'],
+  ]
+  probe = _run_python('import jax\njax.devices()', dict(env, JAX_PLATFORMS=''))
+  if not any(_mentions_tpu(line) for line in (probe.stdout + probe.stderr).splitlines()):
+    pytest.skip('libtpu prints nothing on this machine even when JAX searches for a TPU')
+  for argv in commands:
+    done = subprocess.run([sys.executable, '-m', *argv], capture_output=True, text=True, env=env, timeout=900,
+                          cwd=os.getcwd())
+    lines = (done.stdout + done.stderr).splitlines()
+    assert done.returncode == (2 if 'missing' in ' '.join(argv) else 0), (argv, lines[-20:])
+    assert not [line for line in lines if _mentions_tpu(line)], (argv, lines[:20])

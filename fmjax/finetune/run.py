@@ -18,7 +18,8 @@ from fmjax.runtime import paths
 
 # jax and the training stack are imported inside the functions: `--help` is answered without them.
 
-USAGE = """python -m fmjax.finetune --config CONFIG --config.init_from=PRETRAIN_WORKDIR --workdir DIR [--config.KEY=VALUE ...]
+USAGE = """python -m fmjax.finetune --config CONFIG --config.init_from=PRETRAIN_WORKDIR --workdir DIR
+         [--config.KEY=VALUE ...]
        python -m fmjax.finetune --demo --config.init_from=PRETRAIN_WORKDIR --workdir DIR"""
 DESCRIPTION = """Fine-tune a pretrained fmjax checkpoint: classification, continued pretraining or prompt/response
 tuning (finetune.task; the finetune section of the config). --config.init_from is short for

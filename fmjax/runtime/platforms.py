@@ -93,7 +93,8 @@ def available(root: str = '/', plugins: Iterable[str] | None = None) -> str | No
   return ','.join(platforms + ['cpu'])
 
 
-def choice(environ: Mapping[str, str] = os.environ, root: str = '/', plugins: Iterable[str] | None = None) -> str | None:
+def choice(environ: Mapping[str, str] = os.environ, root: str = '/',
+           plugins: Iterable[str] | None = None) -> str | None:
   """The JAX_PLATFORMS to set, or None to leave JAX's own choice (user setting, TPU host, unknown plugin)."""
   if any(name in environ for name in USER_SETTINGS) or tpu_host_evidence(environ, root):
     return None

@@ -54,7 +54,8 @@ def test_the_named_fix_runs_the_mesh():
   flags = re.search(r'XLA_FLAGS=(\S+)', message).group(1)
   env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS='cpu')
   env['PYTHONPATH'] = os.pathsep.join(p for p in [ROOT, env.get('PYTHONPATH', '')] if p)
-  code = 'from fmjax.parallel import sharding as shd\nprint(shd.describe(shd.make_mesh(dict(data=1, fsdp=-1, tensor=2))))'
+  code = ('from fmjax.parallel import sharding as shd\n'
+          'print(shd.describe(shd.make_mesh(dict(data=1, fsdp=-1, tensor=2))))')
   done = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
   assert done.stdout.strip() == 'data=1 fsdp=1 tensor=2 (2 devices, cpu)'

@@ -54,9 +54,9 @@ def test_flops_formula_against_a_hand_count():
 
 def test_bench_reports_a_table_and_json(capsys, tmp_path):
   out_json = tmp_path / 'bench.json'
-  code = bench_command.main(['--config', 'configs/nanogpt_cpu.py', '--steps', '2', '--config.model.num_layers=1', '--config.mesh.data=8',
-                     '--config.global_batch_size=16',
-                     '--sweep', 'model.remat=none;model.remat=full', '--out', str(out_json)])
+  code = bench_command.main(['--config', 'configs/nanogpt_cpu.py', '--steps', '2', '--config.model.num_layers=1',
+                             '--config.mesh.data=8', '--config.global_batch_size=16',
+                             '--sweep', 'model.remat=none;model.remat=full', '--out', str(out_json)])
   assert code == 0
   rows = json.loads(out_json.read_text())
   assert [r['name'] for r in rows] == ['model.remat=none', 'model.remat=full']
