@@ -10,6 +10,7 @@ the config instead (no model): loader tokens/s for each `--workers` count (data.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import statistics
@@ -45,6 +46,8 @@ def bench_config(cfg, steps: int = 10, warmup: int = 2) -> dict:
     if i >= warmup:
       times.append(time.perf_counter() - start)
   step_time = statistics.median(times)
+  from fmjax.training import optim, state as state_lib
+  opt_bytes = optim.state_bytes(run.state.abstract.opt_state) / state_lib.param_count(run.state.abstract.params)
   device = jax.devices()[0]
   peak = metrics.device_peak_flops(device, cfg.cpu_peak_flops, cfg.model.dtype)
   flop_devices = jax.process_count() if device.platform == 'cpu' else jax.device_count()
@@ -53,6 +56,7 @@ def bench_config(cfg, steps: int = 10, warmup: int = 2) -> dict:
       'step_ms': step_time * 1e3,
       'loss': float(out['loss']),
       'peak_tflops_per_device': peak / 1e12,
+      'opt_state_bytes_per_param': opt_bytes,
       **metrics.throughput(cfg.model, t, b * t, step_time, flop_devices, peak),
   }
   stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
@@ -131,8 +135,23 @@ def torch_reference(script: str, text: str, cfg, steps: int) -> dict:
 
 
 def parse_sweep(text: str) -> list[list[str]]:
-  """'a=1,b=2;a=3' -> [['a=1', 'b=2'], ['a=3']]."""
-  return [[kv.strip() for kv in group.split(',') if kv.strip()] for group in text.split(';') if group.strip()]
+  """'a=1,b=2;a=3' -> [['a=1', 'b=2'], ['a=3']]; an item without '=' is one more value of the key before it,
+  so 'optim.name=adamw,muon' -> [['optim.name=adamw'], ['optim.name=muon']] (several such keys in a group:
+  every combination)."""
+  groups = []
+  for group in text.split(';'):
+    keys: list[tuple[str, list[str]]] = []
+    for item in (i.strip() for i in group.split(',')):
+      if '=' in item:
+        key, value = item.split('=', 1)
+        keys.append((key, [value]))
+      elif item and keys:
+        keys[-1][1].append(item)
+      elif item:
+        raise config_lib.ConfigError(f'--sweep: {item!r} follows no KEY=VALUE; write KEY=V1,V2,... or "a=1,b=2;a=3"')
+    groups += [[f'{k}={v}' for (k, _), v in zip(keys, values)] for values in itertools.product(*(v for _, v in keys))
+               if keys]
+  return groups
 
 
 def format_table(rows: list[dict]) -> str:
