@@ -15,7 +15,6 @@ USAGE = ('python -m fmjax.lm_eval --workdir DIR --tasks NAME[,NAME...] [--num-fe
          '[--include-path TASKDIR] [--batch-size N] [--out results.json] [--config.KEY=VALUE ...]')
 DESCRIPTION = """Evaluate the newest checkpoint in DIR (or --step N; a trained workdir or one imported with
 fmjax-convert from-hf) on lm-eval tasks, with the checkpoint's tokenizer, sharded on its mesh.
-
 Tasks: fmjax's offline sanity tasks (fmjax_sanity = fmjax_stdlib_next_line, fmjax_stdlib_last_word,
 fmjax_stdlib_last_word_gen, fmjax_stdlib_perplexity: held-out standard-library code, not benchmarks),
 task YAML files in --include-path folders (e.g. dataset_path: json over local files), or lm-eval's own

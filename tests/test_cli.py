@@ -27,6 +27,8 @@ COMMANDS = [
     ('fmjax.convert.cli', ['to-hf', 'from-hf', 'params-only']),
     ('fmjax.curate.cli', ['--config', '--overwrite', '--dry-run']),
     ('fmjax.classify', ['--workdir', '--checkpoint', '--input', '--text', '--out', '--batch-size']),
+    ('fmjax.lm_eval', ['--workdir', '--tasks', '--num-fewshot', '--limit', '--include-path', '--batch-size',
+                       '--out']),
 ]
 
 
