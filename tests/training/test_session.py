@@ -120,6 +120,18 @@ def test_a_failed_fresh_start_removes_what_it_created(tmp_path, how):
   assert not (tmp_path / 'runs').exists(), list((tmp_path / 'runs').rglob('*'))
 
 
+def test_a_failed_fresh_start_on_gs_leaves_no_object(tmp_path, gcs):
+  from fmjax.runtime import paths
+  cfg = _failing(tmp_path, 'sharding')
+  cfg.workdir = f'{gcs}/failed-start/run'
+  with pytest.raises(Exception):
+    train.train(cfg)
+  assert not paths.exists(cfg.workdir) or paths.listdir(cfg.workdir) == []
+  done = text_run_config(tmp_path, workdir=f'{gcs}/failed-start/done', steps=2, checkpoint_every=1)
+  train.train(done)                        # on an object store a finished save is told by its commit file
+  assert store.finalised_steps(f'{done.workdir}/checkpoints') == [1, 2]
+
+
 def test_a_failed_start_in_an_existing_directory_keeps_what_was_there(tmp_path):
   cfg = _failing(tmp_path, 'sharding')
   os.makedirs(cfg.workdir)
@@ -249,3 +261,18 @@ def test_run_interrupted_exits_130_silently():
   proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
                         env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   assert proc.returncode == 130 and 'Traceback' not in proc.stderr, proc.stderr
+
+
+def test_a_finished_fine_tune_reruns_with_nothing_to_do_and_the_same_answer(pretrained, tmp_path, capsys):
+  from fmjax.finetune import finetune
+  from helpers import ft_config
+  cfg = ft_config(pretrained, tmp_path, lora_rank=4)
+  cfg.steps, cfg.eval_every = 4, 2
+  first = finetune(cfg.copy_and_resolve_references())
+  assert first['last_step'] == 4 and store.finalised_steps(str(tmp_path / 'ft' / 'adapters')) == [4]
+  capsys.readouterr()
+  again = finetune(cfg.copy_and_resolve_references())
+  assert 'nothing to do: the checkpoint is at step 4 and steps=4' in capsys.readouterr().out
+  assert again['last_step'] == 4 and again['best'] == first['best']
+  assert again['summary']['best_step'] == first['summary']['best_step']
+  assert store.finalised_steps(str(tmp_path / 'ft' / 'adapters')) == [4]
