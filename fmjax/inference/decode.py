@@ -113,10 +113,13 @@ class Decoder:
   pad_id: int = 0
 
   def prefill(self, params, cache, tokens, positions, segment_ids):
-    """Run the prompts through the model, filling the cache. Returns (last logits (B, V), cache)."""
+    """Run the prompts through the model, filling the cache. Returns (last logits (B, V), cache).
+
+    The head (fmjax/model/logits.py) reads the last position only: no (B, P, V) logits.
+    """
     logits, mutated = self.model.apply({'params': params, 'cache': cache}, tokens, positions, segment_ids,
-                                       decode=True, mutable=['cache'])
-    return logits[:, -1].astype(jnp.float32), mutated['cache']
+                                       decode=True, mutable=['cache'], last_only=True)
+    return logits[:, 0].astype(jnp.float32), mutated['cache']
 
   def step(self, params, cache, token, position):
     """One token per row (B,) at `position` (B,) -> (logits (B, V), cache)."""

@@ -29,7 +29,8 @@ import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from fmjax.model.attention import Attention
-from fmjax.model.layers import MLP, Projection, dtype_of, lora_spec, make_norm, param_with_axes
+from fmjax.model.layers import MLP, dtype_of, make_norm, param_with_axes
+from fmjax.model.logits import final_hidden, is_encoder, output_logits, output_matrix
 
 REMAT_POLICIES = {
     'full': None,  # save nothing: recompute the whole block
@@ -81,39 +82,19 @@ def block_class(cfg, decode: bool = False):
   return nn.remat(Block, policy=remat_policy(cfg), prevent_cse=not cfg.scan_layers)
 
 
-class MLMHead(nn.Module):
-  """BERT's masked-LM transform: dense -> GELU -> norm, then the tied embedding matrix plus a bias."""
-  cfg: Any
-
-  @nn.compact
-  def __call__(self, hidden, embedding):
-    cfg = self.cfg
-    dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
-    h = Projection((cfg.d_model,), (cfg.d_model,), ('embed',), ('mlp',), use_bias=True, name='dense',
-                   init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype)(hidden)
-    h = make_norm(cfg, 'norm')(nn.gelu(h, approximate=cfg.activation != 'gelu_exact'))
-    bias = param_with_axes(self, 'bias', nn.initializers.zeros, (cfg.vocab_size,), ('vocab',), pdtype)
-    b, t = h.shape[:2]
-    flat = h.reshape(b * t, cfg.d_model)
-    logits = jax.lax.dot_general(flat, embedding.astype(dtype), (((1,), (1,)), ((), ())))
-    return (logits + bias.astype(dtype)).reshape(b, t, -1)
-
-
-def is_encoder(model_cfg) -> bool:
-  """Whether the model is a bidirectional encoder with an MLM head (model.kind='encoder')."""
-  return model_cfg.get('kind', 'decoder') == 'encoder'
-
-
 class Transformer(nn.Module):
   """Language model: a decoder or an encoder (model.kind). `cfg` is the `model` section of the run config.
 
   `token_types` (B, T) selects token-type embeddings when model.type_vocab_size > 0 (default: type 0).
+  The head is fmjax/model/logits.py: logits (B, T, V), or with `last_only` those of the last position
+  (B, 1, V) (a prefill); `head=False` returns (hidden, output matrix, transposed) for a fused loss.
   """
   cfg: Any
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True,
-               return_hidden: bool = False, decode: bool = False, head: bool = True, token_types=None):
+               return_hidden: bool = False, decode: bool = False, head: bool = True, token_types=None,
+               last_only: bool = False):
     cfg = self.cfg
     post_norm = cfg.get('norm_position', 'pre') == 'post'
     if decode and is_encoder(cfg):
@@ -156,28 +137,12 @@ class Transformer(nn.Module):
       for i in range(cfg.num_layers):
         x, _ = block(cfg, deterministic, decode, name=f'layers_{i}')(x, positions, segment_ids)
 
-    hidden = x if post_norm else make_norm(cfg, 'final_norm')(x)
-    if is_encoder(cfg):
-      if not head:
-        raise ValueError('model.loss_vocab_chunk > 0 is for decoders (the MLM head has a bias)')
-      logits = MLMHead(cfg, name='mlm_head')(hidden, embedding)
-      logits = nn.with_logical_constraint(logits, ('batch', 'activation_length', 'activation_vocab'))
-      return (logits, hidden) if return_hidden else logits
+    if last_only:
+      x = x[:, -1:]
+    hidden = final_hidden(cfg, x)
     if not head:  # for a fused loss: (hidden, output matrix, whether it is (vocab, embed))
-      if lora_spec(cfg, 'lm_head'):
-        raise ValueError('model.loss_vocab_chunk > 0 cannot be combined with LoRA on lm_head')
-      if cfg.tie_embeddings:
-        return hidden, embedding, True
-      kernel, _, _ = Projection((cfg.d_model,), (cfg.vocab_size,), ('embed',), ('vocab',), name='lm_head',
-                                init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype, weights_only=True)(None)
-      return hidden, kernel, False
-    if cfg.tie_embeddings:
-      flat = hidden.reshape(b * t, cfg.d_model)  # 2-D matmuls, forward and backward
-      logits = jax.lax.dot_general(flat, embedding.astype(dtype), (((1,), (1,)), ((), ()))).reshape(b, t, -1)
-    else:
-      logits = Projection((cfg.d_model,), (cfg.vocab_size,), ('embed',), ('vocab',), name='lm_head',
-                          init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype,
-                          lora=lora_spec(cfg, 'lm_head'))(hidden)
+      return (hidden, *output_matrix(cfg, embedding))
+    logits = output_logits(cfg, hidden, embedding)
     logits = nn.with_logical_constraint(logits, ('batch', 'activation_length', 'activation_vocab'))
     if return_hidden:
       return logits, hidden

@@ -1,11 +1,13 @@
 """Vocab-chunked fused cross-entropy: the output projection and the loss in one pass.
 
 `chunked_cross_entropy(hidden, embedding, ...)` equals
-`step.cross_entropy(hidden @ embedding.T, ...)` but loops over blocks of `chunk` vocabulary
-columns, forward and backward, so only an (N, chunk) block of fp32 logits exists at a time
-instead of the full (N, V) logits and their gradient. The forward keeps an online (running
-max, running sum) logsumexp per token; the backward recomputes each logits block from the
-saved per-token logsumexp. The logits are computed in hidden's dtype with fp32 accumulation.
+`lm.cross_entropy(spec.apply(hidden @ embedding.T), ...)` (fmjax/objectives/lm.py; `spec` the
+model's LogitSpec, fmjax/model/logits.py: identity unless the model scales or soft-caps its
+logits) but loops over blocks of `chunk` vocabulary columns, forward and backward, so only an
+(N, chunk) block of fp32 logits exists at a time instead of the full (N, V) logits and their
+gradient. The forward keeps an online (running max, running sum) logsumexp per token; the
+backward recomputes each logits block from the saved per-token logsumexp. The logits are
+computed in hidden's dtype with fp32 accumulation; the transform is applied to them in fp32.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from fmjax.model.logits import LogitSpec
 
 _MASK = -1e30  # logit given to the padding columns past V
 
@@ -31,17 +35,23 @@ def _pad_vocab(embedding, transpose: bool, chunk: int):
   return jnp.pad(embedding, widths)
 
 
-def _logits_block(hidden, embedding, start, chunk: int, vocab: int, transpose: bool):
-  """fp32 logits (N, chunk) for vocab columns [start, start + chunk), padding columns masked."""
+def _logits_block(hidden, embedding, start, chunk: int, vocab: int, transpose: bool, spec: LogitSpec):
+  """fp32 logits (N, chunk) for vocab columns [start, start + chunk), transformed by `spec`, padding
+  columns masked; also the transform's slope there (None for the identity), 0 in padding columns."""
   axis = 0 if transpose else 1
   w = jax.lax.dynamic_slice_in_dim(embedding, start, chunk, axis=axis).astype(hidden.dtype)
   dims = (((1,), (1,)), ((), ())) if transpose else (((1,), (0,)), ((), ()))
   logits = jax.lax.dot_general(hidden, w, dims, preferred_element_type=jnp.float32)
   cols = start + jnp.arange(chunk)
-  return jnp.where(cols[None, :] < vocab, logits, _MASK), w, cols
+  real = cols[None, :] < vocab
+  slope = None
+  if not spec.identity:
+    logits = spec.apply(logits)
+    slope = jnp.where(real, spec.slope(logits), 0.0)
+  return jnp.where(real, logits, _MASK), w, cols, slope
 
 
-def _forward(hidden, embedding, targets, chunk: int, transpose: bool):
+def _forward(hidden, embedding, targets, chunk: int, transpose: bool, spec: LogitSpec):
   """Per-token (logsumexp, target logit), both fp32 (N,), by an online logsumexp over chunks."""
   vocab = _vocab_size(embedding, transpose)
   padded = _pad_vocab(embedding, transpose, chunk)
@@ -49,7 +59,7 @@ def _forward(hidden, embedding, targets, chunk: int, transpose: bool):
 
   def body(carry, start):
     run_max, run_sum, target_logit = carry
-    logits, _, cols = _logits_block(hidden, padded, start, chunk, vocab, transpose)
+    logits, _, cols, _ = _logits_block(hidden, padded, start, chunk, vocab, transpose, spec)
     new_max = jnp.maximum(run_max, logits.max(axis=-1))
     run_sum = run_sum * jnp.exp(run_max - new_max) + jnp.exp(logits - new_max[:, None]).sum(axis=-1)
     target_logit += jnp.where(cols[None, :] == targets[:, None], logits, 0.0).sum(axis=-1)
@@ -68,20 +78,21 @@ def _sums(lse, target_logit, weights, z_loss: float):
   return ce.sum(), z.sum(), weights.sum()
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _fused(hidden, embedding, targets, weights, z_loss: float, chunk: int, transpose: bool):
-  lse, target_logit = _forward(hidden, embedding, targets, chunk, transpose)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _fused(hidden, embedding, targets, weights, z_loss: float, chunk: int, transpose: bool, spec: LogitSpec):
+  lse, target_logit = _forward(hidden, embedding, targets, chunk, transpose, spec)
   return _sums(lse, target_logit, weights, z_loss)
 
 
-def _fused_fwd(hidden, embedding, targets, weights, z_loss, chunk, transpose):
-  lse, target_logit = _forward(hidden, embedding, targets, chunk, transpose)
+def _fused_fwd(hidden, embedding, targets, weights, z_loss, chunk, transpose, spec):
+  lse, target_logit = _forward(hidden, embedding, targets, chunk, transpose, spec)
   residuals = (hidden, embedding, targets, weights, lse, target_logit)
   return _sums(lse, target_logit, weights, z_loss), residuals
 
 
-def _fused_bwd(z_loss, chunk, transpose, residuals, g):
-  """Recompute each logits block; d logits = w * (p * (g_ce + 2 z_loss lse g_z) - g_ce * onehot)."""
+def _fused_bwd(z_loss, chunk, transpose, spec, residuals, g):
+  """Recompute each logits block; d logits = w * (p * (g_ce + 2 z_loss lse g_z) - g_ce * onehot),
+  times the logit transform's slope when it is not the identity."""
   hidden, embedding, targets, weights, lse, target_logit = residuals
   g_ce, g_z, g_w = (x.astype(jnp.float32) for x in g)
   vocab = _vocab_size(embedding, transpose)
@@ -92,9 +103,11 @@ def _fused_bwd(z_loss, chunk, transpose, residuals, g):
 
   def body(carry, start):
     d_hidden, d_embedding = carry
-    logits, w, cols = _logits_block(hidden, padded, start, chunk, vocab, transpose)
+    logits, w, cols, slope = _logits_block(hidden, padded, start, chunk, vocab, transpose, spec)
     probs = jnp.exp(logits - lse[:, None])
     d_logits = p_scale * probs - jnp.where(cols[None, :] == targets[:, None], onehot_scale, 0.0)
+    if slope is not None:
+      d_logits = d_logits * slope
     d_logits = d_logits.astype(hidden.dtype)
     if transpose:  # logits = h @ w.T with w (chunk, D)
       d_hidden += jnp.dot(d_logits, w, preferred_element_type=jnp.float32)
@@ -118,13 +131,13 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def chunked_cross_entropy(hidden, embedding, targets, weights, z_loss: float = 0.0, chunk: int = 4096,
-                          transpose: bool = True):
-  """Token-summed cross-entropy and z-loss of `hidden @ embedding.T`, one vocab chunk at a time.
+                          transpose: bool = True, logit_spec: LogitSpec | None = None):
+  """Token-summed cross-entropy and z-loss of `logit_spec.apply(hidden @ embedding.T)`, one vocab chunk at a time.
 
   hidden (N, D), any float dtype (leading batch axes are flattened); embedding, the output
   projection, (V, D) if transpose else (D, V), cast to hidden's dtype chunk by chunk; targets
   (N,) int32; weights (N,) float32. Returns (ce_sum, z_sum, weight_sum) in fp32, exactly as
-  `step.cross_entropy(logits, targets, weights, z_loss)` for the fp32-accumulated logits, and
+  `lm.cross_entropy(logits, targets, weights, z_loss)` for the fp32-accumulated logits, and
   is differentiable in hidden, embedding and weights without the (N, V) logits. Any V works:
   the vocab is padded to a multiple of chunk (chunk is capped at V).
   """
@@ -133,4 +146,4 @@ def chunked_cross_entropy(hidden, embedding, targets, weights, z_loss: float = 0
   targets = targets.reshape(-1).astype(jnp.int32)
   weights = weights.reshape(-1).astype(jnp.float32)
   chunk = max(1, min(int(chunk), _vocab_size(embedding, transpose)))
-  return _fused(hidden, embedding, targets, weights, float(z_loss), chunk, bool(transpose))
+  return _fused(hidden, embedding, targets, weights, float(z_loss), chunk, bool(transpose), logit_spec or LogitSpec())

@@ -1,4 +1,5 @@
-"""The loss, the train step and the eval step: one builder used by train and finetune.
+"""The train step and the eval step: one builder used by train and finetune (the LM loss is
+fmjax/objectives/lm.py; a fine-tuning task brings its own).
 
 Batch format (global arrays, sharded on the batch axis):
   inputs, targets, segment_ids, positions: int32 (B, T); weights: float32 (B, T)
@@ -16,41 +17,9 @@ import flax.linen as nn
 import optax
 
 from fmjax.training import numerics
-from fmjax.objectives.chunked_ce import chunked_cross_entropy
 from fmjax.data.batches import BATCH_KEYS  # noqa: F401  (re-exported: the batch format)
+from fmjax.objectives.lm import cross_entropy, lm_loss_fn  # noqa: F401  (re-exported: the LM objective)
 from fmjax.training.state import TrainState
-
-
-
-def cross_entropy(logits, targets, weights, z_loss: float = 0.0):
-  """Token-summed cross-entropy and z-loss (fp32). Returns (ce_sum, z_sum, weight_sum)."""
-  logits = logits.astype(jnp.float32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  ce = (log_z - target_logit) * weights
-  z = z_loss * jnp.square(log_z) * weights
-  return ce.sum(), z.sum(), weights.sum()
-
-
-def lm_loss_fn(model: nn.Module, z_loss: float, vocab_chunk: int = 0) -> Callable:
-  """`loss(params, batch, rng) -> (objective_sum, (ce_sum, weight_sum))` for next-token prediction.
-
-  With `vocab_chunk` > 0 the output projection and the loss are fused and taken over vocab
-  chunks (fmjax/objectives/chunked_ce.py): the (tokens, vocab) fp32 logits never exist.
-  """
-  def loss(params, batch, rng):
-    deterministic = rng is None
-    out = model.apply({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'],
-                      deterministic=deterministic, rngs=None if deterministic else {'dropout': rng},
-                      head=not vocab_chunk)
-    if vocab_chunk:
-      hidden, matrix, transposed = out
-      ce, z, w = chunked_cross_entropy(hidden, matrix.astype(hidden.dtype), batch['targets'], batch['weights'],
-                                       z_loss, vocab_chunk, transposed)
-    else:
-      ce, z, w = cross_entropy(out, batch['targets'], batch['weights'], z_loss)
-    return ce + z, (ce, w)
-  return loss
 
 
 def _split_microbatches(batch, n: int):
