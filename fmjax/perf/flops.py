@@ -1,19 +1,25 @@
 """FLOP accounting (written once), device peaks, and MFU.
 
 Training FLOPs per token = 3 x forward, forward = 2 x (matmul parameters) + attention scores
-and values, 4 x layers x attended keys x heads x head_dim, where a causal row (decoder) attends on
-average to (T + 1) / 2 keys and a bidirectional one (model.kind='encoder') to all T. The embedding
-lookup is not a matmul; the output projection is, and so is an encoder's MLM-head transform (D x D).
+and values, 4 x heads x head_dim x (attended keys summed over layers). The keys a query attends
+in a layer come from that layer's score spec (fmjax/model/attention_spec.py, `mean_keys`): all T
+bidirectionally (model.kind='encoder'), (T + 1) / 2 on average for a causal row, and at most W
+each under a sliding window W. The embedding lookup is not a matmul; the output projection is,
+and so is an encoder's MLM-head transform (D x D).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from fmjax.model import attention_spec
+
 
 class Accelerator(NamedTuple):
   """One chip: memory, dense bf16 peak, and the `device_kind` strings JAX reports for it."""
@@ -44,7 +50,7 @@ def accelerator_of(device_kind: str) -> Accelerator | None:
 def matmul_params(model_cfg) -> int:
   """Parameters that take part in a matmul per token (all but embedding lookup and norms/biases)."""
   m = model_cfg
-  hd = m.head_dim or m.d_model // m.num_heads
+  hd = attention_spec.head_dim(m)
   kv = m.num_kv_heads or m.num_heads
   attn = m.d_model * hd * (2 * m.num_heads + 2 * kv)
   mlp = m.d_model * m.mlp_dim * (3 if m.activation == 'swiglu' else 2)
@@ -54,15 +60,22 @@ def matmul_params(model_cfg) -> int:
   return m.num_layers * (attn + mlp) + head
 
 
+def attended_keys(model_cfg, seq_len: int, causal: bool | None = None) -> float:
+  """Keys a query attends, summed over the layers, in rows of `seq_len` tokens (each layer's score
+  spec; `causal`, when given, overrides the model's kind)."""
+  specs = attention_spec.layer_specs(model_cfg)
+  if causal is not None:
+    specs = [dataclasses.replace(s, causal=bool(causal), sliding_window=s.sliding_window if causal else None)
+             for s in specs]
+  return sum(attention_spec.mean_keys(s, seq_len) for s in specs)
+
+
 def flops_per_token(model_cfg, seq_len: int, causal: bool | None = None) -> float:
   """Training FLOPs (forward + backward) per token at sequence length `seq_len` (`causal`
   defaults to the model's kind: decoders are, encoders are not)."""
   m = model_cfg
-  if causal is None:
-    causal = m.get('kind', 'decoder') != 'encoder'
-  hd = m.head_dim or m.d_model // m.num_heads
-  keys = (seq_len + 1) / 2 if causal else seq_len
-  forward = 2 * matmul_params(m) + 4 * m.num_layers * keys * m.num_heads * hd
+  hd = attention_spec.head_dim(m)
+  forward = 2 * matmul_params(m) + 4 * attended_keys(m, seq_len, causal) * m.num_heads * hd
   return 3 * forward
 
 
