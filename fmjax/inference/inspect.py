@@ -1,7 +1,9 @@
 """Look inside a trained model: `python -m fmjax.inspect --workdir DIR --prompt TEXT --out OUT`.
 
 Writes to OUT:
-  attention_layer<i>.png   attention probabilities of every head of layer i (tokens on the axes)
+  attention_layer<i>.png   attention probabilities of every head of layer i: query positions down,
+                           key positions across, token strings on the ticks, a colour bar
+                           (fmjax/inference/attention_plot.py)
   logit_lens.png           top next-token guess from each layer's residual stream (after the
                            final norm and LM head), coloured by its probability
   token_loss.png           per-token loss (nats) of the prompt, highlighted by colour
@@ -24,26 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax import cli
-from fmjax.model.layers import LayerNorm, Projection, RMSNorm, dtype_of
-from fmjax.model.transformer import MLMHead, is_encoder
+from fmjax.model.logits import head_logits, is_encoder
+
 
 def lens_logits(model_cfg, params, hidden):
-  """Logits read from residual stream `hidden` (..., D) through the final norm and the LM (or MLM) head."""
-  dtype, pdtype = dtype_of(model_cfg.dtype), dtype_of(model_cfg.param_dtype)
-  norm_cls = RMSNorm if model_cfg.norm == 'rmsnorm' else LayerNorm
-  h = hidden
-  if 'final_norm' in params:  # post-norm encoders have none: each block's output is normed
-    h = norm_cls(eps=model_cfg.norm_eps, dtype=dtype, param_dtype=pdtype).apply(
-        {'params': params['final_norm']}, hidden)
-  if is_encoder(model_cfg):
-    rows = h.reshape((-1,) + h.shape[-2:]) if h.ndim >= 2 else h[None, None]
-    logits = MLMHead(model_cfg).apply({'params': params['mlm_head']}, rows, params['embedding'])
-    return logits.reshape(h.shape[:-1] + (-1,))
-  if model_cfg.tie_embeddings:
-    return jnp.einsum('...d,vd->...v', h, params['embedding'].astype(dtype))
-  head = Projection((model_cfg.d_model,), (model_cfg.vocab_size,), ('embed',), ('vocab',), dtype=dtype,
-                    param_dtype=pdtype)
-  return head.apply({'params': params['lm_head']}, h)
+  """Logits read from residual stream `hidden` (..., D) through the model's own head (final norm, LM or
+  MLM head, logit transform: fmjax/model/logits.py)."""
+  return head_logits(model_cfg, params, hidden)
 
 
 def _per_layer(tree, layers: int, path: Sequence[str]) -> jax.Array:
@@ -139,52 +128,38 @@ def write_plots(result: dict, out: str, tokenizer) -> list[str]:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  from fmjax.inference import attention_plot  # pylint: disable=import-outside-toplevel
   labels, paths = result['tokens'], []
   t = len(labels)
-  attention = result['attention']                                       # (L, H, T, T)
-  for layer, heads in enumerate(attention):
-    cols = min(4, len(heads))
-    rows = -(-len(heads) // cols)
-    size = 1.0 + 0.25 * t
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * size), squeeze=False)
-    for h, ax in enumerate(axes.flat):
-      if h >= len(heads):
-        ax.axis('off')
-        continue
-      ax.imshow(heads[h], cmap='viridis', vmin=0.0, vmax=1.0)
-      ax.set_title(f'layer {layer} head {h}', fontsize=8)
-      ax.set_xticks(range(t), labels, rotation=90, fontsize=6)
-      ax.set_yticks(range(t), labels, fontsize=6)
-    fig.tight_layout()
+  for layer, heads in enumerate(result['attention']):                  # (L, H, T, T)
     paths.append(os.path.join(out, f'attention_layer{layer}.png'))
-    fig.savefig(paths[-1], dpi=80)
-    plt.close(fig)
+    attention_plot.save(np.asarray(heads), labels, layer, paths[-1])
 
   top_p, top_i = result['lens_top_p'][:, :, 0], result['lens_top_ids'][:, :, 0]   # (L, T)
-  fig, ax = plt.subplots(figsize=(1.0 + 0.5 * t, 1.0 + 0.5 * len(top_p)))
+  fig, ax = plt.subplots(figsize=(1.5 + 0.6 * t, 1.4 + 0.6 * len(top_p)))
   ax.imshow(top_p, cmap='Blues', vmin=0.0, vmax=1.0, aspect='auto')
   for layer in range(top_p.shape[0]):
     for pos in range(t):
-      ax.text(pos, layer, token_label(tokenizer, int(top_i[layer, pos])), ha='center', va='center', fontsize=6)
-  ax.set_xticks(range(t), labels, rotation=90, fontsize=6)
-  ax.set_yticks(range(top_p.shape[0]), [f'layer {i}' for i in range(top_p.shape[0])], fontsize=7)
+      ax.text(pos, layer, token_label(tokenizer, int(top_i[layer, pos])), ha='center', va='center', fontsize=9)
+  ax.set_xticks(range(t), labels, rotation=90, fontsize=9)
+  ax.set_yticks(range(top_p.shape[0]), [f'layer {i}' for i in range(top_p.shape[0])], fontsize=9)
   guess = 'token (MLM head)' if len(result['token_loss']) == t else 'next token'
-  ax.set_title(f'logit lens: top {guess} per layer (colour = probability)', fontsize=8)
+  ax.set_title(f'logit lens: top {guess} per layer (colour = probability)', fontsize=10)
   fig.tight_layout()
   paths.append(os.path.join(out, 'logit_lens.png'))
-  fig.savefig(paths[-1], dpi=80)
+  fig.savefig(paths[-1], dpi=100)
   plt.close(fig)
 
   loss = result['token_loss']
-  fig, ax = plt.subplots(figsize=(1.0 + 0.3 * t, 2.5))
+  fig, ax = plt.subplots(figsize=(1.5 + 0.35 * t, 3.0))
   colours = plt.cm.Reds(loss / max(float(loss.max()) if len(loss) else 1.0, 1e-6))
   ax.bar(range(t - len(loss), t), loss, color=colours)   # decoders: from token 1; encoders: every token
-  ax.set_xticks(range(t), labels, fontsize=7)
-  ax.set_ylabel('loss (nats)', fontsize=7)
-  ax.set_title(f'per-token loss (mean {float(np.mean(loss)) if len(loss) else 0.0:.3f})', fontsize=8)
+  ax.set_xticks(range(t), labels, fontsize=9)
+  ax.set_ylabel('loss (nats)', fontsize=9)
+  ax.set_title(f'per-token loss (mean {float(np.mean(loss)) if len(loss) else 0.0:.3f})', fontsize=10)
   fig.tight_layout()
   paths.append(os.path.join(out, 'token_loss.png'))
-  fig.savefig(paths[-1], dpi=80)
+  fig.savefig(paths[-1], dpi=100)
   plt.close(fig)
   return paths
 
