@@ -46,19 +46,22 @@ def _verify_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+  from fmjax.convert import families  # pylint: disable=import-outside-toplevel  (light: no jax)
   parser = cli.ArgumentParser(prog='fmjax-convert', description=DESCRIPTION)
   sub = parser.add_subparsers(dest='command', required=True)
+  exports = ', '.join(f'{f.TITLES[0]} as {f.ARCHITECTURE}' for f in families.registered())
 
-  p = sub.add_parser('to-hf', help='fmjax checkpoint -> Hugging Face directory (Llama or GPT-2)')
+  p = sub.add_parser('to-hf', help=f'fmjax checkpoint -> Hugging Face directory ({exports})')
   _source_flags(p)
   p.add_argument('--out', required=True, help='output directory (config.json, safetensors, tokenizer)')
-  p.add_argument('--family', choices=('llama', 'gpt2'), default=None, help='default: from the model config')
+  p.add_argument('--family', choices=families.names(), default=None, help='default: from the model config')
   p.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None, help='default: the params dtype')
   p.add_argument('--max-shard-size', default='5GB', help='split safetensors above this size (e.g. 2GB, 500MB)')
   _overwrite_flag(p)
   _verify_flags(p)
 
-  p = sub.add_parser('from-hf', help='Hugging Face directory (Llama, Mistral, GPT-2) -> params-only checkpoint')
+  p = sub.add_parser('from-hf', help=f'Hugging Face directory ({", ".join(families.titles())}) -> params-only '
+                     'checkpoint')
   p.add_argument('--hf-dir', required=True, metavar='DIR', help='local directory with config.json and *.safetensors')
   p.add_argument('--out', required=True, help='output fmjax workdir (checkpoints/<step>/{state,meta})')
   p.add_argument('--layout', type=_bool, default=True, help='scanned (default) or unrolled layers')

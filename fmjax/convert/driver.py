@@ -13,48 +13,19 @@ import jax
 import numpy as np
 
 from fmjax import config as config_lib
-from fmjax.checkpoints.store import Checkpointer, make_metadata
-from fmjax.convert import hf_io, hf_tokenizer, output, source
-from fmjax.convert.families import bert
-from fmjax.convert.families import gpt2
-from fmjax.convert.families import llama
+from fmjax.checkpoints.store import make_metadata
+from fmjax.convert import families, hf_io, hf_tokenizer, output, source
+from fmjax.convert.families import pick_family
 from fmjax.convert.mapping import ConversionError, expand, locate
 from fmjax.model import layout
 from fmjax.data import tokenizers as fm_tokenizers
 from fmjax.model.layers import dtype_of
 
-FAMILIES = {'bert': bert.BERT, 'roberta': bert.ROBERTA, 'llama': llama, 'gpt2': gpt2}  # encoders first
-
-
-def pick_family(model_cfg, name: str | None = None):
-  """The family module for an fmjax model config (checked against an explicit --family)."""
-  if name:
-    if name not in FAMILIES:
-      raise ConversionError(f'--family {name!r}: expected one of {", ".join(FAMILIES)}')
-    why = FAMILIES[name].mismatch(model_cfg)
-    if why:
-      raise ConversionError(f'--family {name} contradicts the checkpoint model config: {why}')
-    return FAMILIES[name]
-  reasons = {}
-  for fam_name, fam in FAMILIES.items():
-    reasons[fam_name] = fam.mismatch(model_cfg)
-    if reasons[fam_name] is None:
-      return fam
-  raise ConversionError('the model matches no Hugging Face family: ' +
-                        '; '.join(f'{k}: {v}' for k, v in reasons.items()))
-
 
 def family_for(hf_config: dict):
-  """The family of a config.json by its model_type (or, without one, by the class in `architectures`)."""
-  kind = hf_config.get('model_type')
-  if kind is None:
-    archs = [a.lower() for a in hf_config.get('architectures') or [] if isinstance(a, str)]
-    kind = next((t for a in archs for f in FAMILIES.values() for t in f.MODEL_TYPES if a.startswith(t)), None)
-  for fam in FAMILIES.values():
-    if kind in fam.MODEL_TYPES:
-      return fam
-  known = ', '.join(t for f in FAMILIES.values() for t in f.MODEL_TYPES)
-  raise ConversionError(f'config.json: model_type={kind!r} is not supported (supported: {known})')
+  """The registered family of a config.json (fmjax/convert/families): by model_type, or without one by
+  the class in `architectures`."""
+  return families.family_for(families.model_type_of(hf_config))
 
 
 def model_from_hf_config(hf_config: dict, fam):
@@ -269,7 +240,8 @@ def _adds_bos(workdir: str, spec: str | None) -> bool:
 def from_hf(hf_dir: str, out_workdir: str, scan_layers: bool = True, dtype: str = 'float32', mesh_spec=None,
             step: int = 0, tokenizer: str | None = None, max_seq_len: int | None = None, overwrite: bool = False,
             check=None, log=print) -> dict:
-  """Import a HF Llama/Mistral/GPT-2 directory as a params-only fmjax checkpoint (a new workdir).
+  """Import a HF directory of a registered family (fmjax/convert/families) as a params-only fmjax checkpoint
+  (a new workdir).
 
   `max_seq_len` lowers the context (RoPE models); `check(hf_dir, result)` runs before the output is kept.
   """

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fmjax.convert.families import register
 from fmjax.convert.mapping import ConversionError, Rule, identity, linear
 
 _ACTIVATIONS = {'gelu': 'gelu_exact', 'gelu_new': 'gelu', 'gelu_pytorch_tanh': 'gelu'}
@@ -25,10 +26,11 @@ def _reshape(hf_shape, fm_shape):
 
 @dataclass(frozen=True)
 class EncoderFamily:
-  """One HF masked-LM encoder family, with the interface of fmjax/convert/families/gpt2.py and llama.py."""
+  """One HF masked-LM encoder family (the interface of fmjax/convert/families/__init__.py)."""
   NAME: str
   ARCHITECTURE: str
   MODEL_TYPES: tuple
+  TITLES: tuple
   OPTIONAL_PREFIX: str          # the base-model prefix ('bert.'): a bare BertModel file omits it
   head: str                     # the MLM head's prefix (its output bias is head + 'bias')
   head_dense: str               # the head's dense transform, under `head`
@@ -122,11 +124,11 @@ class EncoderFamily:
     return table
 
 
-BERT = EncoderFamily(NAME='bert', ARCHITECTURE='BertForMaskedLM', MODEL_TYPES=('bert',), OPTIONAL_PREFIX='bert.',
-                     head='cls.predictions.', head_dense='transform.dense', head_norm='transform.LayerNorm',
-                     position_offset=0,
-                     special_ids=(0, None, None))
-ROBERTA = EncoderFamily(NAME='roberta', ARCHITECTURE='RobertaForMaskedLM', MODEL_TYPES=('roberta',),
-                        OPTIONAL_PREFIX='roberta.', head='lm_head.', head_dense='dense', head_norm='layer_norm',
-                        position_offset=2,
-                        special_ids=(1, 0, 2))
+BERT = register(EncoderFamily(
+    NAME='bert', ARCHITECTURE='BertForMaskedLM', MODEL_TYPES=('bert',), TITLES=('BERT',), OPTIONAL_PREFIX='bert.',
+    head='cls.predictions.', head_dense='transform.dense', head_norm='transform.LayerNorm', position_offset=0,
+    special_ids=(0, None, None)))
+ROBERTA = register(EncoderFamily(
+    NAME='roberta', ARCHITECTURE='RobertaForMaskedLM', MODEL_TYPES=('roberta',), TITLES=('RoBERTa',),
+    OPTIONAL_PREFIX='roberta.', head='lm_head.', head_dense='dense', head_norm='layer_norm', position_offset=2,
+    special_ids=(1, 0, 2)))

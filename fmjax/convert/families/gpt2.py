@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+
+from fmjax.convert.families import register
 from fmjax.convert.mapping import ConversionError, Rule, conv1d, fused, identity, linear
 
 NAME = 'gpt2'
 ARCHITECTURE = 'GPT2LMHeadModel'
 MODEL_TYPES = ('gpt2',)
+TITLES = ('GPT-2',)
 IGNORED = (r'\.attn\.(bias|masked_bias)$',)   # causal-mask buffers of older checkpoints
 OPTIONAL_PREFIX = 'transformer.'              # hub GPT-2 files omit it
 
@@ -76,3 +80,5 @@ def rules(m) -> list:
     table.append(Rule('lm_head.weight', ('lm_head/kernel',), **linear((d,), (v,))))
   return table
 
+
+register(sys.modules[__name__])

@@ -5,11 +5,15 @@ fmjax's RoPE is the Hugging Face half-split (rotate_half) layout, so q/k need no
 
 from __future__ import annotations
 
+import sys
+
+from fmjax.convert.families import register
 from fmjax.convert.mapping import ConversionError, Rule, identity, linear
 
 NAME = 'llama'
 ARCHITECTURE = 'LlamaForCausalLM'
 MODEL_TYPES = ('llama', 'mistral')
+TITLES = ('Llama', 'Mistral')
 IGNORED = (r'rotary_emb\.inv_freq$',)
 OPTIONAL_PREFIX = ''
 
@@ -98,7 +102,7 @@ def from_hf_config(hf: dict) -> dict:
   window, n_pos = hf.get('sliding_window'), hf.get('max_position_embeddings', 2048)
   if window is not None and window < n_pos:
     raise ConversionError(f'config.json: sliding_window={window} < max_position_embeddings={n_pos}; fmjax '
-                          'attention has no sliding window')
+                          'model configs have no sliding window yet')
   d, h = hf['hidden_size'], hf['num_attention_heads']
   hd = hf.get('head_dim') or d // h
   return dict(vocab_size=hf['vocab_size'], d_model=d, num_layers=hf['num_hidden_layers'], num_heads=h,
@@ -128,3 +132,6 @@ def rules(m) -> list:
   if not m.tie_embeddings:
     table.append(Rule('lm_head.weight', ('lm_head/kernel',), **linear((d,), (v,))))
   return table
+
+
+register(sys.modules[__name__])
