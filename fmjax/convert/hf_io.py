@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+from fmjax.convert import output
 from fmjax.convert.mapping import ConversionError
 
 try:
@@ -127,6 +128,7 @@ def write_shards(out_dir: str, shards: list[list[str]], produce, metadata: dict 
     tensors = {name: np.ascontiguousarray(produce(name)) for name in names}
     total += sum(t.nbytes for t in tensors.values())
     save_file(tensors, os.path.join(out_dir, file), metadata={'format': 'pt', **(metadata or {})})
+    output.as_created(os.path.join(out_dir, file))   # safetensors writes 0600
     weight_map.update({name: file for name in names})
     del tensors
   if n > 1:

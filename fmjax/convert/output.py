@@ -2,7 +2,7 @@
 
 A conversion writes into a fresh sibling directory `OUT.partial-<pid>` and renames it to OUT only
 when everything (including --verify) succeeded. A non-empty OUT is refused unless `overwrite`, which
-replaces it as a whole: only the new files remain.
+replaces it as a whole: only the new files remain. Files get the umask's mode (`as_created`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,17 @@ def check_writable(out_dir: str, overwrite: bool, flag: str = '--out') -> str:
     raise ConversionError(f'{flag} {out} is not empty ({len(os.listdir(out))} entries): choose a new directory or '
                           'pass --overwrite (which replaces its contents)')
   return out
+
+
+def as_created(path: str) -> None:
+  """Give a file written with a private mode the mode `open()` gives new files: 0666 less the umask.
+
+  safetensors creates its files 0600; an exported model directory is meant to be read by others
+  (0644 under the usual umask 022), like its config.json and tokenizer files.
+  """
+  mask = os.umask(0)
+  os.umask(mask)
+  os.chmod(path, 0o666 & ~mask)
 
 
 @contextlib.contextmanager

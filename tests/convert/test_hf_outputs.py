@@ -165,3 +165,25 @@ def test_python_api_loads_an_imported_model(tmp_path):
   assert api.load(str(tmp_path / 'fm'), ['model.max_seq_len=32']).context_length == 32
   with pytest.raises(Exception, match=r'model\.norm_eps=1e-05 \(config\) contradicts .* model\.norm_eps=1e-06'):
     api.load(str(tmp_path / 'fm'), ['model.norm_eps=1e-5'])
+
+
+def test_exported_files_take_the_mode_of_the_umask(hf_dir, tmp_path):
+  """model.safetensors (which safetensors creates 0600) is readable like the other files: 0644 under
+  umask 022, 0640 under 027."""
+  import stat
+  from fmjax.convert import hf_io
+  fm = tmp_path / 'fm'
+  assert convert_main(['from-hf', '--hf-dir', str(hf_dir), '--out', str(fm), '--tokenizer', 'byte']) == 0
+  modes = lambda d: {n: stat.S_IMODE(os.stat(d / n).st_mode) for n in os.listdir(d)}
+  old = os.umask(0o027)
+  try:
+    assert convert_main(['to-hf', '--workdir', str(fm), '--out', str(tmp_path / 'hf')]) == 0
+    (tmp_path / 'shards').mkdir()
+    os.umask(0o022)
+    hf_io.write_shards(str(tmp_path / 'shards'), [['a'], ['b']], lambda name: np.zeros(3, np.float32))
+  finally:
+    os.umask(old)
+  exported = modes(tmp_path / 'hf')
+  assert 'model.safetensors' in exported and set(exported.values()) == {0o640}, exported
+  assert modes(tmp_path / 'shards') == {'model-00001-of-00002.safetensors': 0o644,
+                                        'model-00002-of-00002.safetensors': 0o644, hf_io.INDEX: 0o644}
