@@ -140,7 +140,7 @@ class FineTuning(Objective):
     checkpoint.check_compatible(source.meta, cfg.model, source.where)
 
   def configure(self, cfg) -> list[str]:
-    from fmjax.finetune.run import check_config  # pylint: disable=import-outside-toplevel
+    from fmjax.finetune.checks import check_config  # pylint: disable=import-outside-toplevel
     check_config(cfg)   # again: the model may be the checkpoint's now
     ft = cfg.finetune
     self.data = splits.load(ft) if ft.task != 'lm' else None   # its size sets the steps of finetune.epochs

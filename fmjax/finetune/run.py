@@ -14,6 +14,7 @@ from typing import Sequence
 
 from fmjax import cli
 from fmjax import config as config_lib
+from fmjax.finetune.checks import check_config
 from fmjax.runtime import paths
 
 # jax and the training stack are imported inside the functions: `--help` is answered without them.
@@ -27,32 +28,7 @@ tuning (finetune.task; the finetune section of the config). --config.init_from i
 shipped finetune_stdlib config from the checkpoint and from random initialisation and prints both
 metric tables side by side, beside a character n-gram baseline."""
 
-TASKS = ('classify', 'lm', 'prompt')
-CLASSIFY_METRICS = ('accuracy', 'macro_precision', 'macro_recall', 'macro_f1')
 DEMO_CONFIG = 'finetune_stdlib'
-
-
-def check_config(cfg) -> None:
-  """Fine-tuning choices that the schema cannot check."""
-  ft = cfg.finetune
-  choices = {'task': TASKS, 'pooling': ('last', 'mean', 'cls'), 'best_mode': ('max', 'min')}
-  for key, allowed in choices.items():
-    if ft[key] not in allowed:
-      raise config_lib.ConfigError(f'finetune.{key}={ft[key]!r} is not one of {", ".join(allowed)}')
-  if ft.task == 'classify' and ft.best_metric not in CLASSIFY_METRICS:
-    raise config_lib.ConfigError(f'finetune.best_metric={ft.best_metric!r} is not one of {", ".join(CLASSIFY_METRICS)}')
-  if not 0 <= ft.freeze_layers <= cfg.model.num_layers:
-    raise config_lib.ConfigError(f'finetune.freeze_layers={ft.freeze_layers} must be in [0, '
-                                 f'model.num_layers={cfg.model.num_layers}]')
-  if ft.lora_rank < 0:
-    raise config_lib.ConfigError(f'finetune.lora_rank={ft.lora_rank} must be >= 0')
-  ranges = {'epochs': (ft.epochs >= 0, '>= 0'), 'warmup_ratio': (0 <= ft.warmup_ratio < 1, 'in [0, 1)'),
-            'layer_decay': (0 < ft.layer_decay <= 1, 'in (0, 1]'),
-            'classifier_dropout': (0 <= ft.classifier_dropout < 1, 'in [0, 1)'),
-            'validation_fraction': (0 <= ft.validation_fraction < 1, 'in [0, 1)')}
-  for key, (ok, allowed) in ranges.items():
-    if not ok:
-      raise config_lib.ConfigError(f'finetune.{key}={ft[key]} must be {allowed}')
 
 
 def finetune(cfg, overrides: Sequence[str] | None = None) -> dict:
@@ -77,7 +53,9 @@ def finetune(cfg, overrides: Sequence[str] | None = None) -> dict:
 def demo(cfg, overrides: Sequence[str] | None = None) -> dict:
   """Fine-tune the same task from cfg.finetune.init_from and from random initialisation; print both beside
   the n-gram baseline (eval split; each model at its best checkpoint, chosen on validation when there is
-  one, else at its last step). Writes WORKDIR/demo.json."""
+  one, else at its last step). Each arm is a whole fine-tune workdir of its own: WORKDIR/pretrained/ and
+  WORKDIR/random_init/ (config.json, checkpoints, best/, eval reports, summary.json: classify with
+  `python -m fmjax.classify --workdir WORKDIR/pretrained`). Writes WORKDIR/demo.json with both tables."""
   from fmjax.checkpoints import restore
   from fmjax.finetune import task_metrics
   from fmjax.runtime import distributed

@@ -1,0 +1,31 @@
+"""Fine-tuning choices that the config schema cannot check (task, pooling, best metric, ranges)."""
+
+from __future__ import annotations
+
+from fmjax import config as config_lib
+
+TASKS = ('classify', 'lm', 'prompt')
+CLASSIFY_METRICS = ('accuracy', 'macro_precision', 'macro_recall', 'macro_f1')
+
+
+def check_config(cfg) -> None:
+  """Fine-tuning choices that the schema cannot check."""
+  ft = cfg.finetune
+  choices = {'task': TASKS, 'pooling': ('last', 'mean', 'cls'), 'best_mode': ('max', 'min')}
+  for key, allowed in choices.items():
+    if ft[key] not in allowed:
+      raise config_lib.ConfigError(f'finetune.{key}={ft[key]!r} is not one of {", ".join(allowed)}')
+  if ft.task == 'classify' and ft.best_metric not in CLASSIFY_METRICS:
+    raise config_lib.ConfigError(f'finetune.best_metric={ft.best_metric!r} is not one of {", ".join(CLASSIFY_METRICS)}')
+  if not 0 <= ft.freeze_layers <= cfg.model.num_layers:
+    raise config_lib.ConfigError(f'finetune.freeze_layers={ft.freeze_layers} must be in [0, '
+                                 f'model.num_layers={cfg.model.num_layers}]')
+  if ft.lora_rank < 0:
+    raise config_lib.ConfigError(f'finetune.lora_rank={ft.lora_rank} must be >= 0')
+  ranges = {'epochs': (ft.epochs >= 0, '>= 0'), 'warmup_ratio': (0 <= ft.warmup_ratio < 1, 'in [0, 1)'),
+            'layer_decay': (0 < ft.layer_decay <= 1, 'in (0, 1]'),
+            'classifier_dropout': (0 <= ft.classifier_dropout < 1, 'in [0, 1)'),
+            'validation_fraction': (0 <= ft.validation_fraction < 1, 'in [0, 1)')}
+  for key, (ok, allowed) in ranges.items():
+    if not ok:
+      raise config_lib.ConfigError(f'finetune.{key}={ft[key]} must be {allowed}')
