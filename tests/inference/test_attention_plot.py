@@ -4,7 +4,8 @@ token strings on the ticks, nothing clipped or colliding, no text under 9 points
 import numpy as np
 import pytest
 
-WORDS = '▁the ▁internationalization ▁quick ▁brown ▁fox ▁jumps ▁over ▁a ▁lazy ▁dog , ▁and ▁again .'.split()
+WORDS = ('▁the ▁internationalization ▁quick ▁brown ▁fox ▁jumps ▁over ▁a ▁lazy ▁dog , ▁and '
+         '▁again .').split()
 
 
 def _attention(heads, t, seed=0):
