@@ -136,15 +136,20 @@ def write_plots(result: dict, out: str, tokenizer) -> list[str]:
     attention_plot.save(np.asarray(heads), labels, layer, paths[-1])
 
   top_p, top_i = result['lens_top_p'][:, :, 0], result['lens_top_ids'][:, :, 0]   # (L, T)
-  fig, ax = plt.subplots(figsize=(1.5 + 0.6 * t, 1.4 + 0.6 * len(top_p)))
-  ax.imshow(top_p, cmap='Blues', vmin=0.0, vmax=1.0, aspect='auto')
+  fig, ax = plt.subplots(figsize=(2.5 + 0.6 * t, 2.2 + 0.6 * len(top_p)))
+  image = ax.imshow(top_p, cmap='Blues', vmin=0.0, vmax=1.0, aspect='auto')
+  bar = fig.colorbar(image, ax=ax, pad=0.01, fraction=0.03)
+  bar.set_label('probability of the top token', fontsize=9)
+  bar.ax.tick_params(labelsize=9)
   for layer in range(top_p.shape[0]):
     for pos in range(t):
       ax.text(pos, layer, token_label(tokenizer, int(top_i[layer, pos])), ha='center', va='center', fontsize=9)
   ax.set_xticks(range(t), labels, rotation=90, fontsize=9)
   ax.set_yticks(range(top_p.shape[0]), [f'layer {i}' for i in range(top_p.shape[0])], fontsize=9)
+  ax.set_xlabel('input token (position)', fontsize=10)
+  ax.set_ylabel('after block', fontsize=10)
   guess = 'token (MLM head)' if len(result['token_loss']) == t else 'next token'
-  ax.set_title(f'logit lens: top {guess} per layer (colour = probability)', fontsize=10)
+  ax.set_title(f'logit lens: the top {guess} read from each block (colour = its probability)', fontsize=10)
   fig.tight_layout()
   paths.append(os.path.join(out, 'logit_lens.png'))
   fig.savefig(paths[-1], dpi=100)
@@ -155,7 +160,8 @@ def write_plots(result: dict, out: str, tokenizer) -> list[str]:
   colours = plt.cm.Reds(loss / max(float(loss.max()) if len(loss) else 1.0, 1e-6))
   ax.bar(range(t - len(loss), t), loss, color=colours)   # decoders: from token 1; encoders: every token
   ax.set_xticks(range(t), labels, fontsize=9)
-  ax.set_ylabel('loss (nats)', fontsize=9)
+  ax.set_xlabel('input token (the loss of predicting it)', fontsize=10)
+  ax.set_ylabel('loss (nats)', fontsize=10)
   ax.set_title(f'per-token loss (mean {float(np.mean(loss)) if len(loss) else 0.0:.3f})', fontsize=10)
   fig.tight_layout()
   paths.append(os.path.join(out, 'token_loss.png'))
