@@ -65,6 +65,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key, low, low_ok, high in _RANGES:
     _check_range(cfg, key, low, low_ok, high)
   _check_schedule(cfg)
+  _check_eval_tasks(cfg)
   for key in ('divergence_factor', 'grad_spike_factor'):
     if 0 < cfg.get(key, 0) <= 1:
       raise ConfigError(f'{key} must be 0 (off) or > 1, got {cfg[key]}')
@@ -87,6 +88,22 @@ def _check_schedule(cfg: ml_collections.ConfigDict) -> None:
                                                                         f'optim.decay_fraction={fraction:g})')
     raise ConfigError(f'{where} must be at or after optim.warmup_steps={o.warmup_steps} and before the end of '
                       f'the schedule, step {end} (optim.decay_steps, or steps when 0)')
+
+
+def _check_eval_tasks(cfg: ml_collections.ConfigDict) -> None:
+  """The downstream benchmarks' options (their names are looked up when the run starts)."""
+  if 'eval_tasks' not in cfg:
+    return
+  if not isinstance(cfg.eval_tasks, str):
+    raise ConfigError(f"eval_tasks={cfg.eval_tasks!r} must be a string of comma-separated lm-eval task names "
+                      "(e.g. 'fmjax_sanity'; '' = off)")
+  for key, low in (('eval_tasks_every', 0), ('eval_tasks_limit', 0), ('eval_tasks_batch_size', 1)):
+    value = cfg.get(key, low)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise ConfigError(f'{key} must be an integer >= {low}, got {value!r}')
+  if cfg.eval_tasks.strip() and cfg.model.get('kind', 'decoder') == 'encoder':
+    raise ConfigError("eval_tasks scores a causal decoder; this run is an encoder (model.kind=encoder): set "
+                      "eval_tasks=''")
 
 
 def _check_context(cfg: ml_collections.ConfigDict) -> None:

@@ -227,6 +227,12 @@ SCHEMA = dict(
     eval_every=field(0, RESUME, '0 = never'),
     eval_batches=field(4, RESUME),
     checkpoint_every=field(200, RESUME, '0 = only at the end'),
+    eval_tasks=field('', RESUME, "downstream benchmarks while pretraining: lm-eval task / group / tag names, comma-"
+                                 "separated (e.g. 'fmjax_sanity'; '' = off; pip install 'fmjax[eval]')"),
+    eval_tasks_every=field(0, RESUME, 'steps between eval_tasks runs (and at the end); 0 = at every checkpoint '
+                                      '(checkpoint_every) and the end'),
+    eval_tasks_limit=field(0, RESUME, 'eval_tasks: documents per task (0 = all)'),
+    eval_tasks_batch_size=field(16, RESUME, 'eval_tasks: rows per forward pass'),
     keep_checkpoints=field(3, RESUME),
     async_checkpoints=field(True, RESUME),
     skip_nonfinite_steps=field(0, RESUME, '> 0: skip up to N steps whose loss or gradients are nan/inf (parameters '

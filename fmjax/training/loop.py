@@ -220,14 +220,23 @@ class DataWait:
     return out
 
 
+def _due(step: int, every, last: bool) -> bool:
+  """Whether `evaluate` runs after `step`: `every` is a period, or several (each evaluation's; 0 = none), and
+  any evaluation runs at the last step."""
+  periods = [p for p in (every if isinstance(every, (tuple, list)) else (every,)) if p]
+  return bool(periods) and (last or any(step % p == 0 for p in periods))
+
+
 def run_loop(*, train_step: Callable, state, batches: Iterator[dict], batch_sharding, start_step: int,
              total_steps: int, writer, model_cfg, seq_len: int, tokens_per_step: int, log_every: int,
              checkpoint_every: int = 0, save: Callable[[int, Any, bool], None] | None = None,
-             evaluate: Callable[[Any, int], dict] | None = None, eval_every: int = 0,
+             evaluate: Callable[[Any, int], dict] | None = None, eval_every: int | tuple[int, ...] = 0,
              cpu_peak_flops: float = 0.0, compute_dtype: str = 'float32',
              guards: numerics.GuardConfig | None = None, watch: PreemptionWatch | None = None) -> LoopResult:
   """Run steps `start_step+1 .. total_steps`. `save(step, state, wait)` writes a checkpoint.
 
+  `evaluate(state, step)` runs every `eval_every` steps (or at each of several periods) and at the end; its
+  scalars, if any, are written as the split 'eval' (it may write other splits itself, before the save).
   `watch` (the run's, armed for the loop; default: one for this loop) says when SIGTERM or Ctrl-C asks
   to stop. Raises numerics.NonFiniteError at the first non-finite step (beyond
   `guards.skip_nonfinite_steps`) without saving it; checkpoints saved before stay valid.
@@ -282,7 +291,7 @@ def run_loop(*, train_step: Callable, state, batches: Iterator[dict], batch_shar
       pending = (step, device_metrics)
       writer.advance(step)
       last = step == total_steps
-      do_eval = evaluate is not None and eval_every and (step % eval_every == 0 or last)
+      do_eval = evaluate is not None and _due(step, eval_every, last)
       stop = watch.should_stop(step)
       do_save = save is not None and (stop or last or (checkpoint_every and step % checkpoint_every == 0))
       if do_eval or do_save:
@@ -293,7 +302,9 @@ def run_loop(*, train_step: Callable, state, batches: Iterator[dict], batch_shar
         started = time.perf_counter()
         guard.check_state(step, state)
         if do_eval:
-          writer.write(step, evaluate(state, step), prefix='eval')
+          scalars = evaluate(state, step)
+          if scalars:   # an evaluation with several schedules may have nothing for the split 'eval'
+            writer.write(step, scalars, prefix='eval')
         if do_save:
           save(step, state, stop or last)
           guard.last_saved = step

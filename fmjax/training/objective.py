@@ -103,10 +103,16 @@ class Objective:
 
 class Pretraining(Objective):
   """Next-token prediction (decoders) or masked-LM (model.kind='encoder') on cfg.data; eval on its
-  validation split every eval_every steps. With init_from, the checkpoint's tokenizer too."""
+  validation split every eval_every steps, and the lm-eval tasks of eval_tasks every eval_tasks_every
+  (fmjax/training/downstream.py). With init_from, the checkpoint's tokenizer too."""
 
   def adopt(self, cfg, source: Source) -> None:
     cfg.data.tokenizer = source.tokenizer_path(default=cfg.data.tokenizer)
+
+  def configure(self, cfg) -> list[str]:
+    from fmjax.training import downstream  # pylint: disable=import-outside-toplevel
+    downstream.check(cfg)   # lm-eval installed, every task name known: before anything is compiled
+    return []
 
   def build(self, session):
     from fmjax.data import pipeline  # pylint: disable=import-outside-toplevel
@@ -130,8 +136,10 @@ class Pretraining(Objective):
       lines.append(f'per-device memory: arguments {memory.argument_size_in_bytes / 2**20:.1f} MiB, '
                    f'temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB')
     from fmjax.training import optim  # pylint: disable=import-outside-toplevel
+    from fmjax.training import downstream  # pylint: disable=import-outside-toplevel
     cfg = session.cfg
-    return lines + optim.describe(cfg.optim, cfg.steps, run.state.abstract.params, run.state.abstract.opt_state)
+    return (lines + optim.describe(cfg.optim, cfg.steps, run.state.abstract.params, run.state.abstract.opt_state)
+            + downstream.describe(cfg))
 
   def metadata(self, cfg) -> dict:
     from fmjax.training import optim  # pylint: disable=import-outside-toplevel
@@ -147,6 +155,11 @@ class Pretraining(Objective):
     return pipeline.checkpoint_save_arg(self.batches)
 
   def evaluation(self, session):
+    from fmjax.training import downstream  # pylint: disable=import-outside-toplevel
+    return downstream.evaluation(session, *self._eval_split(session))
+
+  def _eval_split(self, session):
+    """(evaluate, eval_every) of the validation split."""
     cfg = session.cfg
     if not cfg.eval_every:
       return None, 0
