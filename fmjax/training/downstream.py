@@ -7,7 +7,9 @@ the end. It runs between steps, like the eval split, in every process (the compu
 metrics are written by the run's MetricWriter (process 0) as the split 'downstream', before that step's
 checkpoint: TensorBoard tags `downstream/<task>/<metric>`, metrics.jsonl records
 {'step', 'split': 'downstream', '<task>/<metric>': value, 'seconds': time taken}. A resume drops the
-records after its checkpoint with the rest, so each step is logged once.
+records after its checkpoint with the rest, so each step is logged once. A task that cannot run on the
+model (lm-eval's one-line errors, e.g. a continuation longer than the context) stops the downstream
+evaluation with one line; the training and its checkpoints go on.
 """
 
 from __future__ import annotations
@@ -61,11 +63,19 @@ class Downstream:
                                                      batch_size=cfg.eval_tasks_batch_size)
 
   def due(self, step: int) -> bool:
-    return step % self.every == 0 or step == self._steps
+    return not self.off and (step % self.every == 0 or step == self._steps)
+
+  off = False   # set when a task cannot run on this model: training goes on, its checkpoints are kept
 
   def __call__(self, state, step: int) -> dict[str, float]:
+    from fmjax.inference import lm_eval_errors  # pylint: disable=import-outside-toplevel
     started = time.perf_counter()
-    metrics = self._evaluate(state.params)
+    try:
+      metrics = self._evaluate(state.params)
+    except lm_eval_errors.LmEvalError as e:   # e.g. a continuation longer than model.max_seq_len
+      self.off = True
+      self._writer.log(f'eval_tasks stopped at step {step}, training goes on: {e}')
+      return {}
     scalars = {**metrics, 'seconds': time.perf_counter() - started}
     self._writer.write(step, scalars, prefix=SPLIT)
     return metrics

@@ -131,3 +131,18 @@ def test_an_encoder_cannot_run_eval_tasks(tmp_path):
     config_lib.validate(cfg)
   cfg.eval_tasks = ''
   config_lib.validate(cfg)
+
+
+@pytest.mark.slow
+def test_a_task_the_model_cannot_run_stops_downstream_with_one_line_and_training_goes_on(tmp_path, capsys):
+  cfg = _config(tmp_path, eval_every=0)
+  cfg.model.max_seq_len = 64    # next_line's continuations are longer: lm-eval's one-line refusal
+  result = train(cfg)
+  assert result.last_step == 8
+  records = _records(cfg.workdir)
+  assert not [r for r in records if r['split'] == 'downstream']
+  assert [r['step'] for r in records if r['split'] == 'train'][-1] == 8
+  assert sorted(int(n) for n in os.listdir(os.path.join(cfg.workdir, 'checkpoints')) if n.isdigit()) == [4, 8]
+  out = capsys.readouterr()
+  lines = [l for l in (out.out + out.err).splitlines() if 'eval_tasks stopped at step 4, training goes on' in l]
+  assert len(lines) == 1 and 'longer than the model context' in lines[0], lines
