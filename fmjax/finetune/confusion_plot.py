@@ -42,8 +42,8 @@ def figure(rep: dict, title: str = ''):
   cell = 0.6 if n <= 8 else 0.45 if n <= 16 else 0.32          # inches per cell
   count_points = 11 if n <= 8 else 9 if n <= 16 else 7          # counts only go below MIN_FONT_POINTS
   label_inches = 0.09 * max(len(s) for s in labels)           # at 10 pt
-  rotate = n > 2 and max(len(s) for s in labels) > 3
   width = max(5.0, 0.9 + label_inches + n * cell + 1.4)
+  rotate = label_inches > 0.9 * (width - 2.3 - label_inches) / n    # slanted when a name is wider than its cell
   height = max(4.2, 1.2 + n * cell + (0.75 * label_inches if rotate else 0.3) + 0.6)
   fig = Figure(figsize=(width, height), dpi=DPI, layout='constrained')
   FigureCanvasAgg(fig)   # drawn and saved with Agg, whatever pyplot's backend
