@@ -9,9 +9,10 @@ Every checkpoint fmjax writes is written here: the run's (WORKDIR/checkpoints), 
 (`BestCheckpoints`, WORKDIR/best) and one-off ones (`write_checkpoint`: LoRA adapters, imported models).
 Readers open checkpoints with `Checkpointer.open_for_reading`.
 
-A run that fails before its first checkpoint in a fresh workdir leaves nothing behind: what it created
-there (config.json, checkpoints/, logs, the workdir itself) is removed; a workdir that held a checkpoint
-keeps everything. A Ctrl-C in the loop saves at the next step boundary, logs one line and raises
+A run that fails to start in a fresh workdir (before its loop: bad data, tokenizer, mesh, build) leaves
+nothing behind: what it created there (config.json, checkpoints/, logs, the workdir itself) is removed; a
+workdir that held a checkpoint, or a run that reached its loop (a NaN stop keeps its metrics), keeps
+everything. A Ctrl-C in the loop saves at the next step boundary, logs one line and raises
 `RunInterrupted` (exit code 130); outside the loop it stops at once, saving nothing; a second Ctrl-C
 aborts at once (fmjax/training/loop.py `PreemptionWatch`).
 """
@@ -188,6 +189,7 @@ class Session:
   def _loop(self, ckpt: store.Checkpointer, state) -> loop.LoopResult:
     cfg, run, objective = self.cfg, self.run, self.objective
     evaluate, eval_every = objective.evaluation(self)
+    self._fresh.training = True   # from here a failure keeps the run's logs (a NaN stop, an OOM): no cleanup
 
     def save(step, state, wait):
       ckpt.save(step, state, self.meta, data_arg=objective.data_save_arg(), force=True)
@@ -229,11 +231,13 @@ class _FreshStart:
     self.before = set(_listdir(workdir))
     self.made = _missing_dirs(workdir)           # the workdir and parents this run will create, innermost first
     self.fresh = not _step_dirs(workdir)         # a started save counts: such a workdir keeps everything
+    self.training = False                        # set when the loop starts: its logs are kept
     self.removed = False
 
   def remove_created_files(self, kind, error, tb) -> bool:
     """On a failure (an ExitStack exit callback): the workdir entries that did not exist before, but the lock."""
-    if kind is None or not self.fresh or _step_dirs(self.workdir) or not distributed.is_leader():
+    if (kind is None or not self.fresh or self.training or _step_dirs(self.workdir)
+        or not distributed.is_leader()):
       return False
     for name in set(_listdir(self.workdir)) - self.before - {workdir_lock.LOCK_FILE}:
       path = paths.join(self.workdir, name)

@@ -5,6 +5,7 @@ The subprocess checks of Ctrl-C (exit code 130, one line, bit-identical resume) 
 tests/e2e/test_sigint.py."""
 
 import ast
+import json
 import os
 import pathlib
 import signal
@@ -153,6 +154,27 @@ def test_a_failure_after_a_checkpoint_or_on_resume_keeps_everything(tmp_path):
   assert sorted(p.name for p in workdir.iterdir()) == before
   assert store.finalised_steps(str(workdir / 'checkpoints')) == [2]
   assert first.last_step == 2
+
+
+class _FailsInTheLoop(objective.Pretraining):
+  """Pretraining whose evaluation fails at step 2: a failure after training started (a NaN stop, an OOM)."""
+
+  def evaluation(self, s):
+    def evaluate(state, step):
+      if step == 2:
+        raise RuntimeError('failed in the loop')
+      return {}
+    return evaluate, 1
+
+
+def test_a_failure_once_training_started_keeps_its_logs(tmp_path):
+  cfg = text_run_config(tmp_path, steps=4, checkpoint_every=0)
+  with pytest.raises(RuntimeError, match='failed in the loop'):
+    session.run(cfg, _FailsInTheLoop())
+  kept = sorted(p.name for p in pathlib.Path(cfg.workdir).iterdir())
+  assert 'config.json' in kept and 'metrics.jsonl' in kept and 'tensorboard' in kept, kept
+  steps = [json.loads(line)['step'] for line in open(os.path.join(cfg.workdir, 'metrics.jsonl'))]
+  assert 1 in steps
 
 
 # --- Ctrl-C ---------------------------------------------------------------------------------------
