@@ -32,7 +32,7 @@ from fmjax.checkpoints import restore, resume
 from fmjax.checkpoints import store
 from fmjax.data import tokenizers
 from fmjax.parallel import sharding as shd
-from fmjax.runtime import distributed, paths
+from fmjax.runtime import distributed, elapsed, paths
 from fmjax.training import build, loop, numerics
 from fmjax.training import writers as metric_writers
 from fmjax.training.objective import Objective, Source
@@ -147,7 +147,8 @@ class Session:
     self.log(f'{objective.heading(cfg)}{distributed.describe()}; mesh {shd.describe(self.mesh)}')
     for line in changes + notes:
       self.log(line)
-    self.run = objective.build(self)
+    with elapsed.report(f'compiling the train step on mesh {shd.describe(self.mesh)}'):   # lines past 30 s
+      self.run = objective.build(self)
     for line in objective.describe(self):
       self.log(line)
     self.meta = store.make_metadata(cfg, tokenizers.place_in_workdir(self.tokenizer, self.workdir),
