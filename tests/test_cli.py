@@ -151,8 +151,9 @@ def test_unknown_flag_is_named(capsys):
 def test_overrides_take_both_forms_and_a_missing_value_is_an_error():
   parser = cli.ArgumentParser(prog='x')
   cli.add_config_flags(parser)
-  args, overrides = cli.parse(parser, ['--config', 'c.py', '--config.a.b=1', '--config.c', '2'])
-  assert args.config == 'c.py' and overrides == ['a.b=1', 'c=2']
+  cli.add_workdir_flags(parser, required=False, checkpoint=False)
+  args, overrides = cli.parse(parser, ['--config', 'c.py', '--workdir', 'w', '--config.a.b=1', '--config.c', '2'])
+  assert args.config == 'c.py' and args.workdir == 'w' and overrides == ['a.b=1', 'c=2']
   with pytest.raises(cli.UsageError, match='needs a value'):
     cli.parse(parser, ['--config', 'c.py', '--config.c'])
 

@@ -162,20 +162,8 @@ def _train_parse(argv):
   return cli.parse(parser, argv)
 
 
-def test_space_separated_overrides_are_accepted():
-  args, overrides = _train_parse(['--config', 'c.py', '--workdir', 'w', '--config.steps', '5'])
-  assert args.workdir == 'w' and overrides == ['steps=5']
-
-
 def test_missing_data_path_is_one_clear_line(tmp_path, capsys):
   code = main(['--config', DEFAULT, '--workdir', str(tmp_path / 'w'), '--config.data.source=text',
                f'--config.data.files={tmp_path}/nothing/*.txt'])
   err = capsys.readouterr().err.strip()
   assert code == 2 and err.startswith('fmjax.train: error:') and 'nothing/*.txt' in err and '\n' not in err, err
-
-
-def test_mesh_that_does_not_fit_is_reported_by_the_cli(tmp_path, capsys):
-  code = main(['--config', DEFAULT, '--workdir', str(tmp_path / 'w'), '--config.mesh.data=3',
-               '--config.mesh.fsdp=3'])
-  err = capsys.readouterr().err.strip()
-  assert code == 2 and 'needs 9 devices but 8 are available' in err and '\n' not in err
