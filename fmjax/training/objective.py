@@ -110,7 +110,12 @@ class Pretraining(Objective):
     cfg.data.tokenizer = source.tokenizer_path(default=cfg.data.tokenizer)
 
   def configure(self, cfg) -> list[str]:
+    from fmjax.data import documents  # pylint: disable=import-outside-toplevel
     from fmjax.training import downstream  # pylint: disable=import-outside-toplevel
+    if cfg.data.files and not cfg.data.mixture and cfg.data.source != 'tfds':
+      documents.resolve_files(cfg.data.files)   # a glob that matches nothing: one line before any output
+    if cfg.data.eval_files and not cfg.data.mixture:
+      documents.resolve_files(cfg.data.eval_files, 'data.eval_files')
     downstream.check(cfg)   # lm-eval installed, every task name known: before anything is compiled
     return []
 

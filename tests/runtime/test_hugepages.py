@@ -8,7 +8,7 @@ import pytest
 
 from fmjax.runtime import hugepages
 
-_PROBE = ('from fmjax import hugepages; hugepages.reexec_with_hugepages(); import os; '
+_PROBE = ('from fmjax.runtime import hugepages; hugepages.reexec_with_hugepages(); import os; '
           'print(os.environ.get("GLIBC_TUNABLES", "")); print(hugepages.original_environment().get("GLIBC_TUNABLES", "-"))')
 
 

@@ -117,7 +117,7 @@ def test_a_dead_peer_stops_the_others_promptly_with_one_line(tmp_path, data, vic
   assert 'Traceback' not in err and 'stack trace' not in err, err[-2000:]
 
 
-PROBE = ('from fmjax import distributed; distributed.initialize(); import jax; '
+PROBE = ('from fmjax.runtime import distributed; distributed.initialize(); import jax; '
          'print("processes", jax.process_count(), "index", jax.process_index(), "devices", jax.device_count())')
 
 
