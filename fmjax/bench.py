@@ -10,7 +10,7 @@ from typing import Sequence
 
 from fmjax import cli
 
-USAGE = """python -m fmjax.bench --config CONFIG [--config.KEY=VALUE ...] [--steps N] [--sweep "k=v,k=v;k=v"]
+USAGE = """python -m fmjax.bench --config CONFIG [--config.KEY=VALUE ...] [--steps N] [--sweep "KEY=V1,V2,..." | "k=v,k=v;k=v"]
                           [--torch-reference PATH --text FILE] [--out FILE] [--repeats R]
        python -m fmjax.bench --data --config CONFIG [--workers 0,1,2] [--seconds S] [--out FILE]"""
 DESCRIPTION = """Benchmark the real compiled train step of CONFIG on synthetic tokens: compile time, median
@@ -24,7 +24,8 @@ def parser() -> cli.ArgumentParser:
   cli.add_config_flags(p, examples='nanogpt_cpu, gpt2_124m, llama_1b')
   p.add_argument('--steps', type=int, default=10, metavar='N', help='timed train steps per run')
   p.add_argument('--repeats', type=int, default=1, metavar='R', help='alternate fmjax/reference runs this many times')
-  p.add_argument('--sweep', default='', help='override sets to compare, e.g. "a=1,b=2;a=3" (default: the config as is)')
+  p.add_argument('--sweep', default='', help='override sets to compare: one per value, e.g. optim.name=adamw,muon, or sets separated '
+                                         'by ";", e.g. "a=1,b=2;a=3" (default: the config as is)')
   p.add_argument('--torch-reference', default='', metavar='PATH', help='a PyTorch baseline script')
   p.add_argument('--text', default='', metavar='FILE', help='training text for the PyTorch baseline')
   p.add_argument('--out', default='', metavar='FILE', help='also write the rows as JSON to FILE')

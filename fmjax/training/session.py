@@ -133,7 +133,8 @@ class Session:
       store.check_compatible(ckpt.read_metadata(latest), cfg.model, f'{ckpt.directory}/{latest}')
     self.start, self.resumed = int(latest or 0), latest is not None
     notes = objective.configure(cfg)
-    changes = resume.resume_changes(self.workdir, cfg, self.resumed, finetune=objective.finetune)
+    changes = resume.resume_changes(self.workdir, cfg, self.resumed, finetune=objective.finetune,
+                                   step=self.start)
     if distributed.is_leader():   # after the resume checks, which read the saved one
       config_lib.save(cfg, paths.join(self.workdir, 'config.json'))
     self.tokenizer = objective.tokenizer(cfg, self.source)
