@@ -1,12 +1,14 @@
 """What a classification fine-tune shows a person: the n-gram baseline's fixed numbers reach the console once,
 while every eval's metrics.jsonl record keeps them beside the model's."""
 
+import pytest
 import json
 
 from fmjax import finetune
 from helpers import ft_config
 
 
+@pytest.mark.slow   # a whole run: with the slow suite (CI runs both)
 def test_the_baseline_line_is_printed_once_and_logged_at_every_eval(pretrained, tmp_path, capsys):
   cfg = ft_config(pretrained, tmp_path)
   cfg.steps, cfg.eval_every, cfg.log_every, cfg.progress_bar = 6, 2, 2, False

@@ -104,6 +104,7 @@ def run_config(tmp_path, steps, **optim_fields):
                          optim=dict(warmup_steps=5, learning_rate=3e-3, end_learning_rate=0.0, **optim_fields))
 
 
+@pytest.mark.slow   # a whole run: with the slow suite (CI runs both)
 def test_constant_run_resumed_into_its_cooldown_equals_one_wsd_run_bit_for_bit(tmp_path, capsys):
   """Constant to step 40, then a resume that decays from 40 to 60, is one WSD run of 60 steps decaying from
   40: the same parameters, bit for bit, and the cooldown is logged and saved."""

@@ -193,6 +193,7 @@ class _CtrlCAt(objective.Pretraining):
     return evaluate, 1
 
 
+@pytest.mark.slow   # a whole run: with the slow suite (CI runs both)
 def test_ctrl_c_checkpoints_at_the_next_step_and_the_rerun_resumes(tmp_path, capsys):
   ref = text_run_config(tmp_path, steps=6, checkpoint_every=0)
   ref.workdir = str(tmp_path / 'ref')
@@ -285,6 +286,7 @@ def test_run_interrupted_exits_130_silently():
   assert proc.returncode == 130 and 'Traceback' not in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow   # a whole run: with the slow suite (CI runs both)
 def test_a_finished_fine_tune_reruns_with_nothing_to_do_and_the_same_answer(pretrained, tmp_path, capsys):
   from fmjax.finetune import finetune
   from helpers import ft_config
