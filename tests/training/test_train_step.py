@@ -39,6 +39,7 @@ def train_losses(cfg, steps=3, return_state=False):
   return (losses, state) if return_state else losses
 
 
+@pytest.mark.slow   # several whole meshes trained: with the slow suite (CI runs both)
 def test_losses_equal_on_every_mesh_and_params_are_split():
   ref = train_losses(_cfg(mesh=dict(data=1, fsdp=1, tensor=1)))
   assert ref[-1] < ref[0]
@@ -78,6 +79,7 @@ def test_dense_attention_with_causal_blocks_trains_like_xla_on_a_mesh():
   np.testing.assert_allclose(train_losses(_cfg(model=dict(max_seq_len=128), **long)), ref, rtol=1e-5)
 
 
+@pytest.mark.slow   # several whole meshes trained: with the slow suite (CI runs both)
 @pytest.mark.parametrize('tie', [False, True])
 def test_vocab_chunked_loss_trains_like_full_logits_on_a_mesh(tie):
   mesh = dict(data=2, fsdp=2, tensor=2)
