@@ -303,12 +303,16 @@ def test_run_survives_the_terminal_closing_then_attach_and_stop(tmp_path):
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}", "HOME": str(tmp_path),
            "LC_ALL": "C", "TMPDIR": str(tmp_path)}
     job = 'trap "echo saved at TERM; exit 0" TERM; echo "up $WORKER"; while :; do sleep 0.1; done'
+    # A shell started from a terminal has SIGHUP at its default; CI runners often start with it ignored, and
+    # bash cannot trap a signal ignored on entry, so the terminal's state is restored for the launcher.
     local = subprocess.Popen(["bash", RUN, *TPU, "--num-workers", "2", "--log-dir", str(tmp_path / "logs"),
-                              "--", "bash", "-c", job], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+                              "--", "bash", "-c", job], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
         deadline = time.time() + 30
         while time.time() < deadline and "up 1" not in _read(tmp_path / "logs" / "worker-1.log"):
             time.sleep(0.1)
+        assert "up 1" in _read(tmp_path / "logs" / "worker-1.log"), "worker 1 never started"
         local.send_signal(signal.SIGHUP)            # the terminal closes
         local.wait(timeout=30)
     finally:
