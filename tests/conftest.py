@@ -7,6 +7,18 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Compile-only TPU tests load libtpu in-process; without this, another JAX process on the machine
 # holding libtpu's lockfile makes them fail.
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+# One XLA compilation cache for the session and the CLI runs it starts (they inherit the environment):
+# the same tiny programs compile in many tests, and a cache hit replaces a compile. Fresh per session,
+# so a run only reuses its own compiles; FMJAX_TEST_COMPILATION_CACHE=0 turns it off.
+if os.environ.get('FMJAX_TEST_COMPILATION_CACHE', '1') != '0' and 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+  _CACHE = tempfile.mkdtemp(prefix='fmjax-tests-xla-cache-')
+  atexit.register(shutil.rmtree, _CACHE, True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 # gcsfs reads this when imported: the offline GCS of tests/fake_gcs.py speaks HTTP only (no gRPC probe)
 os.environ['GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT'] = 'false'
 

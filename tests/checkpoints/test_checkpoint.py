@@ -31,6 +31,7 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
   assert meta['fmjax_version']
 
 
+@pytest.mark.slow   # trimmed from the default suite (CI runs both suites)
 def test_checkpoint_from_2x2x2_restores_on_8x1x1_and_trains_on(tmp_path):
   mesh_a = dict(data=2, fsdp=2, tensor=2)
   mesh_b = dict(data=8, fsdp=1, tensor=1)

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from fmjax.config import data_defaults
 from fmjax.data import pipeline
@@ -10,6 +11,7 @@ from fmjax.data.batches import BATCH_KEYS
 from fmjax.data.tokenizers import load_tokenizer
 
 
+@pytest.mark.slow   # trimmed from the default suite (CI runs both suites)
 def test_two_workers_match_in_process(tmp_path):
   for i in range(30):
     (tmp_path / f'{i}.txt').write_text(f'document {i} ' + 'zé😀 ' * (i * 7 % 23))

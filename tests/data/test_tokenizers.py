@@ -202,6 +202,7 @@ def test_char_cli(tmp_path, capsys):
   assert len(errors) == 2 and '--vocab-size does not apply' in errors[0] and 'should end in .json' in errors[1]
 
 
+@pytest.mark.slow   # trimmed from the default suite (CI runs both suites)
 def test_char_tokenizer_trains_and_restores_from_the_workdir(tmp_path):
   """tokenizers.place_in_workdir copies the JSON into the workdir; restore loads it back, same characters."""
   from fmjax import train

@@ -42,6 +42,7 @@ def test_loaded_model_gives_the_pretrained_logits(pretrained, tmp_path, lora_ran
   assert HEAD in state.params
 
 
+@pytest.mark.slow   # trimmed from the default suite (CI runs both suites)
 def test_learns_separable_task_on_a_2x2x2_mesh(pretrained, tmp_path):
   cfg = ft_config(pretrained, tmp_path, head_learning_rate=1e-2)
   cfg.mesh.update(dict(data=2, fsdp=2, tensor=2))

@@ -45,6 +45,7 @@ def test_evaluate_params_matches_reference_and_sharded_run():
   assert evaluator(sharded, batches)['loss'] == pytest.approx(out['loss'], rel=1e-5)
 
 
+@pytest.mark.slow   # trimmed from the default suite (CI runs both suites)
 def test_cli(tmp_path_factory, tmp_path, capsys):
   workdir = train_tiny(tmp_path_factory.getbasetemp())
   assert evaluate_command.main(['--workdir', workdir, '--batches', '2', '--split', 'train']) == 0

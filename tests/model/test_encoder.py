@@ -260,6 +260,7 @@ def test_whole_word_masking_chooses_whole_words():
   assert weights.any()
 
 
+@pytest.mark.slow   # trimmed from the default suite (CI runs both suites)
 def test_mlm_train_step_only_scores_masked_tokens_and_learns():
   from fmjax.training import build
   cfg = encoder_config(vocab_size=259)

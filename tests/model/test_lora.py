@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from fmjax import finetune
 from fmjax.parallel import sharding as shd
@@ -10,6 +11,7 @@ from fmjax.model import Transformer, lora
 from helpers import ft_config, write_csv
 
 
+@pytest.mark.slow   # trimmed from the default suite (CI runs both suites)
 def test_only_adapters_change_and_merge_matches(pretrained, tmp_path):  # noqa: F811
   pre_cfg, before = pretrained
   cfg = ft_config(pretrained, tmp_path, task='prompt', lora_rank=4, lora_alpha=8.0)

@@ -34,6 +34,7 @@ def test_plan_memory_matches_the_live_state_on_each_device(capsys):
   assert p['flops_per_step'] == metrics.flops_per_token(cfg.model, 16) * 8 * 16
 
 
+@pytest.mark.slow   # trimmed from the default suite (CI runs both suites)
 def test_plan_cli_rejects_a_config_that_does_not_fit(capsys, tmp_path):
   code = plan_command.main(['--config', 'configs/default.py', '--devices', '8', '--memory-gib', '0.001'])
   out = capsys.readouterr()

@@ -28,6 +28,7 @@ def _records(path):
   return [json.loads(line) for line in paths.read_text(path).splitlines()]
 
 
+@pytest.mark.slow   # trimmed from the default suite (CI runs both suites)
 def test_gs_workdir_trains_resumes_bit_exactly_and_keeps_each_step_once(tmp_path, gcs):
   ref = train.train(_cfg(tmp_path, str(tmp_path / 'local'), 6))
   remote = f'{gcs}/resume/run'
