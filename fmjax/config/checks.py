@@ -22,6 +22,7 @@ _CHOICES = {
     'model.attention': ('auto', 'xla', 'dense', 'cudnn', 'pallas_gpu', 'splash', 'chunked'),
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.dtype': ('float32', 'bfloat16'),
+    'model.quantization': ('none', 'int8', 'fp8'),
     'data.source': ('stdlib', 'text', 'jsonl', 'parquet', 'tfds'),
     'data.split_by': ('file', 'paragraph'),
     'optim.name': ('adamw', 'muon', 'adafactor', 'lion'),

@@ -51,6 +51,8 @@ MODEL = dict(   # a LLaMA-style decoder by default; kind='encoder' for BERT-styl
     attention_chunk=field(128, RESUME, 'query/key block for the chunked attention'),
     loss_vocab_chunk=field(0, RESUME, '> 0: fused output projection + cross-entropy over vocab chunks this size'),
     init_std=field(0.02, RESTORE),
+    quantization=field('none', RESTORE, 'none | int8 | fp8: quantized matmuls in the attention and MLP '
+                                        'projections (qwix; fp32 master weights; fmjax/model/quantization.py)'),
 )
 
 

@@ -36,7 +36,7 @@ from jax.ad_checkpoint import checkpoint_name
 from fmjax.model.attention_select import (  # noqa: F401  (the choice of implementation, re-exported)
     AttentionError, Choice, cudnn_problem, for_run, log_once as _log_once, refuse_features, resolve_call, select)
 from fmjax.model.attention_spec import ScoreSpec, cap_scores, head_dim, resolve, score_spec, visible
-from fmjax.model.layers import Projection, apply_rope, dtype_of, fused_projections, lora_spec, rope_scaling
+from fmjax.model.layers import Projection, apply_rope, dtype_of, lora_spec, project, rope_scaling
 
 _NEG = -1e30
 
@@ -276,10 +276,10 @@ class Attention(nn.Module):
                         lora=lora_spec(cfg, name), **kw, **extra)
 
     if kh == h:  # one matmul for q, k and v
-      q, k, v = fused_projections(x, [proj(n, h, 'heads', weights_only=True) for n in 'qkv'], kw['dtype'])
+      q, k, v = project(x, lambda n, **extra: proj(n, h, 'heads', **extra), 'qkv', cfg, kw['dtype'])
     else:
       q = proj('q', h, 'heads')(x)
-      k, v = fused_projections(x, [proj(n, kh, 'kv_heads', weights_only=True) for n in 'kv'], kw['dtype'])
+      k, v = project(x, lambda n, **extra: proj(n, kh, 'kv_heads', **extra), 'kv', cfg, kw['dtype'])
     if cfg.positions == 'rope':
       q = apply_rope(q, positions, cfg.rope_theta, rope_scaling(cfg))
       k = apply_rope(k, positions, cfg.rope_theta, rope_scaling(cfg))

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
+
+from fmjax.model.quantization import is_quantized
 
 Dtype = Any
 
@@ -116,7 +118,8 @@ class Projection(nn.Module):
     # One 2-D matmul (tokens, in) @ (in, out): its gradients are plain 2-D matmuls too, which
     # XLA CPU runs without the transposed copies that N-D contractions over (B, T) force.
     w = kernel.astype(self.dtype).reshape(math.prod(self.in_shape), math.prod(self.out_shape))
-    y = jnp.dot(x.astype(self.dtype).reshape(math.prod(lead), w.shape[0]), w)
+    # lax.dot_general (jnp.dot's own lowering) so model.quantization's interceptor sees the matmul.
+    y = jax.lax.dot_general(x.astype(self.dtype).reshape(math.prod(lead), w.shape[0]), w, (((1,), (0,)), ((), ())))
     y = y.reshape(lead + tuple(self.out_shape))
     if self.use_bias:
       y = y + self._bias().astype(self.dtype)
@@ -139,6 +142,14 @@ class Projection(nn.Module):
   def _bias(self):
     return param_with_axes(self, 'bias', nn.initializers.zeros, self.out_shape,
                            tuple('norm' if a == 'embed' else a for a in self.out_axes), self.param_dtype)
+
+
+def project(x, make: Callable[..., Projection], names: Sequence[str], cfg, dtype: Dtype):
+  """The projections `make(name)` of `x` for each name, fused into one matmul (fused_projections) unless
+  the model is quantized: each quantized matmul is its projection's own, with its own scales."""
+  if is_quantized(cfg):
+    return [make(n)(x) for n in names]
+  return fused_projections(x, [make(n, weights_only=True) for n in names], dtype)
 
 
 def fused_projections(x, projections: Sequence[Projection], dtype: Dtype):
@@ -173,8 +184,7 @@ class MLP(nn.Module):
     up = lambda name, **extra: Projection((cfg.d_model,), (cfg.mlp_dim,), ('embed',), ('mlp',), name=name, **kw,
                                           lora=lora_spec(cfg, name), **extra)
     if cfg.activation == 'swiglu':  # one matmul for both up-projections
-      gate, lin = fused_projections(x, [up('wi_0', weights_only=True), up('wi_1', weights_only=True)],
-                                    kw['dtype'])
+      gate, lin = project(x, up, ('wi_0', 'wi_1'), cfg, kw['dtype'])
       h = nn.silu(gate) * lin
     else:  # gelu: tanh approximation (GPT-2); gelu_exact: erf (BERT)
       h = nn.gelu(up('wi')(x), approximate=cfg.activation != 'gelu_exact')

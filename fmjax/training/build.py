@@ -18,7 +18,7 @@ from fmjax.training import optim
 from fmjax.parallel import sharding as shd
 from fmjax.training import state as state_lib
 from fmjax.training import step as step_lib
-from fmjax.model import Transformer, attention
+from fmjax.model import Transformer, attention, quantization
 from fmjax.model.transformer import is_encoder
 
 
@@ -95,8 +95,10 @@ def build_run(cfg, mesh: jax.sharding.Mesh | None = None, task: Task | None = No
   rules = shd.axis_rules(cfg)
   check_batch(cfg, mesh)
   packed = cfg.data.packing if task.packed is None else task.packed
-  model = Transformer(attention.for_run(task.model_cfg or cfg.model, seq_len=cfg.seq_len, packed=packed,
-                                        platform=mesh.devices.flat[0].platform))
+  device = mesh.devices.flat[0]
+  model = quantization.quantize(Transformer(attention.for_run(task.model_cfg or cfg.model, seq_len=cfg.seq_len,
+                                                              packed=packed, platform=device.platform)),
+                                device.platform, device)
   if task.optimizer is not None:
     tx, schedule = task.optimizer(cfg)
   else:

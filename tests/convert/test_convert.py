@@ -271,3 +271,21 @@ def test_verify_failure_names_each_limit():
   from fmjax.convert.cli import build_parser
   args = build_parser().parse_args(['to-hf', '--workdir', 'w', '--out', 'o', '--verify'])
   assert args.max_diff is None and args.max_kl is None          # dtype-aware defaults from verify
+
+
+def test_a_quantized_run_exports_its_unquantized_weights(tmp_path):
+  """model.quantization changes the matmuls, never the stored weights: to-hf writes the fp32 parameters
+  (bit for bit), and transformers' float model matches fmjax's unquantized logits."""
+  transformers = pytest.importorskip('transformers')
+  workdir, params, model_cfg = _fmjax_workdir(tmp_path, {**LLAMA, 'quantization': 'int8'})
+  assert model_cfg.quantization == 'int8'
+  assert cli_main(['to-hf', '--workdir', workdir, '--out', str(tmp_path / 'hf'), '--verify']) == 0
+  tensors = load_file(str(tmp_path / 'hf' / 'model.safetensors'))
+  assert {t.dtype.name for t in tensors.values()} == {'float32'}
+  np.testing.assert_array_equal(tensors['model.embed_tokens.weight'], np.asarray(params['embedding']))
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'hf'), use_safetensors=True).eval()
+  tokens = verify.sample_tokens(96, 32)
+  float_cfg = model_cfg.copy_and_resolve_references()
+  float_cfg.quantization = 'none'
+  diff = np.abs(verify.fmjax_logits(params, float_cfg, tokens) - _hf_logits(hf, tokens)).max()
+  assert diff < 1e-4

@@ -139,3 +139,36 @@ def test_generate_prefill_and_decode_loop_compile_for_the_slice(name, chips):
   for compiled in (prefill, loop):
     mem = compiled.memory_analysis()
     assert 0 < mem.argument_size_in_bytes + mem.temp_size_in_bytes < metrics.ACCELERATORS[kind].hbm_gib * 2**30
+
+
+def _int8_dots(compiled) -> int:
+  """Matmuls (dot or convolution) of the compiled TPU program whose two operands are int8 (the MXU's
+  int8 path; XLA may fuse the rescale's convert into the matmul's output type)."""
+  text = compiled.as_text()
+  types = dict(re.findall(r'%([\w.\-]+) = ([a-z0-9]+)\[', text))
+  count = 0
+  for operands in re.findall(r'= \S+ (?:dot|convolution)\(([^)]*)\)', text):
+    names = re.findall(r'%([\w.\-]+)', operands)
+    count += len(names) == 2 and all(types.get(n) == 's8' for n in names)
+  return count
+
+
+@pytest.mark.slow   # a 1.1B-parameter train step compiled twice for TPU: with the slow suite (CI runs both)
+@pytest.mark.parametrize('name', ['v5p-8', 'v6e-8'])
+def test_llama_1b_trains_int8_on_the_slice(name):
+  """configs/llama_1b.py with model.quantization=int8, compiled for the slice: the projection matmuls of
+  the forward and backward passes are int8 on the MXU, splash still runs, and the step fits the chip at
+  a global batch of 8 sequences per chip."""
+  from fmjax import cli, config as config_lib
+  kind, chips = plan.parse_topology(name)
+  cfg = config_lib.resolve(cli.config_path('llama_1b'), ['--config.model.quantization=int8'])
+  cfg.global_batch_size, cfg.microbatches = 8 * chips, 1
+  run = build.build_lm_run(cfg, shd.make_mesh(cfg.mesh, plan.tpu_devices(name)))
+  found = kernels(run.train_step)
+  assert {k for k in SPLASH_KERNELS if any(f.startswith(k) for f in found)} == set(SPLASH_KERNELS), found
+  # 7 projections per layer (one scanned body): forward, input gradient and weight gradient each
+  assert _int8_dots(run.train_step) >= 3 * 7, _int8_dots(run.train_step)
+  mem = run.train_step.memory_analysis()
+  assert 0 < mem.argument_size_in_bytes + mem.temp_size_in_bytes < metrics.ACCELERATORS[kind].hbm_gib * 2**30
+  print(f'{name}: {_int8_dots(run.train_step)} int8 matmuls; arguments {mem.argument_size_in_bytes / 2**30:.2f} '
+        f'GiB, temporaries {mem.temp_size_in_bytes / 2**30:.2f} GiB per chip')
