@@ -139,6 +139,9 @@ def test_second_run_on_a_live_workdir_is_refused_then_takes_over_after_sigkill(t
   first = subprocess.Popen(command(run, data, *_slow_run()), env=base_env(1, **SERIAL), cwd=ROOT)
   try:
     assert _wait_for(lambda: os.path.exists(run / 'metrics.jsonl') and len(logged_losses(run)) >= 2, 180, first)
+    # Frozen mid-run (alive, holding the lock) so it cannot finish its 40 steps while the second run
+    # starts: with the suite's compilation cache a step is quick and the race was real.
+    first.send_signal(signal.SIGSTOP)
     config_before = (run / 'config.json').read_bytes()
     started = time.time()
     second = subprocess.run(command(run, data, *_slow_run()), env=base_env(1, **SERIAL), cwd=ROOT,
