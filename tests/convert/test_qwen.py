@@ -126,8 +126,14 @@ def test_what_fmjax_lacks_is_refused_in_one_line(fam):
   _one_line(lambda: fam.from_hf_config(dict(base, use_sliding_window=True, sliding_window=1024,
                                             max_window_layers=0)),
             'use_sliding_window=true', 'sliding_window=1024')
-  # A window no layer uses (max_window_layers covers them all) or one as long as the context is no window.
+  _one_line(lambda: fam.from_hf_config(dict(base, use_sliding_window=True, sliding_window=1024,
+                                            layer_types=['full_attention', 'sliding_attention'])),
+            'use_sliding_window=true', 'layers 1..1')
+  # A window no layer uses (max_window_layers covers them all, or layer_types, which transformers follows, says
+  # full attention) or one as long as the context is no window.
   assert fam.from_hf_config(dict(base, use_sliding_window=True, sliding_window=1024, max_window_layers=2))
+  assert fam.from_hf_config(dict(base, use_sliding_window=True, sliding_window=1024, max_window_layers=0,
+                                 layer_types=['full_attention'] * 2))
   assert fam.from_hf_config(dict(base, use_sliding_window=True, sliding_window=4096, max_window_layers=0))
   assert fam.from_hf_config(dict(base, use_sliding_window=False, sliding_window=1024, max_window_layers=0))
   for kind in ('yarn', 'dynamic'):
@@ -233,3 +239,22 @@ def test_one_attention_layer_matches_a_numpy_reference(kv_heads):
   print(f'kv_heads={kv_heads}: max diff {np.abs(got - want).max():.3g} '
         f'(norms after RoPE: {np.abs(got - after).max():.3g})')
   assert np.abs(got - want).max() < 1e-4 and np.abs(got - after).max() > 1e-2
+
+
+def test_the_command_line_imports_with_verify_and_refuses_in_one_line(imported, tmp_path, capsys):
+  import shutil
+  from fmjax.convert.cli import main as convert_main
+  _, base, _ = imported('qwen2')
+  assert convert_main(['from-hf', '--hf-dir', str(base / 'hf'), '--out', str(tmp_path / 'ok'), '--verify']) == 0
+  assert 'verify: max abs logits diff' in capsys.readouterr().out
+  # layer_types null (files from before transformers wrote it): the layers from max_window_layers on slide.
+  edits = {'window': (dict(use_sliding_window=True, sliding_window=8, max_window_layers=1, layer_types=None),
+                      ('use_sliding_window=true', 'sliding_window=8', 'layers 1..1')),
+           'yarn': (dict(rope_parameters=dict(rope_type='yarn', rope_theta=500.0, factor=4.0)), ("rope_type='yarn'",))}
+  for name, (changes, words) in edits.items():
+    shutil.copytree(base / 'hf', tmp_path / name)
+    _edit_config(tmp_path / name, **changes)
+    assert convert_main(['from-hf', '--hf-dir', str(tmp_path / name), '--out', str(tmp_path / f'out_{name}')]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith('fmjax-convert: error:') and all(w in err for w in words), err
+    assert not os.path.exists(tmp_path / f'out_{name}')
