@@ -17,7 +17,7 @@ MODEL_TYPES = ('qwen2',)
 TITLES = ('Qwen2',)
 IGNORED = llama.IGNORED
 OPTIONAL_PREFIX = ''
-rules = llama.rules
+rules = llama.rules   # its table adds the q/k/v biases of model.attention_bias
 
 
 def mismatch(m) -> str | None:

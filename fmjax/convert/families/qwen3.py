@@ -16,7 +16,7 @@ MODEL_TYPES = ('qwen3',)
 TITLES = ('Qwen3',)
 IGNORED = llama.IGNORED
 OPTIONAL_PREFIX = ''
-rules = llama.rules
+rules = llama.rules   # its table adds the q/k norm scales of model.qk_norm
 
 
 def mismatch(m) -> str | None:
