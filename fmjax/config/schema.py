@@ -38,6 +38,10 @@ MODEL = dict(   # a LLaMA-style decoder by default; kind='encoder' for BERT-styl
     rope_high_freq_factor=field(4.0, FUNCTION, 'llama3: wavelengths below original_max_len / this are kept'),
     rope_original_max_len=field(8192, FUNCTION, 'llama3: the context the model was pretrained with'),
     use_bias=field(False, SHAPE, 'biases on projections (GPT-2 style)'),
+    attention_bias=field(False, SHAPE, 'biases on the q, k and v projections only (Qwen2); use_bias puts them on '
+                                       'every projection'),
+    qk_norm=field(False, SHAPE, 'RMSNorm over head_dim of q and of k, per head, before RoPE (Qwen3): learned '
+                                'attn/q_norm, attn/k_norm scales, eps model.norm_eps'),
     tie_embeddings=field(False, SHAPE),
     dropout=field(0.0, RESTORE),
     param_dtype=field('float32', RESTORE),

@@ -68,6 +68,12 @@ def linear(in_shape, out_shape):
               from_hf=lambda w: (w.T.reshape(tuple(in_shape) + tuple(out_shape)),))
 
 
+def reshape(hf_shape, fm_shape):
+  """A tensor stored flat on one side and reshaped on the other (attention biases: (H*D,) <-> (H, D))."""
+  return dict(hf_shape=tuple(hf_shape), to_hf=lambda x: x.reshape(hf_shape),
+              from_hf=lambda w: (w.reshape(fm_shape),))
+
+
 def conv1d(in_shape, out_shape):
   """GPT-2 Conv1D weight [in, out] <-> fmjax kernel in_shape + out_shape (no transpose)."""
   n_in, n_out = math.prod(in_shape), math.prod(out_shape)

@@ -36,7 +36,7 @@ from jax.ad_checkpoint import checkpoint_name
 from fmjax.model.attention_select import (  # noqa: F401  (the choice of implementation, re-exported)
     AttentionError, Choice, cudnn_problem, for_run, log_once as _log_once, refuse_features, resolve_call, select)
 from fmjax.model.attention_spec import ScoreSpec, cap_scores, head_dim, resolve, score_spec, visible
-from fmjax.model.layers import Projection, apply_rope, dtype_of, lora_spec, project, rope_scaling
+from fmjax.model.layers import Projection, apply_rope, dtype_of, lora_spec, make_norm, project, rope_scaling
 
 _NEG = -1e30
 
@@ -271,15 +271,19 @@ class Attention(nn.Module):
     d = head_dim(cfg)
     kw = dict(use_bias=cfg.use_bias, init_std=cfg.init_std, dtype=dtype_of(cfg.dtype),
               param_dtype=dtype_of(cfg.param_dtype))
+    qkv_bias = bool(cfg.use_bias or cfg.get('attention_bias', False))   # attention_bias: q, k, v only (Qwen2)
     def proj(name, heads, axis, **extra):
       return Projection((cfg.d_model,), (heads, d), ('embed',), (axis, 'kv'), name=name,
-                        lora=lora_spec(cfg, name), **kw, **extra)
+                        lora=lora_spec(cfg, name), **{**kw, 'use_bias': qkv_bias}, **extra)
 
     if kh == h:  # one matmul for q, k and v
       q, k, v = project(x, lambda n, **extra: proj(n, h, 'heads', **extra), 'qkv', cfg, kw['dtype'])
     else:
       q = proj('q', h, 'heads')(x)
       k, v = project(x, lambda n, **extra: proj(n, kh, 'kv_heads', **extra), 'kv', cfg, kw['dtype'])
+    if cfg.get('qk_norm', False):   # Qwen3: RMSNorm of each head's q and k over head_dim, before RoPE
+      q = make_norm(cfg, 'q_norm', force='rmsnorm')(q)
+      k = make_norm(cfg, 'k_norm', force='rmsnorm')(k)
     if cfg.positions == 'rope':
       q = apply_rope(q, positions, cfg.rope_theta, rope_scaling(cfg))
       k = apply_rope(k, positions, cfg.rope_theta, rope_scaling(cfg))

@@ -63,9 +63,9 @@ class LayerNorm(nn.Module):
     return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
-def make_norm(cfg, name: str) -> nn.Module:
-  """The configured norm layer."""
-  cls = RMSNorm if cfg.norm == 'rmsnorm' else LayerNorm
+def make_norm(cfg, name: str, force: str | None = None) -> nn.Module:
+  """The configured norm layer (`force`: 'rmsnorm' or 'layernorm' whatever model.norm says, e.g. qk_norm)."""
+  cls = RMSNorm if (force or cfg.norm) == 'rmsnorm' else LayerNorm
   return cls(eps=cfg.norm_eps, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), name=name)
 
 

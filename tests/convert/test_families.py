@@ -8,14 +8,14 @@ import pytest
 from fmjax import cli
 from fmjax.convert import ConversionError, families
 from fmjax.convert.cli import build_parser
-from fmjax.convert.families import bert, gpt2, llama
+from fmjax.convert.families import bert, gpt2, llama, qwen2, qwen3
 
 
 def test_every_family_module_registers_its_model_types():
-  assert set(families.registered()) == {bert.BERT, bert.ROBERTA, gpt2, llama}
-  assert sorted(families.model_types()) == ['bert', 'gpt2', 'llama', 'mistral', 'roberta']
+  assert set(families.registered()) == {bert.BERT, bert.ROBERTA, gpt2, llama, qwen2, qwen3}
+  assert sorted(families.model_types()) == ['bert', 'gpt2', 'llama', 'mistral', 'qwen2', 'qwen3', 'roberta']
   for model_type, fam in [('llama', llama), ('mistral', llama), ('gpt2', gpt2), ('bert', bert.BERT),
-                          ('roberta', bert.ROBERTA)]:
+                          ('roberta', bert.ROBERTA), ('qwen2', qwen2), ('qwen3', qwen3)]:
     assert families.family_for(model_type) is fam
     assert families.by_name(fam.NAME) is fam
   assert families.model_type_of({'architectures': ['RobertaForMaskedLM']}) == 'roberta'
@@ -24,11 +24,12 @@ def test_every_family_module_registers_its_model_types():
 
 def test_an_unknown_model_type_is_one_line_naming_the_registered_ones():
   with pytest.raises(ConversionError) as err:
-    families.family_for('qwen2')
+    families.family_for('phi3')
   message = str(err.value)
-  assert '\n' not in message and "model_type='qwen2'" in message
+  assert '\n' not in message and "model_type='phi3'" in message
   assert all(t in message for t in families.model_types())
-  with pytest.raises(ConversionError, match="--family 'opt': expected one of bert, roberta, gpt2, llama"):
+  with pytest.raises(ConversionError, match="--family 'opt': expected one of bert, roberta, gpt2, llama, qwen2, "
+                                            "qwen3$"):
     families.by_name('opt')
 
 
@@ -51,7 +52,8 @@ def test_help_lists_every_registered_family(capsys):
   with pytest.raises(SystemExit):
     parser.parse_args(['--help'])
   text = ' '.join(capsys.readouterr().out.split())
-  for title in ('BERT', 'RoBERTa', 'GPT-2', 'Llama', 'Mistral', 'BertForMaskedLM', 'RobertaForMaskedLM'):
+  for title in ('BERT', 'RoBERTa', 'GPT-2', 'Llama', 'Mistral', 'Qwen2', 'Qwen3', 'BertForMaskedLM',
+                'RobertaForMaskedLM'):
     assert title in text, title
   assert parser.parse_args(['to-hf', '--workdir', 'w', '--out', 'o', '--family', 'roberta']).family == 'roberta'
   with pytest.raises(cli.UsageError, match="--family: invalid choice: 'opt' .*'bert', 'roberta', 'gpt2', 'llama'"):

@@ -46,14 +46,20 @@ def register(family):
   return family
 
 
+def _module_name(family) -> str:
+  """The module that defines `family` (a module itself, or an instance of a class of one)."""
+  return getattr(family, '__name__', None) if hasattr(family, '__file__') else type(family).__module__
+
+
 def registered() -> tuple:
-  """Every family, once each family module of this package is imported."""
+  """Every family, once each family module of this package is imported: by module name, in registration
+  order within a module (whichever module a caller happened to import first)."""
   global _loaded
   if not _loaded:
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
       importlib.import_module(f'{__name__}.{info.name}')
     _loaded = True
-  return tuple(_REGISTRY.values())
+  return tuple(sorted(_REGISTRY.values(), key=_module_name))
 
 
 def names() -> tuple[str, ...]:

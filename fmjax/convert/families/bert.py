@@ -13,15 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fmjax.convert.families import register
-from fmjax.convert.mapping import ConversionError, Rule, identity, linear
+from fmjax.convert.mapping import ConversionError, Rule, identity, linear, reshape
 
 _ACTIVATIONS = {'gelu': 'gelu_exact', 'gelu_new': 'gelu', 'gelu_pytorch_tanh': 'gelu'}
-
-
-def _reshape(hf_shape, fm_shape):
-  """A tensor stored flat on one side and reshaped on the other (attention biases: (H*D,) <-> (H, D))."""
-  return dict(hf_shape=tuple(hf_shape), to_hf=lambda x: x.reshape(hf_shape),
-              from_hf=lambda w: (w.reshape(fm_shape),))
 
 
 @dataclass(frozen=True)
@@ -101,7 +95,7 @@ class EncoderFamily:
                            Rule(hf + '.bias', (fm + '/bias',), **identity((d,)))]
     dense = lambda hf, fm, n_in, n_out, fm_in, fm_out: [
         Rule(hf + '.weight', (fm + '/kernel',), **linear(fm_in, fm_out)),
-        Rule(hf + '.bias', (fm + '/bias',), **_reshape((n_out,), fm_out))]
+        Rule(hf + '.bias', (fm + '/bias',), **reshape((n_out,), fm_out))]
     table = [
         Rule(base + 'embeddings.word_embeddings.weight', ('embedding',), **identity((v, d))),
         Rule(base + 'embeddings.position_embeddings.weight', ('pos_embedding',),

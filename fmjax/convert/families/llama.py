@@ -1,6 +1,8 @@
 """LLaMA family (also Mistral without a sliding window): rmsnorm, SwiGLU, RoPE, no biases.
 
 fmjax's RoPE is the Hugging Face half-split (rotate_half) layout, so q/k need no permutation.
+The Qwen families (qwen2.py, qwen3.py) are this layout plus q/k/v biases or q/k norms: they share
+`mismatch`, `hf_config`, `model_options` and `rules` from here.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from fmjax.convert.families import register
-from fmjax.convert.mapping import ConversionError, Rule, identity, linear
+from fmjax.convert.mapping import ConversionError, Rule, identity, linear, reshape
 
 NAME = 'llama'
 ARCHITECTURE = 'LlamaForCausalLM'
@@ -18,12 +20,13 @@ IGNORED = (r'rotary_emb\.inv_freq$',)
 OPTIONAL_PREFIX = ''
 
 
-def mismatch(m) -> str | None:
-  """Why an fmjax model config is not LLaMA-style, or None."""
-  want = dict(norm='rmsnorm', activation='swiglu', positions='rope', use_bias=False)
-  bad = [f'model.{k}={m[k]!r} (need {v!r})' for k, v in want.items() if m[k] != v]
+def mismatch(m, attention_bias: bool = False, qk_norm: bool = False, title: str = 'Llama') -> str | None:
+  """Why an fmjax model config is not LLaMA-style (with these q/k/v biases and q/k norms), or None."""
+  want = dict(norm='rmsnorm', activation='swiglu', positions='rope', use_bias=False, attention_bias=attention_bias,
+              qk_norm=qk_norm)
+  bad = [f'model.{k}={m.get(k, False)!r} (need {v!r})' for k, v in want.items() if m.get(k, False) != v]
   if m.get('kind', 'decoder') != 'decoder':
-    bad.append(f"model.kind={m.kind!r} (Llama is a decoder)")
+    bad.append(f"model.kind={m.kind!r} ({title} is a decoder)")
   return ', '.join(bad) or None
 
 
@@ -44,10 +47,15 @@ def _rope_parameters(m) -> dict:
 
 def to_hf_config(m) -> dict:
   """The config.json of an fmjax model config (RoPE scaling in both the new and the legacy key, identical)."""
+  return hf_config(m, ARCHITECTURE, 'llama')
+
+
+def hf_config(m, architecture: str, model_type: str) -> dict:
+  """The Llama-layout config.json of `m` as class `architecture` of `model_type`."""
   rope = _rope_parameters(m)
   legacy = None if m.rope_scaling == 'none' else {k: v for k, v in rope.items() if k != 'rope_theta'}
   return dict(
-      architectures=[ARCHITECTURE], model_type='llama', vocab_size=m.vocab_size, hidden_size=m.d_model,
+      architectures=[architecture], model_type=model_type, vocab_size=m.vocab_size, hidden_size=m.d_model,
       intermediate_size=m.mlp_dim, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
       num_key_value_heads=m.num_kv_heads or m.num_heads, head_dim=head_dim(m), hidden_act='silu',
       max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
@@ -80,7 +88,8 @@ def _rope_options(hf: dict) -> dict:
   out = dict(rope_theta=float(params.get('rope_theta', theta if theta is not None else 10000.0)),
              rope_scaling='none' if kind == 'default' else kind)
   if kind not in ('default', 'linear', 'llama3'):
-    raise ConversionError(f'config.json: rope scaling {kind!r} is not supported by fmjax (default, linear, llama3)')
+    raise ConversionError(f'config.json: rope_parameters / rope_scaling rope_type={kind!r}: rope scaling {kind!r} is '
+                          'not supported by fmjax (default, linear, llama3)')
   def need(key):
     if key not in rope:
       raise ConversionError(f'config.json: rope scaling {kind!r} needs rope_parameters.{key}')
@@ -96,13 +105,25 @@ def _rope_options(hf: dict) -> dict:
 
 def from_hf_config(hf: dict) -> dict:
   """fmjax model options from a Llama/Mistral config.json."""
-  for key, ok in (('hidden_act', ('silu',)), ('attention_bias', (False, None)), ('mlp_bias', (False, None))):
-    if hf.get(key) not in ok:
-      raise ConversionError(f'config.json: {key}={hf.get(key)!r} is not supported (fmjax LLaMA needs {ok[0]!r})')
+  refuse_values(hf, (('hidden_act', ('silu',)), ('attention_bias', (False, None)), ('mlp_bias', (False, None))),
+                'LLaMA')
   window, n_pos = hf.get('sliding_window'), hf.get('max_position_embeddings', 2048)
   if window is not None and window < n_pos:
     raise ConversionError(f'config.json: sliding_window={window} < max_position_embeddings={n_pos}; fmjax '
                           'model configs have no sliding window yet')
+  return model_options(hf)
+
+
+def refuse_values(hf: dict, allowed, title: str) -> None:
+  """One line naming the first config.json key of `allowed` ((key, accepted values), ...) set otherwise."""
+  for key, ok in allowed:
+    if hf.get(key) not in ok:
+      raise ConversionError(f'config.json: {key}={hf.get(key)!r} is not supported (fmjax {title} needs {ok[0]!r})')
+
+
+def model_options(hf: dict) -> dict:
+  """fmjax model options of a Llama-layout config.json (its family has refused what fmjax lacks)."""
+  n_pos = hf.get('max_position_embeddings', 2048)
   d, h = hf['hidden_size'], hf['num_attention_heads']
   hd = hf.get('head_dim') or d // h
   return dict(vocab_size=hf['vocab_size'], d_model=d, num_layers=hf['num_hidden_layers'], num_heads=h,
@@ -129,6 +150,12 @@ def rules(m) -> list:
       Rule(layer + 'mlp.down_proj.weight', ('layers_{i}/mlp/wo/kernel',), **linear((f,), (d,))),
       Rule('model.norm.weight', ('final_norm/scale',), **identity((d,))),
   ]
+  if m.get('attention_bias', False):   # Qwen2: q, k and v biases
+    table += [Rule(layer + f'self_attn.{n}_proj.bias', (f'layers_{{i}}/attn/{n}/bias',),
+                   **reshape((n_h * hd,), (n_h, hd))) for n, n_h in (('q', h), ('k', kv), ('v', kv))]
+  if m.get('qk_norm', False):          # Qwen3: RMSNorm scales of q and k over head_dim
+    table += [Rule(layer + f'self_attn.{n}_norm.weight', (f'layers_{{i}}/attn/{n}_norm/scale',), **identity((hd,)))
+              for n in 'qk']
   if not m.tie_embeddings:
     table.append(Rule('lm_head.weight', ('lm_head/kernel',), **linear((d,), (v,))))
   return table
