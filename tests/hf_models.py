@@ -44,6 +44,16 @@ def _perturb(model, scale):
   return model
 
 
+def save_perturbed(model, path, scale=0.1):
+  """Add scale * randn to every weight (norms and biases too; torch's current seed), save as safetensors."""
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(scale * torch.randn_like(p))
+  model.eval()
+  model.save_pretrained(path, safe_serialization=True)
+  return model
+
+
 def make_llama3(path):
   """Llama-3 style: GQA, llama3 RoPE scaling, theta 5e5, eps 1e-6, tied embeddings, tokenizer.json."""
   tok = train_bpe([BOS3, EOS3])

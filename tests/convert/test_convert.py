@@ -41,12 +41,8 @@ def _hf_model(kind, path):
     cfg = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=1,
                                   eos_token_id=2)
     model = transformers.GPT2LMHeadModel(cfg)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.1 * torch.randn_like(p))
-  model.eval()
-  model.save_pretrained(path, safe_serialization=True)
-  return model
+  from hf_models import save_perturbed
+  return save_perturbed(model, path)
 
 
 def _hf_logits(model, tokens):

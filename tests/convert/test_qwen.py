@@ -20,6 +20,7 @@ from fmjax.convert import ConversionError, driver, families, source, verify  # n
 from fmjax.convert.families import llama, qwen2, qwen3  # noqa: E402
 from fmjax.inference import generate as generate_lib  # noqa: E402
 from helpers import assert_same_tree, tiny_config  # noqa: E402
+from hf_models import save_perturbed  # noqa: E402
 
 # rope_theta=500 over 32 positions: RoPE rotates q and k a lot, so q/k norms after RoPE would not match.
 COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -41,13 +42,7 @@ def hf_model(name, path):
   """A seeded tiny transformers Qwen model, every weight (norms and biases too) perturbed by 0.1 * randn, saved."""
   config_cls, model_cls, options = CASES[name]
   torch.manual_seed(0)
-  model = model_cls(config_cls(**COMMON, **options))
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.1 * torch.randn_like(p))
-  model.eval()
-  model.save_pretrained(path, safe_serialization=True)
-  return model
+  return save_perturbed(model_cls(config_cls(**COMMON, **options)), path)
 
 
 def hf_logits(model, tokens):
