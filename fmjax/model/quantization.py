@@ -21,6 +21,8 @@ import re
 import jax
 import jax.numpy as jnp
 
+from fmjax.config.errors import ConfigError
+
 QUANTIZATIONS = ('none', 'int8', 'fp8')
 # The Projection modules whose matmuls are quantized (fmjax/model/attention.py and layers.py).
 PROJECTIONS = ('q', 'k', 'v', 'o', 'wi_0', 'wi_1', 'wi', 'wo')
@@ -35,7 +37,7 @@ def kind(cfg) -> str:
   value = cfg.get('quantization', 'none') if hasattr(cfg, 'get') else 'none'
   value = 'none' if value in (None, '') else str(value)
   if value not in QUANTIZATIONS:
-    raise ValueError(f'model.quantization={value!r} is not known; choose one of {", ".join(QUANTIZATIONS)}')
+    raise ConfigError(f'model.quantization={value!r} is not known; choose one of {", ".join(QUANTIZATIONS)}')
   return value
 
 
@@ -82,7 +84,7 @@ def check_backend(quantization: str, platform: str | None, device=None) -> None:
     return
   capability = compute_capability(device)
   if capability is not None and capability < FP8_MIN_COMPUTE_CAPABILITY:
-    raise ValueError(f'model.quantization=fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); '
+    raise ConfigError(f'model.quantization=fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); '
                      f'{getattr(device, "device_kind", "this GPU")} is {capability[0]}.{capability[1]}: '
                      f'use model.quantization=int8 or none')
 
