@@ -131,9 +131,10 @@ def is_hopper() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def log_once(line: str) -> None:
+def log_once(line: str, logger: str = _LOG.name) -> None:
+  """Log `line` at INFO once per process (on process 0 only), to `logger` (default: the attention choice's)."""
   if jax.process_index() == 0:
-    _LOG.info(line)
+    logging.getLogger(logger).info(line)
 
 
 def for_run(model_cfg, *, seq_len: int, packed: bool, platform: str | None = None):

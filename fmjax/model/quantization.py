@@ -14,14 +14,12 @@ these dtypes emulated, so the numerics are the same as on the native paths (TPU 
 
 from __future__ import annotations
 
-import functools
-import logging
 import re
 
-import jax
 import jax.numpy as jnp
 
 from fmjax.config.errors import ConfigError
+from fmjax.model.attention_select import log_once
 
 QUANTIZATIONS = ('none', 'int8', 'fp8')
 # The Projection modules whose matmuls are quantized (fmjax/model/attention.py and layers.py).
@@ -66,15 +64,9 @@ def quantize(model, platform: str | None = None, device=None):
     return model
   check_backend(quantization, platform, device)
   import qwix
-  _log_once(f'quantization: {quantization} ({DESCRIPTIONS[quantization]}; {", ".join(PROJECTIONS)}; qwix '
-           f'{qwix.__version__}{", emulated on cpu" if platform == "cpu" else ""})')
+  log_once(f'quantization: {quantization} ({DESCRIPTIONS[quantization]}; {", ".join(PROJECTIONS)}; qwix '
+           f'{qwix.__version__}{", emulated on cpu" if platform == "cpu" else ""})', __name__)
   return qwix.quantize_model(model, qwix.QtProvider(rules(quantization)))
-
-
-@functools.lru_cache(maxsize=None)
-def _log_once(line: str) -> None:
-  if jax.process_index() == 0:
-    logging.getLogger(__name__).info(line)
 
 
 def check_backend(quantization: str, platform: str | None, device=None) -> None:
