@@ -39,15 +39,18 @@ class Run:
   masked_lm: bool = False         # the objective is masked-LM (an encoder without a fine-tuning task)
   prepare: Callable | None = None   # its batch transform (fmjax/objectives/mlm.py), made with the train step or on demand
 
+  extra_keys: tuple = ()          # the task's float32 batch keys beyond step_lib.BATCH_KEYS
+
   def abstract_batch(self) -> dict:
     """ShapeDtypeStructs of one global batch, with its sharding."""
     shape = (self.cfg.global_batch_size, self.cfg.seq_len)
-    return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == 'weights' else jnp.int32,
-                                    sharding=self.batch_sharding) for k in step_lib.BATCH_KEYS}
+    return {k: jax.ShapeDtypeStruct(shape, jnp.int32 if k in step_lib.BATCH_KEYS[:4] else jnp.float32,
+                                    sharding=self.batch_sharding) for k in step_lib.BATCH_KEYS + self.extra_keys}
 
   def compile_train_step(self, step_fn: Callable) -> None:
     """Lower and compile `step_fn` ahead of time with the run's shardings (donated state)."""
-    jitted = step_lib.jit_train_step(step_fn, self.state.shardings, self.batch_sharding, shd.replicated(self.mesh))
+    jitted = step_lib.jit_train_step(step_fn, self.state.shardings, self.batch_sharding, shd.replicated(self.mesh),
+                                     self.extra_keys)
     start = time.perf_counter()
     with shd.activate(self.mesh, self.rules):
       self.train_step = jitted.lower(self.state.abstract, self.abstract_batch()).compile()
@@ -72,14 +75,16 @@ class Task:
 
   Each field left None keeps the pretraining choice: `model_cfg` (e.g. with LoRA adapters),
   `optimizer(cfg) -> (tx, schedule)`, `params(model, rng) -> boxed params` (e.g. the LM plus a
-  head), `loss(model) -> loss(params, batch, rng)`, and `packed` (whether rows pack several
-  documents, which the attention choice depends on; default data.packing).
+  head), `loss(model) -> loss(params, batch, rng)`, `packed` (whether rows pack several
+  documents, which the attention choice depends on; default data.packing) and `extra_keys` (float32
+  (B, T) batch keys the loss reads beyond the standard ones, e.g. DPO's reference log-probabilities).
   """
   model_cfg: Any = None
   optimizer: Callable | None = None
   params: Callable | None = None
   loss: Callable | None = None
   packed: bool | None = None
+  extra_keys: tuple = ()
 
 
 def build_run(cfg, mesh: jax.sharding.Mesh | None = None, task: Task | None = None,
@@ -110,7 +115,7 @@ def build_run(cfg, mesh: jax.sharding.Mesh | None = None, task: Task | None = No
       return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   sharded, init = state_lib.sharded_state(model, tx, mesh, rules, cfg.seq_len, init_fn=init_fn)
   run = Run(cfg=cfg, mesh=mesh, rules=rules, model=model, tx=tx, schedule=schedule, state=sharded, init=init,
-            batch_sharding=shd.batch_sharding(mesh, rules))
+            batch_sharding=shd.batch_sharding(mesh, rules), extra_keys=tuple(task.extra_keys))
   run.masked_lm = task.loss is None and is_encoder(model.cfg)
   if compile_step:
     if run.masked_lm:  # masked-LM pretraining: the masks are made inside the step
