@@ -106,11 +106,13 @@ def cache_shardings(cache, mesh, rules):
 
 @dataclasses.dataclass
 class Decoder:
-  """Prefill + decode loop for one model and number of new tokens."""
+  """Prefill + decode loop for one model and number of new tokens; a row stops at eos_id or any of
+  `stop_ids` (e.g. a chat template's end-of-turn token)."""
   model: nn.Module
   max_new_tokens: int
   eos_id: int
   pad_id: int = 0
+  stop_ids: tuple = ()
 
   def prefill(self, params, cache, tokens, positions, segment_ids):
     """Run the prompts through the model, filling the cache. Returns (last logits (B, V), cache).
@@ -146,6 +148,8 @@ class Decoder:
       out = out.at[:, i].set(token)
       lengths = lengths + (~done).astype(jnp.int32)
       done = done | (token == self.eos_id)
+      for stop in self.stop_ids:
+        done = done | (token == stop)
       logits, cache = self.step(params, cache, token, pos)
       return i + 1, cache, logits, out, done, lengths, pos + 1
 
