@@ -31,6 +31,11 @@ def parser() -> cli.ArgumentParser:
   p.add_argument('--seed', type=int, default=0, help='sampling seed')
   p.add_argument('--stop', action='append', default=[], metavar='STRING',
                  help='cut completions at this string (repeatable)')
+  p.add_argument('--chat', action='store_true',
+                 help="each prompt is a user message, rendered with the checkpoint's chat template (the fine-tune's "
+                      "finetune.chat_template, else the tokenizer's, else the built-in); decoding stops at the end "
+                      'of the assistant turn')
+  p.add_argument('--system', default=None, metavar='TEXT', help='with --chat: a system message before each prompt')
   return p
 
 

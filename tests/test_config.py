@@ -24,7 +24,7 @@ ALLOWED = {
     'model.positions': {'rope', 'learned'}, 'model.remat': {'none', 'full', 'dots', 'names'},
     'model.param_dtype': {'float32', 'bfloat16'}, 'model.dtype': {'float32', 'bfloat16'},
     'data.source': {'stdlib', 'text', 'jsonl', 'parquet', 'tfds'}, 'data.split_by': {'file', 'paragraph'},
-    'finetune.task': {'classify', 'lm', 'prompt'}, 'finetune.pooling': {'last', 'mean', 'cls'},
+    'finetune.task': {'classify', 'lm', 'prompt', 'sft', 'dpo'}, 'finetune.pooling': {'last', 'mean', 'cls'},
     'finetune.best_mode': {'max', 'min'},
 }
 

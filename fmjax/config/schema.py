@@ -155,7 +155,8 @@ OPTIM = dict(   # the optimizer and its learning-rate schedule (fmjax/training/o
 # configs/default.py pretrained 2,000 steps; seq_len 256, lr 1e-3, head lr 3e-3). Figures are validation macro-F1
 # of one run each, so differences under ~0.04 are noise. From random initialisation the same recipe gives 0.588.
 FINETUNE = dict(
-    task=field('classify', RUN, 'classify | lm (continued pretraining on cfg.data) | prompt (loss on responses)'),
+    task=field('classify', RUN, 'classify | lm (continued pretraining on cfg.data) | prompt (loss on responses) | '
+                                'sft (chat conversations, loss on assistant turns) | dpo (preference pairs)'),
     init_from=field('', RUN, "pretrained workdir or checkpoint dir ('' = random initialisation)"),
     source=field('csv', RUN, 'classify/prompt data: csv | jsonl | tfds | stdlib_packages (embedded demo)'),
     train_files=field('', RUN, 'csv/jsonl: glob of the train files'),
@@ -195,6 +196,20 @@ FINETUNE = dict(
     best_mode=field('max', RESUME, 'max | min'),
     demo_packages=field(('asyncio', 'email', 'tkinter', 'multiprocessing'), RUN, 'stdlib_packages: the classes'),
     demo_per_class=field(300, RUN, 'stdlib_packages: train snippets per class (eval: a quarter of it)'),
+    # sft / dpo (fmjax/finetune/chat.py): .jsonl / .parquet files of train_files, eval_files, validation_files
+    chat_template=field('', RUN, "sft/dpo: '' = the tokenizer's chat_template (tokenizer_config.json), else the "
+                                 "built-in; 'fmjax' = the built-in (System:/User:/Assistant: lines, EOS ends a "
+                                 'turn); or a .jinja file'),
+    chat_field=field('', RUN, "sft: the conversation field: messages ({role, content}) | conversations (ShareGPT "
+                              "{from, value}); '' = whichever a row has"),
+    loss_on=field('assistant', RUN, 'sft: assistant (every assistant turn) | last_turn (the last assistant turn)'),
+    too_long=field('truncate', RUN, 'sft/dpo: a conversation longer than seq_len: truncate (kept while a trained '
+                                    'token remains) | drop; both counted'),
+    dpo_beta=field(0.1, RUN, 'dpo: beta, the strength of the pull towards the reference'),
+    dpo_loss=field('sigmoid', RUN, 'dpo: sigmoid (DPO) | ipo'),
+    dpo_label_smoothing=field(0.0, RUN, 'dpo: sigmoid loss label smoothing (conservative DPO), in [0, 0.5)'),
+    sample_prompts=field(4, RESUME, 'sft/dpo: held-out prompts generated greedily at each eval (0 = none)'),
+    sample_tokens=field(64, RESUME, 'sft/dpo: new tokens per generated sample'),
 )
 
 MLM = dict(   # masked-language-model objective of model.kind='encoder' (fmjax/objectives/mlm.py)

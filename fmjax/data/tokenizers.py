@@ -184,7 +184,7 @@ class CharTokenizer:
 
 HF_DIR = 'hf_tokenizer'      # where a workdir keeps a Hugging Face tokenizer's files
 HF_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'vocab.json',
-                      'merges.txt', 'tokenizer.model', 'added_tokens.json')
+                      'merges.txt', 'tokenizer.model', 'added_tokens.json', 'chat_template.jinja')
 _HF_SPECIAL_GUESSES = {'bos': ('<|begin_of_text|>', '<s>', '<|endoftext|>', '<bos>', '[CLS]'),
                        'eos': ('<|end_of_text|>', '</s>', '<|endoftext|>', '<eos>', '[SEP]'),
                        'pad': ('<pad>', '<|pad|>', '[PAD]'),
@@ -217,6 +217,23 @@ def _hf_special_names(directory: str) -> dict:
   return names
 
 
+def _hf_chat_template(directory: str) -> str | None:
+  """tokenizer_config.json's chat_template (a string, or the 'default' of a named list), else a
+  chat_template.jinja beside it, else None."""
+  path = paths.join(directory, 'tokenizer_config.json')
+  if paths.isfile(path):
+    try:
+      value = json.loads(documents.read_utf8(path, 'tokenizer config')).get('chat_template')
+    except json.JSONDecodeError:
+      value = None   # _hf_special_names reports the broken file
+    if isinstance(value, list):
+      value = next((t.get('template') for t in value if isinstance(t, dict) and t.get('name') == 'default'), None)
+    if isinstance(value, str) and value:
+      return value
+  jinja = paths.join(directory, 'chat_template.jinja')
+  return documents.read_utf8(jinja, 'chat template') if paths.isfile(jinja) else None
+
+
 class HFTokenizer:
   """A Hugging Face `tokenizer.json` (the `tokenizers` library: GPT-2 byte-level BPE, Llama 3, Mistral, ...).
 
@@ -229,7 +246,9 @@ class HFTokenizer:
 
   def __init__(self, path: str):
     self.spec = self.path = path
-    self._load(documents.read_utf8(path, 'tokenizer'), _hf_special_names(paths.dirname(paths.resolve(path))))
+    self.directory = paths.dirname(paths.resolve(path))
+    self.chat_template = _hf_chat_template(self.directory)
+    self._load(documents.read_utf8(path, 'tokenizer'), _hf_special_names(self.directory))
 
   def _load(self, text: str, names: dict) -> None:
     try:
@@ -259,14 +278,24 @@ class HFTokenizer:
     self.special_tokens = {k: self._tok.id_to_token(getattr(self, f'{k}_id')) for k in ('bos', 'eos', 'pad')}
 
   def __getstate__(self):
-    return {'path': self.path, 'json': self._json, 'names': self._names}
+    return {'path': self.path, 'json': self._json, 'names': self._names, 'chat_template': self.chat_template,
+            'directory': self.directory}
 
   def __setstate__(self, state):
     self.spec = self.path = state['path']
+    self.chat_template, self.directory = state.get('chat_template'), state.get('directory')
     self._load(state['json'], state['names'])
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+  def encode_with_offsets(self, text: str) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Ids (special tokens written in the text recognised, none added) and each token's character span."""
+    enc = self._tok.encode(text, add_special_tokens=False)
+    return np.asarray(enc.ids, dtype=np.int32), [tuple(o) for o in enc.offsets]
+
+  def special_token_ids(self) -> set[int]:
+    return {int(i) for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
 
   def encode_with_specials(self, text: str) -> list[int]:
     """Ids as the Hugging Face tokenizer gives them by default (its post-processor may add bos/eos)."""

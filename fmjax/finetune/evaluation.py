@@ -137,6 +137,8 @@ def evaluation(cfg, parts, workdir: str, tracker: BestTracker, writer, baseline:
   baseline/* (the n-gram baseline's fixed reports) and the image eval/confusion.
   """
   ft, run = cfg.finetune, parts.run
+  if ft.task in ('sft', 'dpo'):
+    return chat_evaluation(cfg, parts, workdir, tracker, writer)
   classify = ft.task == 'classify'
   validation = parts.validation_rows is not None
   if ft.task != 'lm' and not validation:
@@ -174,6 +176,47 @@ def evaluation(cfg, parts, workdir: str, tracker: BestTracker, writer, baseline:
         writer.write(step, baseline_scalars(baseline), prefix='baseline', console=not baseline_shown)
         baseline_shown.append(step)
     return task_metrics.scalars(report)
+
+  return evaluate
+
+
+def chat_evaluation(cfg, parts, workdir: str, tracker: BestTracker, writer):
+  """`evaluate(state, step)` of sft (the LM loss on assistant tokens) and dpo (the pair metrics of
+  fmjax/finetune/chat_eval.py): the eval split, the validation split (which chooses the best by its loss)
+  and greedy samples of finetune.sample_prompts held-out prompts (eval/samples_step_N.jsonl, the
+  console, and their exact-match share as sample_exact_match)."""
+  from fmjax.finetune import chat_eval  # pylint: disable=import-outside-toplevel
+  ft, run = cfg.finetune, parts.run
+  validation = parts.validation_rows is not None
+  if not validation:
+    writer.log(CHOICE_WARNING)
+  if ft.task == 'dpo':
+    measure = chat_eval.PairEval(run, ft)
+  else:
+    measure = evaluate_lib.make_evaluator(run, parts.tokenizer.token_byte_lengths())
+  held_out = parts.data.validation if validation else parts.data.eval
+  sampling = ft.sample_prompts > 0 and jax.process_count() == 1
+  if ft.sample_prompts and not sampling:
+    writer.log('finetune.sample_prompts: samples are generated in single-process runs only; none in this one')
+  decoder = chat_eval.SampleDecoder(cfg, parts.tokenizer, parts.task) if sampling else None
+
+  def evaluate(state, step):
+    out = measure(state.params, parts.eval_batches())
+    if validation:
+      held = measure(state.params, parts.eval_batches(parts.validation_rows))
+      writer.write(step, held, prefix='validation')
+      tracker.update(step, held, state, eval_report=out)
+    else:
+      tracker.update(step, out, state)
+    if sampling:
+      rows = chat_eval.samples(decoder.view, parts.template, held_out, decoder.params(state.params), ft.sample_prompts,
+                               ft.sample_tokens)
+      if rows:
+        out = dict(out, sample_exact_match=float(np.mean([r['exact'] for r in rows])))
+        chat_eval.write_samples(paths.join(workdir, 'eval', f'samples_step_{step}.jsonl'), rows)
+        for line in chat_eval.sample_lines(step, rows):
+          writer.log(line)
+    return out
 
   return evaluate
 

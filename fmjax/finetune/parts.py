@@ -11,7 +11,8 @@ from fmjax.training.objective import Objective
 from fmjax.checkpoints import store as checkpoint
 from fmjax.checkpoints.store import abstract_like
 from fmjax.data import labeled, pipeline, stream_set, tokenizers
-from fmjax.finetune import adaptation, evaluation, schedule, splits, summary
+from fmjax.finetune import adaptation, chat, evaluation, reference, schedule, splits, summary
+from fmjax.objectives import preference
 from fmjax.objectives.classification import HEAD, Classifier, loss_fn
 from fmjax.model import lora
 from fmjax.runtime import distributed, paths
@@ -24,8 +25,11 @@ def task(cfg, num_classes: int = 0) -> build.Task:
   model_cfg = lora.with_lora(cfg.model, ft.lora_rank, ft.lora_alpha, ft.lora_targets) if ft.lora_rank else None
   head = dict(params=lambda model, rng: make_classifier(cfg, model, num_classes).init(rng, cfg.seq_len),
               loss=lambda model: loss_fn(make_classifier(cfg, model, num_classes))) if ft.task == 'classify' else {}
+  if ft.task == 'dpo':   # pairs of whole rows, the frozen reference's log-probabilities in the batch
+    head = dict(loss=lambda model: preference.dpo_loss_fn(model, ft.dpo_beta, ft.dpo_label_smoothing, ft.dpo_loss),
+                extra_keys=(preference.REFERENCE_KEY,))
   return build.Task(model_cfg=model_cfg, optimizer=adaptation.make_optimizer,
-                    packed=ft.task == 'lm' and cfg.data.packing, **head)
+                    packed=ft.task in ('lm', 'sft') and cfg.data.packing, **head)
 
 
 def make_classifier(cfg, model, num_classes: int) -> Classifier:
@@ -41,9 +45,12 @@ class Parts:
   `eval_rows` / `validation_rows` are the encoded eval and validation splits (validation None when off).
   """
 
-  def __init__(self, cfg, mesh, tokenizer, compile_step: bool = True, data: splits.LabeledData | None = None):
+  task = staticmethod(task)   # the fine-tuning task of a config (fmjax/finetune/chat_eval.py builds with it)
+
+  def __init__(self, cfg, mesh, tokenizer, compile_step: bool = True,
+               data: splits.LabeledData | chat.ChatData | None = None):
     self.cfg, self.tokenizer, ft = cfg, tokenizer, cfg.finetune
-    self.class_names, self.classifier, self._grain = (), None, None
+    self.class_names, self.classifier, self._grain, self.template = (), None, None, None
     self.data, self.eval_rows, self.validation_rows = data, None, None
     self._load_data()
     self.run = build.build_run(cfg, mesh, task(cfg, len(self.class_names)), compile_step=compile_step)
@@ -61,6 +68,9 @@ class Parts:
       self.eval_rows = pipeline.make_eval_batches(cfg.data, tok, seq_len=cfg.seq_len, batch_size=local,
                                                   num_batches=cfg.eval_batches, process_index=pi, process_count=pc)
       return
+    if ft.task in chat.CHAT_TASKS:
+      self._load_chat()
+      return
     if self.data is None:
       self.data = splits.load(ft)
     self.class_names = self.data.class_names
@@ -69,6 +79,33 @@ class Parts:
     self.eval_rows = labeled.pad_examples(self._encode(self.data.eval), cfg.global_batch_size)
     if self.data.validation is not None:
       self.validation_rows = labeled.pad_examples(self._encode(self.data.validation), cfg.global_batch_size)
+
+  def _load_chat(self):
+    """sft: packed rows of conversations; dpo: pair rows (reference log-probabilities set by `set_reference`)."""
+    cfg, ft = self.cfg, self.cfg.finetune
+    pi, pc, gb = jax.process_index(), jax.process_count(), cfg.global_batch_size
+    self.data = self.data or chat.load(ft)
+    self.template = chat.template_for(ft, self.tokenizer)
+    if ft.task == 'sft':
+      self.batches = labeled.EpochBatches(chat_rows(cfg, self.data, self.template, 'train'), gb, cfg.seed, pi, pc)
+      self.eval_rows = labeled.pad_examples(chat_rows(cfg, self.data, self.template, 'eval'), gb)
+      if self.data.validation is not None:
+        self.validation_rows = labeled.pad_examples(chat_rows(cfg, self.data, self.template, 'validation'), gb)
+      return
+    pairs = {name: chat.PairRows(*chat.encode_pairs(ft, getattr(self.data, name), self.template, cfg.seq_len, name))
+             for name in ('train', 'eval', 'validation') if getattr(self.data, name) is not None}
+    self.pairs = pairs
+    self.batches = chat.PairBatches(pairs['train'].chosen, pairs['train'].rejected, gb, cfg.seed, pi, pc)
+    self.eval_rows, self.validation_rows = pairs['eval'], pairs.get('validation')
+
+  def set_reference(self, workdir: str, resumed: bool, params, log) -> None:
+    """dpo: the reference log-probabilities of every pair (fmjax/finetune/reference.py) into the batches."""
+    named = {f'{split}_{side}': getattr(rows, side) for split, rows in self.pairs.items()
+             for side in ('chosen', 'rejected')}
+    logps = reference.load_or_compute(workdir, resumed, self.run, params, named, log)
+    for split, rows in self.pairs.items():
+      rows.reference = (logps[f'{split}_chosen'], logps[f'{split}_rejected'])
+    self.batches.reference = self.pairs['train'].reference
 
   def _encode(self, split: splits.Split) -> dict:
     ft, cfg = self.cfg.finetune, self.cfg
@@ -98,6 +135,10 @@ class Parts:
     """Process-local batches of the eval split (or of `rows`, e.g. validation_rows; classify/prompt:
     slices of the padded rows)."""
     rows = self.eval_rows if rows is None else rows
+    if isinstance(rows, chat.PairRows):
+      yield from chat.pair_eval_batches(rows.chosen, rows.rejected, rows.reference, self.cfg.global_batch_size,
+                                        jax.process_index(), jax.process_count())
+      return
     if isinstance(rows, list):
       yield from rows
       return
@@ -131,18 +172,27 @@ class FineTuning(Objective):
   finetune = True
 
   def __init__(self):
-    self.data = self.parts = self.baseline = self.tracker = self.summary = None
+    self.data = self.parts = self.baseline = self.tracker = self.summary = self._source = None
 
   def heading(self, cfg) -> str:
     return f'fmjax.finetune: task {cfg.finetune.task}; '
 
   def adopt(self, cfg, source) -> None:
     checkpoint.check_compatible(source.meta, cfg.model, source.where)
+    self._source = source
 
   def configure(self, cfg) -> list[str]:
     from fmjax.finetune.checks import check_config  # pylint: disable=import-outside-toplevel
     check_config(cfg)   # again: the model may be the checkpoint's now
     ft = cfg.finetune
+    if ft.task in chat.CHAT_TASKS:   # epochs count packed rows (sft) or pairs (dpo: two rows each)
+      self.data = chat.load(ft)
+      if ft.task == 'sft':
+        template = chat.template_for(ft, self.tokenizer(cfg, self._source))
+        rows = len(chat_rows(cfg, self.data, template, 'train')['inputs'])
+      else:
+        rows = 2 * len(self.data.train)
+      return schedule.resolve(cfg, rows) + _describe_chat(self.data, rows, ft.task)
     self.data = splits.load(ft) if ft.task != 'lm' else None   # its size sets the steps of finetune.epochs
     notes = schedule.resolve(cfg, None if self.data is None else len(self.data.train))
     return notes + _describe_splits(self.data)
@@ -172,6 +222,10 @@ class FineTuning(Objective):
   def start_data(self, step: int, directory: str | None) -> None:
     self.parts.start_data(step, directory)
 
+  def ready(self, s, state) -> None:
+    if s.cfg.finetune.task == 'dpo':   # the starting parameters are the reference (kept for a resume)
+      self.parts.set_reference(s.workdir, s.resumed, state.params, s.log)
+
   def data_save_arg(self):
     return self.parts.data_save_arg()
 
@@ -199,6 +253,22 @@ class FineTuning(Objective):
       last = last['eval']
     return {'report': last, 'best': self.tracker.best, 'summary': self.summary, 'history': result.history,
             'state': result.state, 'last_step': result.last_step}
+
+
+def chat_rows(cfg, data: chat.ChatData, template, split: str) -> dict:
+  """The encoded sft rows of one split, encoded once (configure counts the train rows for the epochs)."""
+  if split not in data.rows:
+    data.rows[split] = chat.encode_sft(cfg.finetune, getattr(data, split), template, cfg.seq_len, cfg.data.packing,
+                                       split)
+  return data.rows[split]
+
+
+def _describe_chat(data: chat.ChatData, rows: int, task: str) -> list[str]:
+  held = (f'{len(data.validation)} validation ({data.validation_from}; chooses the best checkpoint)'
+          if data.validation is not None else 'no validation')
+  unit = 'conversations' if task == 'sft' else 'pairs'
+  packed = f' ({rows} rows)' if task == 'sft' else ''
+  return [f'{unit}: {len(data.train)} train{packed}, {held}, {len(data.eval)} eval (reported)']
 
 
 def _describe_splits(data) -> list[str]:

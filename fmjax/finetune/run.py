@@ -21,14 +21,17 @@ from fmjax.runtime import paths
 
 USAGE = """python -m fmjax.finetune --config CONFIG --config.init_from=PRETRAIN_WORKDIR --workdir DIR
          [--config.KEY=VALUE ...]
-       python -m fmjax.finetune --demo --config.init_from=PRETRAIN_WORKDIR --workdir DIR"""
-DESCRIPTION = """Fine-tune a pretrained fmjax checkpoint: classification, continued pretraining or prompt/response
-tuning (finetune.task; the finetune section of the config). --config.init_from is short for
---config.finetune.init_from; the checkpoint defines the model and the tokenizer. --demo runs the
-shipped finetune_stdlib config from the checkpoint and from random initialisation and prints both
-metric tables side by side, beside a character n-gram baseline."""
+       python -m fmjax.finetune --demo [classify|chat] --config.init_from=PRETRAIN_WORKDIR --workdir DIR"""
+
+DESCRIPTION = """Fine-tune a pretrained fmjax checkpoint: classification, continued pretraining, prompt/response
+tuning, chat SFT or DPO (finetune.task; the finetune section of the config). --config.init_from is short
+for --config.finetune.init_from; the checkpoint defines the model and the tokenizer. --demo (classify)
+runs the shipped finetune_stdlib config from the checkpoint and from random initialisation and prints
+both metric tables side by side, beside a character n-gram baseline; --demo chat runs SFT then DPO on a
+unit-conversion task made in code (configs/finetune_chat.py) and prints held-out exact match per stage."""
 
 DEMO_CONFIG = 'finetune_stdlib'
+DEMO_CONFIGS = {'classify': DEMO_CONFIG, 'chat': 'finetune_chat'}
 
 
 def finetune(cfg, overrides: Sequence[str] | None = None) -> dict:
@@ -103,10 +106,12 @@ def _demo_report(out: dict) -> dict:
 
 def parser() -> cli.ArgumentParser:
   p = cli.ArgumentParser(prog='fmjax.finetune', usage=USAGE, description=DESCRIPTION)
-  cli.add_config_flags(p, required=False, examples=DEMO_CONFIG, note=f' (with --demo, default: {DEMO_CONFIG})')
+  cli.add_config_flags(p, required=False, examples=DEMO_CONFIG,
+                       note=f' (with --demo, default: {DEMO_CONFIG}; with --demo chat: finetune_chat)')
   cli.add_workdir_flags(p, required=False, checkpoint=False)
-  p.add_argument('--demo', action='store_true',
-                 help='fine-tune the embedded stdlib task from --config.init_from and from random init')
+  p.add_argument('--demo', nargs='?', const='classify', default=None, choices=tuple(DEMO_CONFIGS),
+                 help='classify (the default): fine-tune the embedded stdlib task from --config.init_from and from '
+                      'random init; chat: SFT then DPO on a generated unit-conversion task')
   return p
 
 
@@ -116,10 +121,13 @@ def _finetune_command(argv: Sequence[str]) -> int:
   args, overrides = cli.parse(parser(), argv)
   if not args.config and not args.demo:
     raise cli.UsageError('the following arguments are required: --config (or --demo)')
-  cfg = cli.load_run_config(args.config or DEMO_CONFIG, args.workdir, overrides)
+  cfg = cli.load_run_config(args.config or DEMO_CONFIGS[args.demo or 'classify'], args.workdir, overrides)
   check_config(cfg)
   cli.start_run(cfg)
-  if args.demo:
+  if args.demo == 'chat':
+    from fmjax.finetune import chat_demo  # pylint: disable=import-outside-toplevel
+    chat_demo.demo(cfg, overrides, finetune)
+  elif args.demo:
     demo(cfg, overrides)
   else:
     finetune(cfg, overrides)

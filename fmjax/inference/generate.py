@@ -88,6 +88,15 @@ def generate(restored, prompts: Sequence[str], max_new_tokens: int = 64, samplin
   When prompt + max_new_tokens exceeds the context, fewer tokens are generated and `warn` says so in one
   line before decoding starts.
   """
+  return generate_ids(restored, encode_prompts(restored, prompts), max_new_tokens, sampling, seed, stop, params,
+                      warn)
+
+
+def generate_ids(restored, ids: Sequence[Sequence[int]], max_new_tokens: int = 64, sampling: Sampling | None = None,
+                 seed: int = 0, stop: Sequence[str] = (), params=None, warn=_stderr,
+                 stop_ids: Sequence[int] = ()) -> Generation:
+  """`generate` from prompt token ids (e.g. a chat template's render); a row also stops at `stop_ids`,
+  which completions leave out like EOS."""
   import jax  # pylint: disable=import-outside-toplevel
   sampling = sampling or Sampling(temperature=0.0)
   if max_new_tokens <= 0:
@@ -97,7 +106,11 @@ def generate(restored, prompts: Sequence[str], max_new_tokens: int = 64, samplin
                       'use fmjax.evaluate or fmjax.inspect, or fine-tune it with fmjax.finetune')
   params = restored.params if params is None else params
   tok = restored.tokenizer
-  ids = encode_prompts(restored, prompts)
+  ids = [[int(t) for t in p] for p in ids]
+  for i, p in enumerate(ids):
+    if len(p) >= restored.context_length:
+      raise DecodeError(f'prompt {i + 1} has {len(p)} tokens but the model context is '
+                        f'{restored.context_length} (model.max_seq_len / seq_len): shorten it')
   width = max(len(p) for p in ids)
   new = min(max_new_tokens, restored.context_length - width)   # positions must stay in the context
   if new < max_new_tokens:
@@ -105,9 +118,10 @@ def generate(restored, prompts: Sequence[str], max_new_tokens: int = 64, samplin
   rows = batch_rows(restored, len(ids))
   batch = decode_lib.left_pad(ids, tok.pad_id, rows)
   start = time.perf_counter()
-  key = ('decoder', rows, width, new)
+  stops = tuple(sorted({int(s) for s in stop_ids} - {int(tok.eos_id)}))
+  key = ('decoder', rows, width, new) + ((stops,) if stops else ())
   if key not in restored.compiled:  # one compiled decoder per shape serves every sampling setting
-    decoder = decode_lib.Decoder(restored.model, new, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    decoder = decode_lib.Decoder(restored.model, new, eos_id=tok.eos_id, pad_id=tok.pad_id, stop_ids=stops)
     restored.compiled[key] = decode_lib.compile_decoder(decoder, params, restored.mesh, restored.run.rules, rows,
                                                         width)
   prefill, loop = restored.compiled[key]
@@ -123,9 +137,18 @@ def generate(restored, prompts: Sequence[str], max_new_tokens: int = 64, samplin
   done = time.perf_counter()
 
   tokens = [out[i, :lengths[i]].tolist() for i in range(len(ids))]
-  completions = [cut_at_stop(tok.decode([t for t in seq if t != tok.eos_id]), stop) for seq in tokens]
+  ends = {int(tok.eos_id), *stops}
+  completions = [cut_at_stop(tok.decode([t for t in seq if t not in ends]), stop) for seq in tokens]
   return Generation(completions=completions, tokens=tokens, prompt_tokens=ids, decode_seconds=done - prefilled,
                     prefill_seconds=prefilled - start, compile_seconds=compiled, steps=int(steps))
+
+
+def chat_template(restored):
+  """The chat template a checkpoint was fine-tuned with (finetune.chat_template of its config), else its
+  tokenizer's, else the built-in one (fmjax/data/chat_templates.py)."""
+  from fmjax.data import chat_templates  # pylint: disable=import-outside-toplevel
+  spec = restored.cfg.finetune.get('chat_template', '') if 'finetune' in restored.cfg else ''
+  return chat_templates.for_tokenizer(restored.tokenizer, spec)
 
 
 def read_prompts(args) -> list[str]:
@@ -150,7 +173,16 @@ def run_command(args, overrides: Sequence[str]) -> int:
   sampling = sampling_options(temperature=temperature, top_k=args.top_k, top_p=args.top_p)
   from fmjax.checkpoints import restore  # pylint: disable=import-outside-toplevel
   restored = restore.restore(args.workdir, restore.mesh_overrides(args.mesh) + overrides, args.step)
-  result = generate(restored, prompts, args.max_new_tokens, sampling, args.seed, args.stop)
+  if args.system is not None and not args.chat:
+    raise cli.UsageError('--system needs --chat')
+  if args.chat:
+    template = chat_template(restored)
+    system = [{'role': 'system', 'content': args.system}] if args.system is not None else []
+    ids = [template.prompt_ids(system + [{'role': 'user', 'content': p}]) for p in prompts]
+    result = generate_ids(restored, ids, args.max_new_tokens, sampling, args.seed, args.stop,
+                          stop_ids=template.stop_ids)
+  else:
+    result = generate(restored, prompts, args.max_new_tokens, sampling, args.seed, args.stop)
   for i, (prompt, completion) in enumerate(zip(prompts, result.completions)):
     print(f'--- [{i + 1}] {prompt!r}')
     print(prompt + completion)

@@ -54,9 +54,12 @@ def pair_sums(logps, batch) -> dict:
   """Per-pair sums of a (B, T) token log-probability array and of the reference's, split into the
   chosen half and the rejected half: {'policy_*', 'ref_*', 'n_*', 'valid'} each (B/2,)."""
   w = batch['weights']
-  policy = (logps * w).sum(-1)
-  ref = (batch[REFERENCE_KEY] * w).sum(-1)
-  n = w.sum(-1)
+  # The (B,) sums, replicated before the halves are paired: one small all-gather instead of a permute
+  # between batch shards (which stalled XLA's CPU collectives on an 8-device mesh in the tests).
+  whole = lambda x: nn.with_logical_constraint(x, (None,))
+  policy = whole((logps * w).sum(-1))
+  ref = whole((batch[REFERENCE_KEY] * w).sum(-1))
+  n = whole(w.sum(-1))
   half = w.shape[0] // 2
   return {'policy_chosen': policy[:half], 'policy_rejected': policy[half:], 'ref_chosen': ref[:half],
           'ref_rejected': ref[half:], 'n_chosen': n[:half], 'n_rejected': n[half:],

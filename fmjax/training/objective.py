@@ -15,6 +15,7 @@ data, loss (a `build.Task`), evaluation and what 'best' means, nothing of the li
   metadata(cfg) -> dict         extra checkpoint metadata
   load_source(session, state)   a fresh run's state with the init_from checkpoint's parameters
   start_data(step, directory)   the train data positioned at `step` (directory: the checkpoint's data item)
+  ready(session, state)         the starting state is there, fresh or resumed (DPO's reference log-probs)
   data_save_arg()               the data item a checkpoint saves (None: the step alone positions the data)
   evaluation(session)           (evaluate(state, step) -> scalars, or None; eval_every)
   finish(session, result)       after the loop (or a run with nothing to do): adapters, summaries
@@ -89,6 +90,9 @@ class Objective:
     return state.replace(params=session.source.params(session.run.state.abstract.params))
 
   def start_data(self, step: int, directory: str | None) -> None:
+    pass
+
+  def ready(self, session, state) -> None:
     pass
 
   def data_save_arg(self) -> Any:

@@ -155,6 +155,7 @@ class Session:
     self.meta = store.make_metadata(cfg, tokenizers.place_in_workdir(self.tokenizer, self.workdir),
                                     objective.metadata(cfg))
     state = self._restore_or_init(ckpt)
+    objective.ready(self, state)
     if self.start >= cfg.steps:
       self.log(f'nothing to do: the checkpoint is at step {self.start} and steps={cfg.steps}')
       result = loop.LoopResult(state=state, last_step=self.start)
@@ -301,6 +302,7 @@ class BestCheckpoints:
     if self._ckpt is None:
       self._ckpt = _writer(self.directory, keep=1, async_save=False)
     self._ckpt.save(step, state, self.meta, force=True)
+    self._ckpt.wait()   # no save thread left running beside what the run dispatches next (decoding samples)
 
   def close(self) -> None:
     if self._ckpt is not None:
