@@ -14,7 +14,7 @@ import os
 
 from fmjax.config import load_config_file
 
-DEMO_DPO = dict(steps=150, learning_rate=1e-4, beta=0.1)   # the demo's DPO stage (see fmjax/finetune/chat_demo.py)
+DEMO_DPO = dict(steps=150, learning_rate=1e-5, beta=0.1)   # the demo's DPO stage (see fmjax/finetune/chat_demo.py)
 
 
 def get_config():

@@ -89,6 +89,7 @@ def test_dpo_starts_at_log2_and_its_reference_is_the_starting_model(pretrained, 
   assert out['report']['pairs'] == 6
 
 
+@pytest.mark.slow   # 15 s: CI runs it in the slow suite
 def test_dpo_resume_equals_one_run(pretrained, tmp_path):
   """4 steps in one run equal 2 + 2 with a resume (which reads the reference file back)."""
   (tmp_path / 'a').mkdir()
