@@ -218,20 +218,23 @@ def _hf_special_names(directory: str) -> dict:
 
 
 def _hf_chat_template(directory: str) -> str | None:
-  """tokenizer_config.json's chat_template (a string, or the 'default' of a named list), else a
-  chat_template.jinja beside it, else None."""
-  path = paths.join(directory, 'tokenizer_config.json')
-  if paths.isfile(path):
+  """The chat template saved beside tokenizer.json: tokenizer_config.json's `chat_template` (a string, or
+  the entry named 'default' of a list of {name, template}), else chat_template.jinja, else None."""
+  config = paths.join(directory, 'tokenizer_config.json')
+  if paths.isfile(config):
     try:
-      value = json.loads(documents.read_utf8(path, 'tokenizer config')).get('chat_template')
-    except json.JSONDecodeError:
-      value = None   # _hf_special_names reports the broken file
-    if isinstance(value, list):
-      value = next((t.get('template') for t in value if isinstance(t, dict) and t.get('name') == 'default'), None)
-    if isinstance(value, str) and value:
-      return value
+      template = json.loads(documents.read_utf8(config, 'tokenizer config')).get('chat_template')
+    except (json.JSONDecodeError, AttributeError):
+      template = None    # a bad config is reported by _hf_special_names
+    if isinstance(template, list):
+      template = next((t.get('template') for t in template if isinstance(t, dict) and t.get('name') == 'default'),
+                      None)
+    if isinstance(template, str) and template:
+      return template
   jinja = paths.join(directory, 'chat_template.jinja')
-  return documents.read_utf8(jinja, 'chat template') if paths.isfile(jinja) else None
+  if paths.isfile(jinja):
+    return documents.read_utf8(jinja, 'chat template')
+  return None
 
 
 class HFTokenizer:
@@ -240,6 +243,8 @@ class HFTokenizer:
   Special tokens come from tokenizer_config.json / special_tokens_map.json beside the file, else from
   well-known names (<|begin_of_text|>, <s>, <|endoftext|>, ...); pad falls back to eos. Text is encoded
   without the tokenizer's own special tokens (fmjax adds bos/eos as data.add_bos/add_eos say).
+  `chat_template` is the Jinja chat template saved beside it (tokenizer_config.json or
+  chat_template.jinja), else None; `directory` is the folder holding tokenizer.json.
   """
 
   kind = 'hf'
@@ -256,6 +261,7 @@ class HFTokenizer:
     except ImportError:
       raise DataError(f'{self.path} is a Hugging Face tokenizer.json: pip install "fmjax[hf]" (tokenizers)') from None
     self._json, self._names = text, dict(names)
+    self.configured_tokens = dict(names)   # the special-token strings its config files name (chat templates)
     try:
       self._tok = HFBackend.from_str(text)
     except Exception as e:  # noqa: BLE001 - the library's parse errors become one line
@@ -278,24 +284,26 @@ class HFTokenizer:
     self.special_tokens = {k: self._tok.id_to_token(getattr(self, f'{k}_id')) for k in ('bos', 'eos', 'pad')}
 
   def __getstate__(self):
-    return {'path': self.path, 'json': self._json, 'names': self._names, 'chat_template': self.chat_template,
-            'directory': self.directory}
+    return {'path': self.path, 'json': self._json, 'names': self._names, 'directory': self.directory,
+            'chat_template': self.chat_template}
 
   def __setstate__(self, state):
     self.spec = self.path = state['path']
-    self.chat_template, self.directory = state.get('chat_template'), state.get('directory')
+    self.directory, self.chat_template = state.get('directory'), state.get('chat_template')
     self._load(state['json'], state['names'])
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
   def encode_with_offsets(self, text: str) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """Ids (special tokens written in the text recognised, none added) and each token's character span."""
-    enc = self._tok.encode(text, add_special_tokens=False)
-    return np.asarray(enc.ids, dtype=np.int32), [tuple(o) for o in enc.offsets]
+    """Ids (special tokens written in the text recognised, none added) and each token's (start, end)
+    character offsets into `text`."""
+    encoding = self._tok.encode(text, add_special_tokens=False)
+    return np.asarray(encoding.ids, dtype=np.int32), [tuple(o) for o in encoding.offsets]
 
   def special_token_ids(self) -> set[int]:
-    return {int(i) for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+    """Ids of the added tokens marked special (<|im_end|>, <|eot_id|>, ...)."""
+    return {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
 
   def encode_with_specials(self, text: str) -> list[int]:
     """Ids as the Hugging Face tokenizer gives them by default (its post-processor may add bos/eos)."""

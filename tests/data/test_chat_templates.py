@@ -1,124 +1,209 @@
-"""Chat templates: ids and assistant masks against transformers' own rendering, and by hand."""
+"""Chat templates: ids and assistant masks as transformers renders them (generation markers), hand-built
+masks for incremental templates, the built-in template, stop ids and one-line errors."""
 
-import json
+import pickle
 
 import numpy as np
 import pytest
 
-from fmjax.data import chat_templates, conversations
-from fmjax.data.tokenizers import ByteTokenizer, HFTokenizer
+pytest.importorskip('tokenizers')
+pytest.importorskip('jinja2')
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-          "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>\n{% endgeneration %}"
-          "{% else %}{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-CHATML_PLAIN = CHATML.replace('{% generation %}', '').replace('{% endgeneration %}', '')
-MESSAGES = [{'role': 'system', 'content': 'be brief'}, {'role': 'user', 'content': 'hi there'},
-            {'role': 'assistant', 'content': 'hello'}, {'role': 'user', 'content': 'and now?'},
-            {'role': 'assistant', 'content': 'bye now'}]
+from fmjax.data import chat_templates, tokenizers  # noqa: E402
+from fmjax.data.chat_templates import ChatTemplateError  # noqa: E402
+from tests import chat_fixtures  # noqa: E402
 
-
-def qwen_style_tokenizer(directory, template=CHATML):
-  """A tiny byte-level BPE with ChatML specials and no BOS, saved as transformers saves one."""
-  from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=['<|endoftext|>', '<|im_start|>', '<|im_end|>'],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(['hi there hello and now bye be brief user assistant system'] * 20, trainer)
-  directory.mkdir(parents=True, exist_ok=True)
-  tok.save(str(directory / 'tokenizer.json'))
-  (directory / 'tokenizer_config.json').write_text(json.dumps({
-      'tokenizer_class': 'PreTrainedTokenizerFast', 'eos_token': '<|im_end|>', 'pad_token': '<|endoftext|>',
-      'bos_token': None, 'chat_template': template}))
-  return str(directory / 'tokenizer.json')
+MESSAGES = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hello!'},
+            {'role': 'assistant', 'content': 'Hi there.'}, {'role': 'user', 'content': 'What is two plus two?'},
+            {'role': 'assistant', 'content': 'Four.'}]
+STYLES = {'qwen': chat_fixtures.qwen_style_tokenizer, 'llama3': chat_fixtures.llama3_style_tokenizer}
 
 
-def test_builtin_template_by_hand():
-  tok = ByteTokenizer()
-  t = chat_templates.for_tokenizer(tok)
-  r = t.render(MESSAGES[1:3])
-  enc = lambda s: list(tok.encode(s))
-  want = [tok.bos_id] + enc('User: hi there\n') + enc('Assistant: ') + enc('hello') + [tok.eos_id] + enc('\n')
-  assert r.ids.tolist() == want
-  start = 1 + len(enc('User: hi there\nAssistant: '))
-  assert np.flatnonzero(r.assistant).tolist() == list(range(start, start + 6))   # 'hello' and EOS
-  assert t.prompt_ids(MESSAGES[1:2]).tolist() == [tok.bos_id] + enc('User: hi there\nAssistant: ')
-  assert t.stop_ids == (tok.eos_id,)
+def _load(tmp_path, style, markers=False):
+  path = STYLES[style](tmp_path / f'{style}{int(markers)}', generation_markers=markers)
+  return tokenizers.load_tokenizer(path)
 
 
-@pytest.mark.hf
-def test_jinja_ids_and_mask_equal_transformers(tmp_path):
-  from transformers import AutoTokenizer
-  path = qwen_style_tokenizer(tmp_path / 'tok')
-  ours = chat_templates.for_tokenizer(HFTokenizer(path))
-  theirs = AutoTokenizer.from_pretrained(str(tmp_path / 'tok'))
-  out = theirs.apply_chat_template(MESSAGES, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-  r = ours.render(MESSAGES)
-  assert r.ids.tolist() == list(out['input_ids'])
-  assert r.assistant.astype(int).tolist() == list(out['assistant_masks'])
-  gen = theirs.apply_chat_template(MESSAGES[:4], tokenize=True, add_generation_prompt=True, return_dict=True)
-  assert ours.prompt_ids(MESSAGES[:4]).tolist() == list(gen['input_ids'])
-  assert theirs.convert_tokens_to_ids('<|im_end|>') in ours.stop_ids
+def _reference(tok):
+  transformers = pytest.importorskip('transformers')
+  return transformers.AutoTokenizer.from_pretrained(tok.directory)
 
 
-@pytest.mark.hf
-def test_template_without_markers_masks_what_each_assistant_turn_adds(tmp_path):
-  """Hand-built: the tokens of 'hello<|im_end|>\\n' and 'bye now<|im_end|>\\n' and nothing else."""
-  path = qwen_style_tokenizer(tmp_path / 'tok', CHATML_PLAIN)
-  tok = HFTokenizer(path)
-  r = chat_templates.for_tokenizer(tok).render(MESSAGES)
-  masked = tok.decode(r.ids[r.assistant])
-  assert masked == 'hello<|im_end|>\nbye now<|im_end|>\n'
-  assert set(r.turn[r.assistant].tolist()) == {2, 4}
-  marked = chat_templates.for_tokenizer(HFTokenizer(qwen_style_tokenizer(tmp_path / 'm'))).render(MESSAGES)
-  assert marked.assistant.tolist() == r.assistant.tolist()
+@pytest.mark.parametrize('style', STYLES)
+def test_generation_markers_match_transformers(tmp_path, style):
+  tok = _load(tmp_path, style, markers=True)
+  template = chat_templates.for_tokenizer(tok)
+  assert template.name == 'tokenizer' and '{% generation %}' in template.source
+  reference = _reference(tok)
+  for messages in (MESSAGES, MESSAGES[1:3], MESSAGES[:4]):
+    ours = template.render(messages)
+    out = reference.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert ours.ids.tolist() == list(out['input_ids'])
+    assert ours.assistant.astype(int).tolist() == list(out['assistant_masks'])
+    assert ours.assistant.any() and ours.text == reference.apply_chat_template(messages, tokenize=False)
+    assert ours.ids.dtype == np.int32 and len(ours.turn) == len(ours.ids)
+    assert set(ours.turn[ours.assistant].tolist()) == {i for i, m in enumerate(messages) if m['role'] == 'assistant'}
+    assert (ours.turn[~ours.assistant] == -1).all()
 
 
-def test_bad_templates_and_messages_are_one_line():
-  tok = ByteTokenizer()
-  with pytest.raises(chat_templates.ChatTemplateError, match="message 1 has role 'robot'"):
-    chat_templates.for_tokenizer(tok).render([{'role': 'user', 'content': 'x'}, {'role': 'robot', 'content': 'y'}])
-  with pytest.raises(chat_templates.ChatTemplateError, match='needs a Hugging Face tokenizer'):
-    chat_templates.for_tokenizer(tok, 'my.jinja')
+def _expected(tok, pieces):
+  """Ids and mask of (text, is_assistant, turn) pieces encoded one by one."""
+  ids, mask, turn = [], [], []
+  for text, assistant, t in pieces:
+    part = tok.encode(text).tolist()
+    ids += part
+    mask += [assistant] * len(part)
+    turn += [t] * len(part)
+  return ids, mask, turn
 
 
-def test_sft_weights_are_the_mask_shifted_and_packing_keeps_conversations_apart(tmp_path):
-  tok = ByteTokenizer()
-  t = chat_templates.for_tokenizer(tok)
-  convs = [conversations.Conversation([{'role': 'user', 'content': f'q{i}'}, {'role': 'assistant', 'content': f'a{i}'}],
-                                      f'row {i}') for i in range(3)]
-  convs.append(conversations.Conversation([{'role': 'user', 'content': 'only a question'}], 'row 3'))
-  rows, counts = conversations.encode_sft(convs, t, 96, pack=True)   # 3 x 26 tokens in one row
-  assert counts.kept == 3 and counts.dropped_no_assistant == 1 and 'row 3' in counts.describe('sft')
-  r0 = t.render(convs[0].messages)
-  n = len(r0.ids)
-  assert rows['inputs'].shape == (1, 96)
-  np.testing.assert_array_equal(rows['weights'][0, :n - 1], r0.assistant[1:])   # weight on assistant targets
-  assert rows['weights'][0, n - 1] == 0                                           # never across conversations
-  assert rows['segment_ids'][0, n] == 2 and rows['positions'][0, n] == 0
-  unpacked, _ = conversations.encode_sft(convs[:3], t, 64, pack=False)
-  assert unpacked['inputs'].shape == (3, 64)
+def test_qwen_style_without_markers_by_hand(tmp_path):
+  tok = _load(tmp_path, 'qwen')
+  template = chat_templates.for_tokenizer(tok)
+  ids, mask, turn = _expected(tok, [
+      ('<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n', 0, -1),
+      ('Hi there.<|im_end|>\n', 1, 2),      # content, end of turn and the newline the template writes after it
+      ('<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\n', 0, -1),
+      ('Four.<|im_end|>\n', 1, 4)])
+  ours = template.render(MESSAGES)
+  assert ours.ids.tolist() == ids and ours.assistant.tolist() == [bool(m) for m in mask] and ours.turn.tolist() == turn
+  assert ours.ids.tolist() == list(_reference(tok).apply_chat_template(MESSAGES, tokenize=True, return_dict=True)
+                                   ['input_ids'])
+  # No system message: the template's default system prompt comes first, outside the mask.
+  ours = template.render(MESSAGES[1:3])
+  ids, mask, _ = _expected(tok, [(f'<|im_start|>system\n{chat_fixtures.QWEN_SYSTEM}<|im_end|>\n'
+                                  '<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n', 0, -1),
+                                 ('Hi there.<|im_end|>\n', 1, 1)])
+  assert ours.ids.tolist() == ids and ours.assistant.tolist() == [bool(m) for m in mask]
 
 
-def test_pairs_identical_dropped_and_chat_form_split(tmp_path):
-  rows = [{'prompt': 'q', 'chosen': 'a', 'rejected': 'a'},
-          {'chosen': [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'yes'}],
-           'rejected': [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'no'}]}]
-  (tmp_path / 'p.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
-  pairs = conversations.read_pairs(str(tmp_path / 'p.jsonl'))
-  assert pairs[1].prompt == [{'role': 'user', 'content': 'q'}] and pairs[1].chosen[0]['content'] == 'yes'
-  chosen, rejected, counts = conversations.encode_pairs(pairs, chat_templates.for_tokenizer(ByteTokenizer()), 32)
-  assert counts.dropped_identical == 1 and p_where(counts) and chosen['inputs'].shape == (1, 32)
-  assert ByteTokenizer().decode(chosen['targets'][0][chosen['weights'][0] > 0]) == 'yes'
+def test_llama3_style_without_markers_by_hand(tmp_path):
+  tok = _load(tmp_path, 'llama3')
+  template = chat_templates.for_tokenizer(tok)
+  head = '<|start_header_id|>{}<|end_header_id|>\n\n'
+  ids, mask, turn = _expected(tok, [
+      ('<|begin_of_text|>' + head.format('system') + 'Be brief.<|eot_id|>' + head.format('user') + 'Hello!<|eot_id|>'
+       + head.format('assistant'), 0, -1),
+      ('Hi there.<|eot_id|>', 1, 2),
+      (head.format('user') + 'What is two plus two?<|eot_id|>' + head.format('assistant'), 0, -1),
+      ('Four.<|eot_id|>', 1, 4)])
+  ours = template.render(MESSAGES)
+  assert ours.ids.tolist() == ids and ours.assistant.tolist() == [bool(m) for m in mask] and ours.turn.tolist() == turn
+  assert ours.ids[0] == tok.bos_id
+  assert ours.ids.tolist() == list(_reference(tok).apply_chat_template(MESSAGES, tokenize=True, return_dict=True)
+                                   ['input_ids'])
 
 
-def p_where(counts):
-  return counts.examples['identical'][0].endswith('p.jsonl:1')
+@pytest.mark.parametrize('style,stop', [('qwen', '<|im_end|>'), ('llama3', '<|eot_id|>')])
+@pytest.mark.parametrize('markers', [False, True])
+def test_prompt_ids_and_stop_ids(tmp_path, style, stop, markers):
+  tok = _load(tmp_path, style, markers)
+  template = chat_templates.for_tokenizer(tok)
+  reference = _reference(tok)
+  prompt = MESSAGES[:4]
+  expected = reference.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)
+  assert template.prompt_ids(prompt).tolist() == list(expected['input_ids'])
+  stop_id = tok.encode(stop).tolist()
+  assert len(stop_id) == 1 and stop_id[0] in template.stop_ids and tok.eos_id in template.stop_ids
+  clone = pickle.loads(pickle.dumps(template))
+  assert clone.render(MESSAGES).ids.tolist() == template.render(MESSAGES).ids.tolist()
 
 
-def test_unknown_role_names_the_row(tmp_path):
-  (tmp_path / 'c.jsonl').write_text(json.dumps({'conversations': [{'from': 'alien', 'value': 'x'}]}) + '\n')
-  with pytest.raises(Exception, match=r"c.jsonl:1: unknown from 'alien'"):
-    conversations.read_conversations(str(tmp_path / 'c.jsonl'))
+def test_hf_tokenizer_chat_template_sources(tmp_path):
+  tok = _load(tmp_path, 'qwen')
+  assert tok.chat_template and '<|im_start|>' in tok.chat_template
+  assert pickle.loads(pickle.dumps(tok)).chat_template == tok.chat_template
+  ids, offsets = tok.encode_with_offsets('<|im_start|>user\nHi')
+  assert ids[0] == tok.encode('<|im_start|>')[0] and offsets[0] == (0, 12) and len(offsets) == len(ids)
+  assert ids[0] in tok.special_token_ids()
+  # A list of named templates: the 'default' one; a chat_template.jinja file when the config has none.
+  import json  # pylint: disable=import-outside-toplevel
+  config_path = tmp_path / 'qwen0' / 'tokenizer_config.json'
+  config = json.loads(config_path.read_text())
+  config['chat_template'] = [{'name': 'tool_use', 'template': 'x'}, {'name': 'default', 'template': 'D'}]
+  config_path.write_text(json.dumps(config))
+  assert tokenizers.load_tokenizer(str(tmp_path / 'qwen0' / 'tokenizer.json')).chat_template == 'D'
+  del config['chat_template']
+  config_path.write_text(json.dumps(config))
+  (tmp_path / 'qwen0' / 'chat_template.jinja').write_text('J{{ messages }}')
+  assert tokenizers.load_tokenizer(str(tmp_path / 'qwen0' / 'tokenizer.json')).chat_template == 'J{{ messages }}'
+  (tmp_path / 'qwen0' / 'chat_template.jinja').unlink()
+  plain = tokenizers.load_tokenizer(str(tmp_path / 'qwen0' / 'tokenizer.json'))
+  assert plain.chat_template is None and chat_templates.for_tokenizer(plain).name == 'fmjax'
+
+
+def test_builtin_template_on_bytes_by_hand():
+  tok = tokenizers.ByteTokenizer()
+  template = chat_templates.for_tokenizer(tok)
+  assert template.name == 'fmjax' and template.source is None and template.stop_ids == (tok.eos_id,)
+  enc = lambda text: [b + 3 for b in text.encode()]  # noqa: E731
+  ours = template.render(MESSAGES)
+  ids = ([1] + enc('System: Be brief.\nUser: Hello!\nAssistant: ') + enc('Hi there.') + [2] + enc('\n')
+         + enc('User: What is two plus two?\nAssistant: ') + enc('Four.') + [2] + enc('\n'))
+  assert ours.ids.tolist() == ids and ours.text is None
+  first = 1 + len('System: Be brief.\nUser: Hello!\nAssistant: ')
+  second = first + len('Hi there.') + 1 + len('\nUser: What is two plus two?\nAssistant: ')
+  mask = np.zeros(len(ids), bool)
+  mask[first:first + 10] = True
+  mask[second:second + 6] = True
+  assert ours.assistant.tolist() == mask.tolist()
+  assert ours.turn[first] == 2 and ours.turn[second + 5] == 4 and ours.turn[0] == -1
+  assert template.prompt_ids(MESSAGES[1:2]).tolist() == [1] + enc('User: Hello!\nAssistant: ')
+  with pytest.raises(ChatTemplateError, match='message 1 is a system message'):
+    template.render(MESSAGES[1:2] + [MESSAGES[0], MESSAGES[2]])
+
+
+def test_jinja_file_refused_for_non_hf_tokenizers(tmp_path):
+  path = tmp_path / 't.jinja'
+  path.write_text('{{ messages }}')
+  with pytest.raises(ChatTemplateError, match='needs a Hugging Face tokenizer'):
+    chat_templates.for_tokenizer(tokenizers.ByteTokenizer(), str(path))
+  assert chat_templates.for_tokenizer(tokenizers.ByteTokenizer(), 'fmjax').name == 'fmjax'
+
+
+@pytest.mark.parametrize('messages,match', [
+    ([{'role': 'tool', 'content': 'x'}], "message 0 has role 'tool'"),
+    ([{'role': 'user', 'content': 'x'}, {'role': 'assistant', 'content': None}], 'message 1 .* not a string'),
+    (['hi'], 'message 0 is a str')])
+def test_bad_messages(messages, match):
+  with pytest.raises(ChatTemplateError, match=match):
+    chat_templates.for_tokenizer(tokenizers.ByteTokenizer()).render(messages)
+
+
+def _file_template(tmp_path, source):
+  tok = _load(tmp_path, 'qwen')
+  path = tmp_path / 'custom.jinja'
+  path.write_text(source)
+  return chat_templates.for_tokenizer(tok, str(path))
+
+
+def test_render_error_compile_error_and_non_incremental(tmp_path):
+  raising = _file_template(tmp_path, "{% for m in messages %}{% if m.role == 'system' %}"
+                                     "{{ raise_exception('System role not supported') }}{% endif %}"
+                                     "{{ m.content }}{% endfor %}")
+  assert raising.name.endswith('custom.jinja')
+  with pytest.raises(ChatTemplateError) as e:
+    raising.render(MESSAGES)
+  assert 'custom.jinja failed to render: System role not supported' in str(e.value) and '\n' not in str(e.value)
+  with pytest.raises(ChatTemplateError) as e:
+    _file_template(tmp_path, '{% for m in messages %}{{ m.content }')
+  assert 'custom.jinja does not compile' in str(e.value) and '\n' not in str(e.value)
+  # Rewrites earlier turns once the conversation grows: the message count is written first.
+  rewriting = _file_template(tmp_path, "{{ messages | length }}{% for m in messages %}<|im_start|>{{ m.role }}\n"
+                                       "{{ m.content }}<|im_end|>\n{% endfor %}"
+                                       "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+  with pytest.raises(ChatTemplateError, match='does not render conversations incrementally.*chat_template=fmjax'):
+    rewriting.render(MESSAGES)
+
+
+@pytest.mark.parametrize('style', STYLES)
+def test_special_token_variables_as_transformers_passes_them(tmp_path, style):
+  """bos_token is the configured one (none for Qwen: it renders empty, not a guessed token)."""
+  tok = _load(tmp_path, style)
+  source = ("{{ bos_token }}[{{ pad_token }}]{% for m in messages %}{{ m.role }}: {{ m.content }}{{ eos_token }}"
+            "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+  path = tmp_path / 'vars.jinja'
+  path.write_text(source)
+  ours = chat_templates.for_tokenizer(tok, str(path)).render(MESSAGES[1:3])
+  reference = _reference(tok).apply_chat_template(MESSAGES[1:3], chat_template=source, tokenize=False)
+  assert ours.text == reference
