@@ -133,14 +133,3 @@ def parquet_texts(path: str, column: str, batch_rows: int = 1024) -> Iterator[ob
   except pyarrow.ArrowException as e:
     raise DataError(f'cannot read Parquet file {path}: {e}') from None
 
-
-def parquet_records(path: str, batch_rows: int = 1024) -> Iterator[dict]:
-  """The rows of a Parquet file as dicts of Python values (nested lists and structs included)."""
-  import pyarrow  # pylint: disable=import-outside-toplevel
-  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-  try:
-    pf = pq.ParquetFile(paths.open_file(path, 'rb') if paths.is_url(path) else path)
-    for batch in pf.iter_batches(batch_size=batch_rows):
-      yield from batch.to_pylist()
-  except (OSError, pyarrow.ArrowException) as e:
-    raise DataError(f'cannot read Parquet file {path}: {e}') from None
