@@ -11,7 +11,7 @@ pytest.importorskip('jinja2')
 
 from fmjax.data import chat_templates, tokenizers  # noqa: E402
 from fmjax.data.chat_templates import ChatTemplateError  # noqa: E402
-from tests import chat_fixtures  # noqa: E402
+import chat_fixtures  # noqa: E402
 
 MESSAGES = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hello!'},
             {'role': 'assistant', 'content': 'Hi there.'}, {'role': 'user', 'content': 'What is two plus two?'},

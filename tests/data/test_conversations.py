@@ -122,7 +122,7 @@ def test_truncate_drop_and_counts():
 
 def test_render_errors_are_counted(tmp_path):
   pytest.importorskip('tokenizers')
-  from tests import chat_fixtures  # pylint: disable=import-outside-toplevel
+  import chat_fixtures  # pylint: disable=import-outside-toplevel
   tok = tokenizers.load_tokenizer(chat_fixtures.qwen_style_tokenizer(tmp_path / 'q'))
   path = tmp_path / 't.jinja'
   path.write_text("{% for m in messages %}{% if m.content == 'bad' %}{{ raise_exception('no bad words') }}{% endif %}"
