@@ -14,7 +14,7 @@ from fmjax.data.errors import DataError
 from fmjax.finetune import chat, reference
 from fmjax.finetune.run import finetune
 from fmjax.objectives import preference
-from tests.helpers import pretrain_tiny
+from helpers import pretrain_tiny
 
 
 @pytest.fixture(scope='module')
@@ -144,3 +144,25 @@ def test_reference_file_of_other_data_is_refused(tmp_path):
   (tmp_path / reference.FILE).unlink()
   with pytest.raises(DataError, match='is missing, and a resumed run cannot recompute'):
     reference.load_or_compute(str(tmp_path), True, None, None, rows, print)
+
+
+def test_packed_conversations_do_not_see_each_other(pretrained):
+  """A packed SFT row (encode_sft: segment ids and positions per conversation) gives each conversation the
+  logits it has alone, with the pretrained model."""
+  from fmjax.data import chat_templates, conversations, tokenizers
+  from fmjax.model.transformer import Transformer
+  pre_cfg, params = pretrained
+  template = chat_templates.for_tokenizer(tokenizers.ByteTokenizer())
+  chats = [conversations.Conversation(r['messages'], f'c:{i}') for i, r in enumerate(_sft_rows(2, offset=40))]
+  alone = [template.render(c.messages).ids for c in chats]
+  seq_len = len(alone[0]) + len(alone[1]) - 1
+  packed, counts = conversations.encode_sft(chats, template, seq_len=seq_len)
+  assert packed['inputs'].shape == (1, seq_len) and counts.kept == 2
+  model = Transformer(pre_cfg.model)
+
+  def logits(tokens, positions=None, segments=None):
+    return np.asarray(model.apply({'params': params}, tokens, positions, segments))[0]
+  got = logits(packed['inputs'], packed['positions'], packed['segment_ids'])
+  a = len(alone[0])
+  np.testing.assert_allclose(got[:a], logits(alone[0][None]), atol=1e-5)
+  np.testing.assert_allclose(got[a:], logits(alone[1][None, :-1]), atol=1e-5)
