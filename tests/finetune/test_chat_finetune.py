@@ -166,3 +166,21 @@ def test_packed_conversations_do_not_see_each_other(pretrained):
   a = len(alone[0])
   np.testing.assert_allclose(got[:a], logits(alone[0][None]), atol=1e-5)
   np.testing.assert_allclose(got[a:], logits(alone[1][None, :-1]), atol=1e-5)
+
+
+def test_dpo_with_lora_trains_adapters_against_the_base_model(pretrained, tmp_path):
+  """With LoRA the reference is the base model (adapters start at zero): step 1's loss is log 2, the base
+  weights stay as they were, and the adapters move."""
+  from fmjax.model import lora
+  cfg = _cfg(pretrained, tmp_path, 'dpo', steps=3, log_every=1)
+  cfg.finetune.update(dict(lora_rank=4, lora_alpha=8.0))
+  out = finetune(cfg)
+  first = [m for step, m in out['history'] if step == 1][0]
+  np.testing.assert_allclose(first['loss'], math.log(2), rtol=1e-5)
+  _, before = pretrained
+  flat_before = dict(jax.tree_util.tree_flatten_with_path(before)[0])
+  for path, leaf in jax.tree_util.tree_flatten_with_path(out['state'].params)[0]:
+    if not lora.is_adapter_path(path):
+      np.testing.assert_array_equal(np.asarray(leaf), np.asarray(flat_before[path]), err_msg=str(path))
+  assert float(np.abs(np.asarray(lora.adapter_params(out['state'].params)['layers']['attn']['q']['lora_b'])).max()) > 0
+  assert out['history'][-1][1]['rewards/margins'] != 0
