@@ -140,14 +140,20 @@ def _check_data(cfg: ml_collections.ConfigDict) -> None:
 
 
 def _check_encoder(cfg: ml_collections.ConfigDict) -> None:
-  """Options the encoder and its MLM objective cannot combine with."""
+  """model.sliding_window, and the options the encoder and its MLM objective cannot combine with."""
   m = cfg.model
   if m.get('position_offset', 0) < 0:
     raise ConfigError(f'model.position_offset must be >= 0, got {m.position_offset}')
   if m.get('type_vocab_size', 0) < 0:
     raise ConfigError(f'model.type_vocab_size must be >= 0 (0 = no token-type embeddings), got {m.type_vocab_size}')
+  window = m.get('sliding_window', 0)
+  if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+    raise ConfigError(f'model.sliding_window must be an integer >= 0 (0 = no window), got {window!r}')
   if m.get('kind', 'decoder') != 'encoder':
     return
+  if window:
+    raise ConfigError(f'model.sliding_window={window} is for causal decoders (a query sees the W - 1 keys before '
+                      'it); the encoder attends both ways: set model.sliding_window=0')
   if m.loss_vocab_chunk:
     raise ConfigError('model.loss_vocab_chunk > 0 is for decoders: the encoder\'s MLM head has a bias; '
                       'set model.loss_vocab_chunk=0')

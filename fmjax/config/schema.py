@@ -42,6 +42,8 @@ MODEL = dict(   # a LLaMA-style decoder by default; kind='encoder' for BERT-styl
                                        'every projection'),
     qk_norm=field(False, SHAPE, 'RMSNorm over head_dim of q and of k, per head, before RoPE (Qwen3): learned '
                                 'attn/q_norm, attn/k_norm scales, eps model.norm_eps'),
+    sliding_window=field(0, FUNCTION, 'causal layers attend the query and the W - 1 keys before it, in every '
+                                      'layer (Mistral); 0 = the whole context'),
     tie_embeddings=field(False, SHAPE),
     dropout=field(0.0, RESTORE),
     param_dtype=field('float32', RESTORE),

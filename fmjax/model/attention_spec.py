@@ -70,11 +70,13 @@ def is_causal(model_cfg) -> bool:
 def score_spec(model_cfg, layer: int | None = None) -> ScoreSpec:
   """The spec of attention layer `layer` of `model_cfg` (None: the spec all layers share).
 
-  Every layer is alike today (no config field sets a window or a soft-cap); a per-layer pattern
-  (Gemma 2's alternating local and global layers) is read here, from `layer`.
+  model.sliding_window (W > 0) windows every layer (Mistral); a per-layer pattern (Gemma 2's alternating
+  local and global layers) is to be read here, from `layer`.
   """
   del layer  # every layer alike
-  return ScoreSpec(causal=is_causal(model_cfg), scale=score_scale(head_dim(model_cfg)))
+  window = int(model_cfg.get('sliding_window', 0) or 0)
+  return ScoreSpec(causal=is_causal(model_cfg), scale=score_scale(head_dim(model_cfg)),
+                   sliding_window=window or None)
 
 
 def layer_specs(model_cfg) -> tuple[ScoreSpec, ...]:

@@ -156,8 +156,8 @@ def test_unsupported_hf_configs_are_named():
   from fmjax.convert.families import llama
   base = dict(model_type='mistral', hidden_size=32, num_attention_heads=4, num_hidden_layers=2, vocab_size=96,
               intermediate_size=64, hidden_act='silu', max_position_embeddings=4096)
-  with pytest.raises(ConversionError, match='sliding_window=1024'):
-    llama.from_hf_config(dict(base, sliding_window=1024))
+  with pytest.raises(ConversionError, match="sliding_window='1024' must be a positive integer"):
+    llama.from_hf_config(dict(base, sliding_window='1024'))
   with pytest.raises(ConversionError, match="rope scaling 'llama3' needs rope_parameters.factor"):
     llama.from_hf_config(dict(base, rope_parameters=dict(rope_type='llama3', rope_theta=5e5)))
   with pytest.raises(ConversionError, match="rope scaling 'yarn' is not supported"):

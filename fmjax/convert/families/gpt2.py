@@ -25,6 +25,8 @@ def mismatch(m) -> str | None:
     bad.append(f'model.num_kv_heads={m.num_kv_heads} (GPT-2 has no grouped KV heads)')
   if m.head_dim not in (0, m.d_model // m.num_heads):
     bad.append(f'model.head_dim={m.head_dim} (GPT-2 needs d_model/num_heads)')
+  if m.get('sliding_window', 0):
+    bad.append(f'model.sliding_window={m.sliding_window} (GPT-2 attends the whole context)')
   return ', '.join(bad) or None
 
 

@@ -1,4 +1,4 @@
-"""LLaMA family (also Mistral without a sliding window): rmsnorm, SwiGLU, RoPE, no biases.
+"""LLaMA family (also Mistral, with its sliding window): rmsnorm, SwiGLU, RoPE, no biases.
 
 fmjax's RoPE is the Hugging Face half-split (rotate_half) layout, so q/k need no permutation.
 The Qwen families (qwen2.py, qwen3.py) are this layout plus q/k/v biases or q/k norms: they share
@@ -20,11 +20,15 @@ IGNORED = (r'rotary_emb\.inv_freq$',)
 OPTIONAL_PREFIX = ''
 
 
-def mismatch(m, attention_bias: bool = False, qk_norm: bool = False, title: str = 'Llama') -> str | None:
-  """Why an fmjax model config is not LLaMA-style (with these q/k/v biases and q/k norms), or None."""
+def mismatch(m, attention_bias: bool = False, qk_norm: bool = False, title: str = 'Llama',
+             window: bool = True) -> str | None:
+  """Why an fmjax model config is not LLaMA-style (with these q/k/v biases and q/k norms; a sliding window
+  only where `window`), or None."""
   want = dict(norm='rmsnorm', activation='swiglu', positions='rope', use_bias=False, attention_bias=attention_bias,
               qk_norm=qk_norm)
   bad = [f'model.{k}={m.get(k, False)!r} (need {v!r})' for k, v in want.items() if m.get(k, False) != v]
+  if not window and m.get('sliding_window', 0):
+    bad.append(f'model.sliding_window={m.sliding_window} (need 0: {title} exports have no sliding window here)')
   if m.get('kind', 'decoder') != 'decoder':
     bad.append(f"model.kind={m.kind!r} ({title} is a decoder)")
   return ', '.join(bad) or None
@@ -46,7 +50,10 @@ def _rope_parameters(m) -> dict:
 
 
 def to_hf_config(m) -> dict:
-  """The config.json of an fmjax model config (RoPE scaling in both the new and the legacy key, identical)."""
+  """The config.json of an fmjax model config (RoPE scaling in both the new and the legacy key, identical):
+  LlamaForCausalLM, or MistralForCausalLM with `sliding_window` when model.sliding_window is set."""
+  if m.get('sliding_window', 0):
+    return dict(hf_config(m, 'MistralForCausalLM', 'mistral'), sliding_window=int(m.sliding_window))
   return hf_config(m, ARCHITECTURE, 'llama')
 
 
@@ -107,11 +114,14 @@ def from_hf_config(hf: dict) -> dict:
   """fmjax model options from a Llama/Mistral config.json."""
   refuse_values(hf, (('hidden_act', ('silu',)), ('attention_bias', (False, None)), ('mlp_bias', (False, None))),
                 'LLaMA')
+  options = model_options(hf)
   window, n_pos = hf.get('sliding_window'), hf.get('max_position_embeddings', 2048)
-  if window is not None and window < n_pos:
-    raise ConversionError(f'config.json: sliding_window={window} < max_position_embeddings={n_pos}; fmjax '
-                          'model configs have no sliding window yet')
-  return model_options(hf)
+  if window is not None and hf.get('model_type') == 'mistral':
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+      raise ConversionError(f'config.json: sliding_window={window!r} must be a positive integer or null')
+    if window < n_pos:   # transformers' Mistral: a query sees itself and the window - 1 keys before it
+      options['sliding_window'] = window
+  return options          # (LlamaForCausalLM reads no sliding_window: transformers runs it without one)
 
 
 def refuse_values(hf: dict, allowed, title: str) -> None:

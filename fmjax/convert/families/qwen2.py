@@ -22,7 +22,7 @@ rules = llama.rules   # its table adds the q/k/v biases of model.attention_bias
 
 def mismatch(m) -> str | None:
   """Why an fmjax model config is not Qwen2-style, or None."""
-  return llama.mismatch(m, attention_bias=True, title='Qwen2')
+  return llama.mismatch(m, attention_bias=True, title='Qwen2', window=False)
 
 
 def refuse_sliding_window(hf: dict) -> None:

@@ -21,7 +21,7 @@ rules = llama.rules   # its table adds the q/k norm scales of model.qk_norm
 
 def mismatch(m) -> str | None:
   """Why an fmjax model config is not Qwen3-style, or None."""
-  return llama.mismatch(m, qk_norm=True, title='Qwen3')
+  return llama.mismatch(m, qk_norm=True, title='Qwen3', window=False)
 
 
 def to_hf_config(m) -> dict:
