@@ -38,11 +38,13 @@ def _overwrite_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _verify_flags(p: argparse.ArgumentParser) -> None:
-  p.add_argument('--verify', action='store_true', help='compare logits with transformers (needs torch)')
+  p.add_argument('--verify', action='store_true',
+                 help='compare logits with transformers in float64 (needs torch)')
   p.add_argument('--max-diff', type=float, default=None,
-                 help='--verify fails above this max abs logits diff (default 1e-4: both sides run fp32 on the same '
-                      'weights, bf16-rounded on both sides for bf16 params)')
-  p.add_argument('--max-kl', type=float, default=None, help='--verify fails above this mean KL divergence (default 1e-6)')
+                 help='--verify fails above this absolute max abs logits diff vs the float64 reference (default '
+                      'max(1e-4, 8 x transformers float32 vs float64); bf16 params: a bf16-rounded reference)')
+  p.add_argument('--max-kl', type=float, default=None,
+                 help='--verify fails above this absolute mean KL (default max(1e-6, 8 x transformers float32 KL))')
 
 
 def build_parser() -> argparse.ArgumentParser:
