@@ -13,8 +13,8 @@ _WARNED: set[str] = set()
 
 _CHOICES = {
     'model.kind': ('decoder', 'encoder'),
-    'model.activation': ('swiglu', 'gelu', 'gelu_exact'),
-    'model.norm_position': ('pre', 'post'),
+    'model.activation': ('swiglu', 'geglu', 'gelu', 'gelu_exact'),
+    'model.norm_position': ('pre', 'post', 'sandwich'),
     'model.norm': ('rmsnorm', 'layernorm'),
     'model.positions': ('rope', 'learned'),
     'model.rope_scaling': ('none', 'linear', 'llama3'),
@@ -149,6 +149,19 @@ def _check_encoder(cfg: ml_collections.ConfigDict) -> None:
   window = m.get('sliding_window', 0)
   if isinstance(window, bool) or not isinstance(window, int) or window < 0:
     raise ConfigError(f'model.sliding_window must be an integer >= 0 (0 = no window), got {window!r}')
+  pattern = m.get('window_pattern', '')
+  if not isinstance(pattern, str) or set(pattern) - set('LG'):
+    raise ConfigError(f"model.window_pattern must be letters L (local) and G (global), e.g. 'LG'; got {pattern!r}")
+  if pattern and not window:
+    raise ConfigError(f"model.window_pattern={pattern!r} marks local layers but model.sliding_window=0: set the "
+                      "window (e.g. model.sliding_window=4096) or window_pattern=''")
+  for key in ('query_scale_dim', 'attn_logit_softcap', 'final_logit_softcap', 'rope_local_theta'):
+    value = m.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+      raise ConfigError(f'model.{key} must be a number >= 0 (0 = off), got {value!r}')
+  if m.get('rope_local_theta', 0.0) and not window:
+    raise ConfigError('model.rope_local_theta is the RoPE base of local layers and model.sliding_window=0 makes '
+                      'none: set model.sliding_window or model.rope_local_theta=0')
   if m.get('kind', 'decoder') != 'encoder':
     return
   if window:

@@ -22,10 +22,14 @@ MODEL = dict(   # a LLaMA-style decoder by default; kind='encoder' for BERT-styl
     max_seq_len=field(128, SHAPE, 'learned positions: the table size; RoPE: the context the model is made for'),
     position_offset=field(0, SHAPE, 'learned positions: token i reads table row i + this (RoBERTa: 2); the table '
                                     'has max_seq_len + position_offset rows'),
-    activation=field('swiglu', SHAPE, 'swiglu | gelu (tanh approximation) | gelu_exact (erf: BERT)'),
+    activation=field('swiglu', SHAPE, 'swiglu | geglu (tanh-GELU gate: Gemma) | gelu (tanh approximation) | '
+                                      'gelu_exact (erf: BERT)'),
     norm=field('rmsnorm', SHAPE, 'rmsnorm | layernorm'),
     norm_position=field('pre', SHAPE, 'pre (norm before attention/MLP) | post (BERT: after each residual add, a '
-                                      'norm on the embeddings, no final norm)'),
+                                      'norm on the embeddings, no final norm) | sandwich (Gemma 2/3: pre and post '
+                                      'norms around attention and MLP)'),
+    norm_unit_offset=field(False, FUNCTION, 'RMSNorm scales by (1 + w), w starting at 0 (Gemma)'),
+    embed_scale=field(False, FUNCTION, 'multiply the token embeddings by sqrt(d_model) (Gemma)'),
     type_vocab_size=field(0, SHAPE, '> 0: token-type (segment) embeddings, all type 0 unless given (BERT: 2)'),
     norm_eps=field(1e-5, FUNCTION),
     positions=field('rope', SHAPE, 'rope | learned'),
@@ -42,8 +46,15 @@ MODEL = dict(   # a LLaMA-style decoder by default; kind='encoder' for BERT-styl
                                        'every projection'),
     qk_norm=field(False, SHAPE, 'RMSNorm over head_dim of q and of k, per head, before RoPE (Qwen3): learned '
                                 'attn/q_norm, attn/k_norm scales, eps model.norm_eps'),
-    sliding_window=field(0, FUNCTION, 'causal layers attend the query and the W - 1 keys before it, in every '
-                                      'layer (Mistral); 0 = the whole context'),
+    sliding_window=field(0, FUNCTION, 'causal local layers attend the query and the W - 1 keys before it; '
+                                      '0 = the whole context'),
+    window_pattern=field('', FUNCTION, "which layers are local: '' = all (Mistral), else L (local) / G (global) "
+                                       "letters repeated over the depth (Gemma 2: LG, Gemma 3: LLLLLG)"),
+    rope_local_theta=field(0.0, FUNCTION, 'RoPE base of the local layers (Gemma 3); 0 = rope_theta'),
+    query_scale_dim=field(0, FUNCTION, 'attention scores scale by this ** -0.5 (Gemma: query_pre_attn_scalar); '
+                                       '0 = head_dim'),
+    attn_logit_softcap=field(0.0, FUNCTION, 'attention scores cap * tanh(s / cap) (Gemma 2: 50); 0 = none'),
+    final_logit_softcap=field(0.0, FUNCTION, 'output logits cap * tanh(z / cap) (Gemma 2: 30); 0 = none'),
     tie_embeddings=field(False, SHAPE),
     dropout=field(0.0, RESTORE),
     param_dtype=field('float32', RESTORE),

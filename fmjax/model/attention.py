@@ -35,7 +35,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from fmjax.model.attention_select import (  # noqa: F401  (the choice of implementation, re-exported)
     AttentionError, Choice, cudnn_problem, for_run, log_once as _log_once, refuse_features, resolve_call, select)
-from fmjax.model.attention_spec import ScoreSpec, cap_scores, head_dim, resolve, score_spec, visible
+from fmjax.model.attention_spec import ScoreSpec, cap_scores, head_dim, layer_kinds, resolve, score_spec, visible
 from fmjax.model.layers import Projection, apply_rope, dtype_of, lora_spec, make_norm, project, rope_scaling
 
 _NEG = -1e30
@@ -116,7 +116,9 @@ def dense_attention(q, k, v, q_seg, kv_seg, q_index=None, kv_index=None, block: 
   """Full-score attention with a hand-written backward pass (fewer, larger XLA ops than autodiff).
 
   Self-attention of at least two `block`s of queries skips the key blocks wholly in the causal
-  future: query block i attends keys [0, (i + 1) * block) only (3/4 of the work at 2 blocks).
+  future: query block i attends keys [0, (i + 1) * block) only (3/4 of the work at 2 blocks), and
+  under a sliding window W also those wholly before its first query's window, so a local layer
+  costs O(T * (W + block)).
   """
   b, t, h, d = q.shape
   s, kh = k.shape[1], k.shape[2]
@@ -132,7 +134,8 @@ def dense_attention(q, k, v, q_seg, kv_seg, q_index=None, kv_index=None, block: 
   if causal_blocks:
     outs = []
     for i in range(t // block):
-      rows, keys = slice(i * block, (i + 1) * block), slice(0, (i + 1) * block)
+      first = 0 if spec.sliding_window is None else max(0, i * block - spec.sliding_window + 1) // block * block
+      rows, keys = slice(i * block, (i + 1) * block), slice(first, (i + 1) * block)
       outs.append(core(qg[:, :, :, rows], kt[:, :, keys], vt[:, :, keys], mask[..., rows, keys]))
     out = jnp.concatenate(outs, axis=3)
   else:
@@ -254,19 +257,45 @@ def attend(impl: str, q, k, v, q_seg, kv_seg, chunk: int = 128, platform: str | 
   raise ValueError(f'unknown attention implementation {impl!r}')
 
 
+def _kind_switch(cfg, layer: int | None, kind):
+  """`by_kind(fn, *args, vary='spec')`: fn(this layer's LayerKind, *args). Directly when the kind is known
+  while tracing (one kind, or an unrolled `layer`) or when the kinds agree on `vary`; otherwise
+  `lax.switch` on the traced `kind` over the kinds (each branch static: its own mask, kernel, RoPE base)."""
+  kinds, per_layer = layer_kinds(cfg)
+  static = 0 if len(kinds) == 1 else (per_layer[layer] if layer is not None else None)
+  if static is None and kind is None:
+    raise ValueError('this model has layers of different kinds (local and global): a scanned layer needs its '
+                     "kind (Transformer passes it) and an unrolled one its `layer`")
+
+  def by_kind(fn, *args, vary: str = 'spec'):
+    if static is not None:
+      return fn(kinds[static], *args)
+    if len({getattr(k, vary) for k in kinds}) == 1:
+      return fn(kinds[0], *args)   # fn reads only `vary` of the kind
+    return jax.lax.switch(kind, [functools.partial(fn, k) for k in kinds], *args)
+  return by_kind
+
+
 def _splash_block(t: int) -> int:
   """The largest of 512, 256, 128 dividing t (the splash kernel's tile), or 0 if none does."""
   return next((blk for blk in (512, 256, 128) if t % blk == 0), 0)
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with grouped KV heads and optional RoPE (and a KV cache to decode)."""
+  """Multi-head self-attention with grouped KV heads and optional RoPE (and a KV cache to decode).
+
+  A model whose layers differ (local and global layers: attention_spec.layer_kinds) runs each layer's
+  kind: `layer` names it when the layers are unrolled; a scanned stack passes `kind`, the layer's index
+  into the kinds, and the layer picks its RoPE base and score spec with `lax.switch`.
+  """
   cfg: Any
   decode: bool = False
+  layer: int | None = None
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids):
+  def __call__(self, x, positions, segment_ids, kind=None):
     cfg = self.cfg
+    by_kind = _kind_switch(cfg, self.layer, kind)
     h, kh = cfg.num_heads, cfg.num_kv_heads or cfg.num_heads
     d = head_dim(cfg)
     kw = dict(use_bias=cfg.use_bias, init_std=cfg.init_std, dtype=dtype_of(cfg.dtype),
@@ -285,8 +314,8 @@ class Attention(nn.Module):
       q = make_norm(cfg, 'q_norm', force='rmsnorm')(q)
       k = make_norm(cfg, 'k_norm', force='rmsnorm')(k)
     if cfg.positions == 'rope':
-      q = apply_rope(q, positions, cfg.rope_theta, rope_scaling(cfg))
-      k = apply_rope(k, positions, cfg.rope_theta, rope_scaling(cfg))
+      rotate = lambda kd, a: apply_rope(a, positions, kd.rope_theta, rope_scaling(cfg))
+      q, k = by_kind(lambda kd, q_, k_: (rotate(kd, q_), rotate(kd, k_)), q, k, vary='rope_theta')
     q = nn.with_logical_constraint(q, ('batch', 'activation_length', 'activation_heads', 'activation_kv'))
     q, k, v = (checkpoint_name(a, 'qkv') for a in (q, k, v))
     spec = score_spec(cfg)
@@ -294,7 +323,8 @@ class Attention(nn.Module):
       raise ValueError("model.kind='encoder' has no KV cache: it is not a decoder (decode=False)")
     if self.decode and self.has_variable('cache', 'index'):
       k, v, kv_seg, q_index = self._update_cache(k, v, segment_ids)
-      out = xla_attention(q, k, v, segment_ids, kv_seg, q_index, spec=spec)
+      out = by_kind(lambda kd, q_, k_, v_: xla_attention(q_, k_, v_, segment_ids, kv_seg, q_index, spec=kd.spec),
+                    q, k, v)
     else:
       if self.decode:  # first call creates the cache, sized by this input (see transformer.init_cache)
         self._update_cache(k, v, segment_ids)
@@ -302,10 +332,11 @@ class Attention(nn.Module):
       impl = cfg.attention
       if self.decode and impl == 'cudnn':  # prompts are left-padded: cudnn's row lengths do not apply
         impl = 'dense'
-      out = attend(impl, q, k, v, segment_ids, segment_ids, cfg.attention_chunk,
-                   platform=cfg.get('attention_platform'), spec=spec)
+      out = by_kind(lambda kd, q_, k_, v_: attend(impl, q_, k_, v_, segment_ids, segment_ids, cfg.attention_chunk,
+                                                  platform=cfg.get('attention_platform'), spec=kd.spec), q, k, v)
     if self.is_mutable_collection('intermediates'):
-      probs = attention_probs(q, k, segment_ids, segment_ids if kv_seg is None else kv_seg, q_index, spec=spec)
+      seg = segment_ids if kv_seg is None else kv_seg
+      probs = by_kind(lambda kd, q_, k_: attention_probs(q_, k_, segment_ids, seg, q_index, spec=kd.spec), q, k)
       self.sow('intermediates', 'attention', probs.reshape(probs.shape[0], h, *probs.shape[3:]))  # (B, H, T, S)
     out = nn.with_logical_constraint(out, ('batch', 'activation_length', 'activation_heads', 'activation_kv'))
     out = checkpoint_name(out, 'attn_out')

@@ -8,7 +8,9 @@ is `scale * q.k`, then `cap * tanh(score / cap)` when `logit_softcap` = cap (Gem
 fp32 softmax. Segment ids stay arrays passed beside q, k, v; the spec is static (hashable).
 
 `score_spec(model_cfg, layer)` builds a layer's spec from the model config: the score scale is
-computed here (`score_scale`) and nowhere else. `mean_keys(spec, seq_len)` is what FLOP counting
+computed here (`score_scale`) and nowhere else. Local layers (model.sliding_window, on the layers
+model.window_pattern marks) may have a RoPE base of their own; `layer_kinds` lists the distinct
+(spec, RoPE base) pairs and each layer's among them. `mean_keys(spec, seq_len)` is what FLOP counting
 reads: the keys a query attends on average in a row of `seq_len` tokens of one document.
 """
 
@@ -53,7 +55,7 @@ class ScoreSpec:
 
 
 def score_scale(head_dim: int) -> float:
-  """The score scale 1/sqrt(head_dim): the one place it is computed."""
+  """The score scale 1/sqrt(head_dim) (or of model.query_scale_dim): the one place it is computed."""
   return head_dim ** -0.5
 
 
@@ -67,21 +69,56 @@ def is_causal(model_cfg) -> bool:
   return model_cfg.get('kind', 'decoder') != 'encoder'
 
 
-def score_spec(model_cfg, layer: int | None = None) -> ScoreSpec:
-  """The spec of attention layer `layer` of `model_cfg` (None: the spec all layers share).
+def is_local(model_cfg, layer: int) -> bool:
+  """Whether layer `layer` attends within model.sliding_window: every layer when model.window_pattern is
+  '' (Mistral), else the layers whose letter of the pattern, repeated over the depth, is 'L' (Gemma 2:
+  'LG', Gemma 3: 'LLLLLG'); never without a window."""
+  if not model_cfg.get('sliding_window', 0):
+    return False
+  pattern = model_cfg.get('window_pattern', '') or 'L'
+  return pattern[layer % len(pattern)] == 'L'
 
-  model.sliding_window (W > 0) windows every layer (Mistral); a per-layer pattern (Gemma 2's alternating
-  local and global layers) is to be read here, from `layer`.
-  """
-  del layer  # every layer alike
-  window = int(model_cfg.get('sliding_window', 0) or 0)
-  return ScoreSpec(causal=is_causal(model_cfg), scale=score_scale(head_dim(model_cfg)),
-                   sliding_window=window or None)
+
+def score_spec(model_cfg, layer: int | None = None) -> ScoreSpec:
+  """The spec of attention layer `layer` of `model_cfg`. None: the spec with every feature some layer
+  uses (a local layer's when there is one), which an implementation must apply to run the model."""
+  if layer is None:
+    layer = next((i for i in range(model_cfg.num_layers) if is_local(model_cfg, i)), 0)
+  window = int(model_cfg.sliding_window) if is_local(model_cfg, layer) else None
+  scale = score_scale(int(model_cfg.get('query_scale_dim', 0) or 0) or head_dim(model_cfg))
+  return ScoreSpec(causal=is_causal(model_cfg), scale=scale, sliding_window=window,
+                   logit_softcap=float(model_cfg.get('attn_logit_softcap', 0.0) or 0.0) or None)
 
 
 def layer_specs(model_cfg) -> tuple[ScoreSpec, ...]:
   """The spec of each of the model's layers, in order."""
   return tuple(score_spec(model_cfg, i) for i in range(model_cfg.num_layers))
+
+
+def rope_theta(model_cfg, layer: int) -> float:
+  """The RoPE base of layer `layer`: model.rope_local_theta on local layers when set (Gemma 3), else
+  model.rope_theta."""
+  local = model_cfg.get('rope_local_theta', 0.0)
+  return float(local) if local and is_local(model_cfg, layer) else float(model_cfg.rope_theta)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+  """What distinguishes one layer's attention from another's: its score spec and RoPE base."""
+  spec: ScoreSpec
+  rope_theta: float
+
+
+def layer_kinds(model_cfg) -> tuple[tuple[LayerKind, ...], tuple[int, ...]]:
+  """(the distinct kinds in order of first use, each layer's index into them): a scanned stack picks its
+  layer's kind from the second with `lax.switch`, so one compiled block serves every layer."""
+  kinds, index = [], []
+  for i in range(model_cfg.num_layers):
+    kind = LayerKind(score_spec(model_cfg, i), rope_theta(model_cfg, i))
+    if kind not in kinds:
+      kinds.append(kind)
+    index.append(kinds.index(kind))
+  return tuple(kinds), tuple(index)
 
 
 def resolve(spec: ScoreSpec | None, head_dim_: int, causal: bool | None) -> ScoreSpec:

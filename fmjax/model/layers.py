@@ -32,17 +32,20 @@ def param_with_axes(module: nn.Module, name: str, init, shape: Sequence[int], ax
 
 
 class RMSNorm(nn.Module):
-  """Root-mean-square norm (LLaMA); statistics in fp32."""
+  """Root-mean-square norm (LLaMA); statistics in fp32. `unit_offset` (Gemma): scales by 1 + w, w from 0."""
   eps: float = 1e-5
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  unit_offset: bool = False
 
   @nn.compact
   def __call__(self, x):
-    scale = param_with_axes(self, 'scale', nn.initializers.ones, (x.shape[-1],), ('norm',), self.param_dtype)
+    init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
+    scale = param_with_axes(self, 'scale', init, (x.shape[-1],), ('norm',), self.param_dtype)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+    gain = scale.astype(jnp.float32) + (1.0 if self.unit_offset else 0.0)
+    return (y * gain).astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -65,8 +68,10 @@ class LayerNorm(nn.Module):
 
 def make_norm(cfg, name: str, force: str | None = None) -> nn.Module:
   """The configured norm layer (`force`: 'rmsnorm' or 'layernorm' whatever model.norm says, e.g. qk_norm)."""
-  cls = RMSNorm if (force or cfg.norm) == 'rmsnorm' else LayerNorm
-  return cls(eps=cfg.norm_eps, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), name=name)
+  kw = dict(eps=cfg.norm_eps, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), name=name)
+  if (force or cfg.norm) == 'rmsnorm':
+    return RMSNorm(unit_offset=bool(cfg.get('norm_unit_offset', False)), **kw)
+  return LayerNorm(**kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +178,8 @@ def fused_projections(x, projections: Sequence[Projection], dtype: Dtype):
 
 
 class MLP(nn.Module):
-  """Feed-forward block: SwiGLU (gate * up -> down) or GELU, tanh or erf (up -> down)."""
+  """Feed-forward block: SwiGLU or GeGLU (act(gate) * up -> down; GeGLU's GELU is tanh-approximate) or
+  GELU, tanh or erf (up -> down)."""
   cfg: Any
 
   @nn.compact
@@ -183,9 +189,9 @@ class MLP(nn.Module):
               param_dtype=dtype_of(cfg.param_dtype))
     up = lambda name, **extra: Projection((cfg.d_model,), (cfg.mlp_dim,), ('embed',), ('mlp',), name=name, **kw,
                                           lora=lora_spec(cfg, name), **extra)
-    if cfg.activation == 'swiglu':  # one matmul for both up-projections
+    if cfg.activation in ('swiglu', 'geglu'):  # one matmul for both up-projections
       gate, lin = project(x, up, ('wi_0', 'wi_1'), cfg, kw['dtype'])
-      h = nn.silu(gate) * lin
+      h = (nn.silu(gate) if cfg.activation == 'swiglu' else nn.gelu(gate, approximate=True)) * lin
     else:  # gelu: tanh approximation (GPT-2); gelu_exact: erf (BERT)
       h = nn.gelu(up('wi')(x), approximate=cfg.activation != 'gelu_exact')
     h = checkpoint_name(h, 'mlp_hidden')

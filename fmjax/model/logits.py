@@ -55,10 +55,9 @@ class LogitSpec:
 
 
 def logit_spec(model_cfg) -> LogitSpec:
-  """The logit transform of a model config: the identity for every model today (no config field sets
-  an output scale or a final soft-cap; a family that needs one derives it here)."""
-  del model_cfg
-  return LogitSpec()
+  """The logit transform of a model config: model.final_logit_softcap (Gemma 2), else the identity."""
+  cap = float(model_cfg.get('final_logit_softcap', 0.0) or 0.0) if hasattr(model_cfg, 'get') else 0.0
+  return LogitSpec(softcap=cap or None)
 
 
 def is_encoder(model_cfg) -> bool:

@@ -4,6 +4,7 @@
     Block (pre-norm):  x + Attn(Norm(x)) -> h + MLP(Norm(h))
     Block (post-norm, model.norm_position='post', BERT): Norm(x + Attn(x)) -> Norm(h + MLP(h)); the
     embeddings are normed and there is no final norm.
+    Block (sandwich, Gemma 2/3): x + PostNorm(Attn(Norm(x))) -> h + PostNorm(MLP(Norm(h))).
 
 model.kind='encoder' attends bidirectionally (still never across packed documents or to
 padding) and predicts with an MLM head tied to the embeddings: dense -> GELU -> norm ->
@@ -29,6 +30,7 @@ import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from fmjax.model.attention import Attention
+from fmjax.model.attention_spec import layer_kinds
 from fmjax.model.layers import MLP, dtype_of, make_norm, param_with_axes
 from fmjax.model.logits import final_hidden, is_encoder, output_logits, output_matrix
 
@@ -54,22 +56,32 @@ _RESIDUAL_AXES = ('batch', 'activation_length', 'activation_embed')
 
 
 class Block(nn.Module):
-  """One Transformer block (pre- or post-norm). Returns (x, None) so it can be scanned."""
+  """One Transformer block (pre- or post-norm). Returns (x, None) so it can be scanned.
+
+  `layer` (unrolled) or `kind` (scanned: the layer's index into attention_spec.layer_kinds) tells the
+  attention which kind of layer this is when the model's layers differ (local and global)."""
   cfg: Any
   deterministic: bool = True
   decode: bool = False
+  layer: int | None = None
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids):
+  def __call__(self, x, positions, segment_ids, kind=None):
     cfg = self.cfg
     x = nn.with_logical_constraint(x, _RESIDUAL_AXES)
     drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
-    attn = Attention(cfg, self.decode, name='attn')
-    if cfg.get('norm_position', 'pre') == 'post':
-      h = checkpoint_name(make_norm(cfg, 'attn_norm')(x + drop(attn(x, positions, segment_ids))), 'block_mid')
+    attention = Attention(cfg, self.decode, self.layer, name='attn')
+    attn = lambda y: attention(y, positions, segment_ids, kind)
+    position = cfg.get('norm_position', 'pre')
+    if position == 'post':
+      h = checkpoint_name(make_norm(cfg, 'attn_norm')(x + drop(attn(x))), 'block_mid')
       h = make_norm(cfg, 'mlp_norm')(h + drop(MLP(cfg, name='mlp')(h)))
+    elif position == 'sandwich':
+      h = x + drop(make_norm(cfg, 'attn_post_norm')(attn(make_norm(cfg, 'attn_norm')(x))))
+      h = checkpoint_name(h, 'block_mid')
+      h = h + drop(make_norm(cfg, 'mlp_post_norm')(MLP(cfg, name='mlp')(make_norm(cfg, 'mlp_norm')(h))))
     else:
-      h = checkpoint_name(x + drop(attn(make_norm(cfg, 'attn_norm')(x), positions, segment_ids)), 'block_mid')
+      h = checkpoint_name(x + drop(attn(make_norm(cfg, 'attn_norm')(x))), 'block_mid')
       h = h + drop(MLP(cfg, name='mlp')(make_norm(cfg, 'mlp_norm')(h)))
     self.sow('intermediates', 'residual', h)
     return nn.with_logical_constraint(h, _RESIDUAL_AXES), None
@@ -111,6 +123,8 @@ class Transformer(nn.Module):
     # FSDP: gather the table's embed shards before the lookup (as for any weight before use).
     table = nn.with_logical_constraint(embedding, ('vocab', 'activation_embed'))
     x = jnp.take(table, tokens, axis=0).astype(dtype)                         # (B, T, D)
+    if cfg.get('embed_scale', False):   # Gemma: sqrt(d_model), rounded to the compute dtype as transformers does
+      x = x * jnp.asarray(cfg.d_model ** 0.5, dtype)
     if cfg.positions == 'learned':
       pos_table = param_with_axes(self, 'pos_embedding', nn.initializers.normal(cfg.init_std),
                                   (cfg.max_seq_len + cfg.get('position_offset', 0), cfg.d_model), (None, 'embed'),
@@ -127,15 +141,18 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(x, _RESIDUAL_AXES)
 
     block = block_class(cfg, decode)
-    if cfg.scan_layers:
+    kinds, per_layer = layer_kinds(cfg)
+    if cfg.scan_layers:   # layers of several kinds: each scanned step gets its layer's kind
+      mixed = len(kinds) > 1
       stack = nn.scan(block, variable_axes={'params': 0, 'cache': 0, 'intermediates': 0},
                       split_rngs={'params': True, 'dropout': True},
-                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                      in_axes=(nn.broadcast, nn.broadcast) + ((0,) if mixed else ()), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = stack(cfg, deterministic, decode, name='layers')(x, positions, segment_ids)
+      x, _ = stack(cfg, deterministic, decode, name='layers')(
+          x, positions, segment_ids, *((jnp.asarray(per_layer, jnp.int32),) if mixed else ()))
     else:
       for i in range(cfg.num_layers):
-        x, _ = block(cfg, deterministic, decode, name=f'layers_{i}')(x, positions, segment_ids)
+        x, _ = block(cfg, deterministic, decode, i, name=f'layers_{i}')(x, positions, segment_ids)
 
     if last_only:
       x = x[:, -1:]

@@ -53,7 +53,7 @@ def matmul_params(model_cfg) -> int:
   hd = attention_spec.head_dim(m)
   kv = m.num_kv_heads or m.num_heads
   attn = m.d_model * hd * (2 * m.num_heads + 2 * kv)
-  mlp = m.d_model * m.mlp_dim * (3 if m.activation == 'swiglu' else 2)
+  mlp = m.d_model * m.mlp_dim * (3 if m.activation in ('swiglu', 'geglu') else 2)
   head = m.d_model * m.vocab_size
   if m.get('kind', 'decoder') == 'encoder':
     head += m.d_model * m.d_model  # the MLM head's dense transform

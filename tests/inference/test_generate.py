@@ -29,6 +29,8 @@ def _model(**overrides):
 @pytest.mark.parametrize('overrides', [
     dict(scan_layers=True),                                                    # GQA (4 heads, 2 KV heads)
     dict(scan_layers=False, num_kv_heads=1, positions='learned', remat='full'),  # MQA, learned positions
+    dict(scan_layers=True, sliding_window=2, window_pattern='LG', rope_local_theta=100.0),  # local + global
+    dict(scan_layers=False, sliding_window=3, remat='full'),                 # every layer windowed (Mistral)
 ])
 def test_kv_cache_matches_full_forward_with_padding(overrides):
   model, params = _model(**overrides)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from fmjax.convert.families import register
+from fmjax.convert.families import llama, register
 from fmjax.convert.mapping import ConversionError, Rule, conv1d, fused, identity, linear
 
 NAME = 'gpt2'
@@ -27,6 +27,8 @@ def mismatch(m) -> str | None:
     bad.append(f'model.head_dim={m.head_dim} (GPT-2 needs d_model/num_heads)')
   if m.get('sliding_window', 0):
     bad.append(f'model.sliding_window={m.sliding_window} (GPT-2 attends the whole context)')
+  bad += [f'model.{k}={m.get(k)!r} (need {v!r}: a Gemma feature)' for k, v in llama.GEMMA_DEFAULTS.items()
+          if k != 'norm_position' and m.get(k, v) != v]
   return ', '.join(bad) or None
 
 

@@ -20,6 +20,11 @@ IGNORED = (r'rotary_emb\.inv_freq$',)
 OPTIONAL_PREFIX = ''
 
 
+# Fields of Gemma's block (fmjax/convert/families/gemma.py) at the values that switch them off.
+GEMMA_DEFAULTS = dict(norm_position='pre', norm_unit_offset=False, embed_scale=False, query_scale_dim=0,
+                      attn_logit_softcap=0.0, final_logit_softcap=0.0, window_pattern='', rope_local_theta=0.0)
+
+
 def mismatch(m, attention_bias: bool = False, qk_norm: bool = False, title: str = 'Llama',
              window: bool = True) -> str | None:
   """Why an fmjax model config is not LLaMA-style (with these q/k/v biases and q/k norms; a sliding window
@@ -29,6 +34,8 @@ def mismatch(m, attention_bias: bool = False, qk_norm: bool = False, title: str 
   bad = [f'model.{k}={m.get(k, False)!r} (need {v!r})' for k, v in want.items() if m.get(k, False) != v]
   if not window and m.get('sliding_window', 0):
     bad.append(f'model.sliding_window={m.sliding_window} (need 0: {title} exports have no sliding window here)')
+  bad += [f'model.{k}={m.get(k)!r} (need {v!r}: a Gemma feature)' for k, v in GEMMA_DEFAULTS.items()
+          if m.get(k, v) != v]
   if m.get('kind', 'decoder') != 'decoder':
     bad.append(f"model.kind={m.kind!r} ({title} is a decoder)")
   return ', '.join(bad) or None
