@@ -88,3 +88,14 @@ def fused(parts: int, lead: tuple, shape: tuple):
   return dict(hf_shape=tuple(lead) + (parts * n,),
               to_hf=lambda *xs: np.concatenate([x.reshape(tuple(lead) + (n,)) for x in xs], axis=-1),
               from_hf=lambda w: tuple(p.reshape(tuple(lead) + tuple(shape)) for p in np.split(w, parts, axis=-1)))
+
+
+def stacked_linear(in_shape, out_shapes):
+  """One torch nn.Linear weight whose output rows stack several fmjax kernels ([sum of outs, in]: Phi-3's
+  qkv_proj, q then k then v rows, and gate_up_proj, gate then up) <-> fmjax kernels in_shape + out_shape each."""
+  n_in, sizes = math.prod(in_shape), [math.prod(s) for s in out_shapes]
+  cuts = np.cumsum(sizes)[:-1]
+  return dict(hf_shape=(sum(sizes), n_in),
+              to_hf=lambda *ks: np.concatenate([k.reshape(n_in, n).T for k, n in zip(ks, sizes)], axis=0),
+              from_hf=lambda w: tuple(p.T.reshape(tuple(in_shape) + tuple(s))
+                                      for p, s in zip(np.split(w, cuts, axis=0), out_shapes)))
