@@ -14,7 +14,8 @@ _WARNED: set[str] = set()
 _CHOICES = {
     'model.kind': ('decoder', 'encoder'),
     'model.activation': ('swiglu', 'geglu', 'gelu', 'gelu_exact'),
-    'model.norm_position': ('pre', 'post', 'sandwich'),
+    'model.norm_position': ('pre', 'post', 'sandwich', 'after'),
+    'model.qk_norm_scope': ('head', 'all'),
     'model.norm': ('rmsnorm', 'layernorm'),
     'model.positions': ('rope', 'learned'),
     'model.rope_scaling': ('none', 'linear', 'llama3'),

@@ -27,7 +27,8 @@ MODEL = dict(   # a LLaMA-style decoder by default; kind='encoder' for BERT-styl
     norm=field('rmsnorm', SHAPE, 'rmsnorm | layernorm'),
     norm_position=field('pre', SHAPE, 'pre (norm before attention/MLP) | post (BERT: after each residual add, a '
                                       'norm on the embeddings, no final norm) | sandwich (Gemma 2/3: pre and post '
-                                      'norms around attention and MLP)'),
+                                      'norms around attention and MLP) | after (OLMo 2: a norm on the attention '
+                                      'and MLP outputs before each residual add, none before; a final norm)'),
     norm_unit_offset=field(False, FUNCTION, 'RMSNorm scales by (1 + w), w starting at 0 (Gemma)'),
     embed_scale=field(False, FUNCTION, 'multiply the token embeddings by sqrt(d_model) (Gemma)'),
     type_vocab_size=field(0, SHAPE, '> 0: token-type (segment) embeddings, all type 0 unless given (BERT: 2)'),
@@ -46,6 +47,8 @@ MODEL = dict(   # a LLaMA-style decoder by default; kind='encoder' for BERT-styl
                                        'every projection'),
     qk_norm=field(False, SHAPE, 'RMSNorm over head_dim of q and of k, per head, before RoPE (Qwen3): learned '
                                 'attn/q_norm, attn/k_norm scales, eps model.norm_eps'),
+    qk_norm_scope=field('head', SHAPE, "with qk_norm: 'head' (each head over head_dim: Qwen3, Gemma 3) | 'all' "
+                                       '(OLMo 2: q over all heads, scale num_heads * head_dim; k likewise)'),
     sliding_window=field(0, FUNCTION, 'causal local layers attend the query and the W - 1 keys before it; '
                                       '0 = the whole context'),
     window_pattern=field('', FUNCTION, "which layers are local: '' = all (Mistral), else L (local) / G (global) "

@@ -310,7 +310,11 @@ class Attention(nn.Module):
     else:
       q = proj('q', h, 'heads')(x)
       k, v = project(x, lambda n, **extra: proj(n, kh, 'kv_heads', **extra), 'kv', cfg, kw['dtype'])
-    if cfg.get('qk_norm', False):   # Qwen3: RMSNorm of each head's q and k over head_dim, before RoPE
+    if cfg.get('qk_norm', False) and cfg.get('qk_norm_scope', 'head') == 'all':
+      # OLMo 2: one RMSNorm over all heads of q (scale H * D) and one over all of k (K * D), before RoPE
+      joint = lambda name, a: make_norm(cfg, name, force='rmsnorm')(a.reshape(a.shape[:2] + (-1,))).reshape(a.shape)
+      q, k = joint('q_norm', q), joint('k_norm', k)
+    elif cfg.get('qk_norm', False):   # Qwen3: RMSNorm of each head's q and k over head_dim, before RoPE
       q = make_norm(cfg, 'q_norm', force='rmsnorm')(q)
       k = make_norm(cfg, 'k_norm', force='rmsnorm')(k)
     if cfg.positions == 'rope':

@@ -5,6 +5,7 @@
     Block (post-norm, model.norm_position='post', BERT): Norm(x + Attn(x)) -> Norm(h + MLP(h)); the
     embeddings are normed and there is no final norm.
     Block (sandwich, Gemma 2/3): x + PostNorm(Attn(Norm(x))) -> h + PostNorm(MLP(Norm(h))).
+    Block (after, OLMo 2): x + PostNorm(Attn(x)) -> h + PostNorm(MLP(h)) (no pre-norms; a final norm).
 
 model.kind='encoder' attends bidirectionally (still never across packed documents or to
 padding) and predicts with an MLM head tied to the embeddings: dense -> GELU -> norm ->
@@ -56,7 +57,8 @@ _RESIDUAL_AXES = ('batch', 'activation_length', 'activation_embed')
 
 
 class Block(nn.Module):
-  """One Transformer block (pre- or post-norm). Returns (x, None) so it can be scanned.
+  """One Transformer block (pre-, post-, sandwich or after-norm: model.norm_position). Returns (x, None) so it
+  can be scanned.
 
   `layer` (unrolled) or `kind` (scanned: the layer's index into attention_spec.layer_kinds) tells the
   attention which kind of layer this is when the model's layers differ (local and global)."""
@@ -80,6 +82,9 @@ class Block(nn.Module):
       h = x + drop(make_norm(cfg, 'attn_post_norm')(attn(make_norm(cfg, 'attn_norm')(x))))
       h = checkpoint_name(h, 'block_mid')
       h = h + drop(make_norm(cfg, 'mlp_post_norm')(MLP(cfg, name='mlp')(make_norm(cfg, 'mlp_norm')(h))))
+    elif position == 'after':   # OLMo 2: each sublayer's output normed before its residual add
+      h = checkpoint_name(x + drop(make_norm(cfg, 'attn_post_norm')(attn(x))), 'block_mid')
+      h = h + drop(make_norm(cfg, 'mlp_post_norm')(MLP(cfg, name='mlp')(h)))
     else:
       h = checkpoint_name(x + drop(attn(make_norm(cfg, 'attn_norm')(x))), 'block_mid')
       h = h + drop(MLP(cfg, name='mlp')(make_norm(cfg, 'mlp_norm')(h)))

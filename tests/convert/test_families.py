@@ -8,17 +8,17 @@ import pytest
 from fmjax import cli
 from fmjax.convert import ConversionError, families
 from fmjax.convert.cli import build_parser
-from fmjax.convert.families import bert, gemma, gpt2, llama, phi3, qwen2, qwen3
+from fmjax.convert.families import bert, gemma, gpt2, llama, olmo2, phi3, qwen2, qwen3
 
 
 def test_every_family_module_registers_its_model_types():
-  assert set(families.registered()) == {bert.BERT, bert.ROBERTA, gemma.Gemma2, gemma.Gemma3, gpt2, llama, phi3, qwen2,
-                                       qwen3}
-  assert sorted(families.model_types()) == ['bert', 'gemma2', 'gemma3_text', 'gpt2', 'llama', 'mistral', 'phi3',
-                                            'qwen2', 'qwen3', 'roberta']
+  assert set(families.registered()) == {bert.BERT, bert.ROBERTA, gemma.Gemma2, gemma.Gemma3, gpt2, llama, olmo2,
+                                       phi3, qwen2, qwen3}
+  assert sorted(families.model_types()) == ['bert', 'gemma2', 'gemma3_text', 'gpt2', 'llama', 'mistral', 'olmo2',
+                                            'phi3', 'qwen2', 'qwen3', 'roberta']
   for model_type, fam in [('llama', llama), ('mistral', llama), ('gpt2', gpt2), ('bert', bert.BERT),
                           ('roberta', bert.ROBERTA), ('qwen2', qwen2), ('qwen3', qwen3), ('gemma2', gemma.Gemma2),
-                          ('gemma3_text', gemma.Gemma3), ('phi3', phi3)]:
+                          ('gemma3_text', gemma.Gemma3), ('olmo2', olmo2), ('phi3', phi3)]:
     assert families.family_for(model_type) is fam
     assert families.by_name(fam.NAME) is fam
   assert families.model_type_of({'architectures': ['RobertaForMaskedLM']}) == 'roberta'
@@ -31,8 +31,8 @@ def test_an_unknown_model_type_is_one_line_naming_the_registered_ones():
   message = str(err.value)
   assert '\n' not in message and "model_type='opt'" in message
   assert all(t in message for t in families.model_types())
-  with pytest.raises(ConversionError, match="--family 'opt': expected one of gemma2, gemma3, bert, roberta, gpt2, "
-                                            "llama, phi3, qwen2, qwen3$"):
+  with pytest.raises(ConversionError, match="--family 'opt': expected one of bert, roberta, gemma2, gemma3, gpt2, "
+                                            "llama, olmo2, phi3, qwen2, qwen3$"):
     families.by_name('opt')
 
 
@@ -55,9 +55,10 @@ def test_help_lists_every_registered_family(capsys):
   with pytest.raises(SystemExit):
     parser.parse_args(['--help'])
   text = ' '.join(capsys.readouterr().out.split())
-  for title in ('BERT', 'RoBERTa', 'GPT-2', 'Llama', 'Mistral', 'Qwen2', 'Qwen3', 'Gemma 2', 'Gemma 3', 'Phi-3',
+  for title in ('BERT', 'RoBERTa', 'GPT-2', 'Llama', 'Mistral', 'Qwen2', 'Qwen3', 'Gemma 2', 'Gemma 3', 'OLMo 2',
+                'Phi-3',
                 'BertForMaskedLM', 'RobertaForMaskedLM'):
     assert title in text, title
   assert parser.parse_args(['to-hf', '--workdir', 'w', '--out', 'o', '--family', 'roberta']).family == 'roberta'
-  with pytest.raises(cli.UsageError, match="--family: invalid choice: 'opt' .*'bert', 'roberta', 'gpt2', 'llama', 'phi3'"):
+  with pytest.raises(cli.UsageError, match="--family: invalid choice: 'opt' .*'bert', 'roberta', 'gemma2', 'gemma3', 'gpt2', 'llama', 'olmo2', 'phi3'"):
     parser.parse_args(['to-hf', '--workdir', 'w', '--out', 'o', '--family', 'opt'])

@@ -47,8 +47,10 @@ def register(family):
 
 
 def _module_name(family) -> str:
-  """The module that defines `family` (a module itself, or an instance of a class of one)."""
-  return getattr(family, '__name__', None) if hasattr(family, '__file__') else type(family).__module__
+  """The module that defines `family` (a module itself, a class, or an instance of a class of one)."""
+  if hasattr(family, '__file__'):
+    return family.__name__
+  return family.__module__ if isinstance(family, type) else type(family).__module__
 
 
 def registered() -> tuple:

@@ -53,6 +53,8 @@ def _mismatch(m, title: str, qk_norm: bool) -> str | None:
     bad.append(f'model.rope_local_theta={m.rope_local_theta} ({title} has one RoPE base)')
   if qk_norm and (m.get('attn_logit_softcap', 0.0) or m.get('final_logit_softcap', 0.0)):
     bad.append(f'model soft-caps ({title} has none)')
+  if m.get('qk_norm_scope', 'head') != 'head':
+    bad.append(f"model.qk_norm_scope={m.qk_norm_scope!r} (need 'head': {title} norms q and k per head)")
   return ', '.join(bad) or None
 
 

@@ -20,9 +20,19 @@ IGNORED = (r'rotary_emb\.inv_freq$',)
 OPTIONAL_PREFIX = ''
 
 
-# Fields of Gemma's block (fmjax/convert/families/gemma.py) at the values that switch them off.
-GEMMA_DEFAULTS = dict(norm_position='pre', norm_unit_offset=False, embed_scale=False, query_scale_dim=0,
-                      attn_logit_softcap=0.0, final_logit_softcap=0.0, window_pattern='', rope_local_theta=0.0)
+# Fields of Gemma's block (gemma.py) and OLMo 2's (olmo2.py) at the values that switch them off, with the
+# families that switch them on: a Llama-layout export (Llama, Mistral, Qwen2, Qwen3) needs every one off.
+FEATURES_OFF = dict(norm_position=('pre', 'Gemma or OLMo 2'), norm_unit_offset=(False, 'Gemma'),
+                    embed_scale=(False, 'Gemma'), query_scale_dim=(0, 'Gemma'), attn_logit_softcap=(0.0, 'Gemma'),
+                    final_logit_softcap=(0.0, 'Gemma'), window_pattern=('', 'Gemma'), rope_local_theta=(0.0, 'Gemma'),
+                    qk_norm_scope=('head', 'OLMo 2'))
+GEMMA_DEFAULTS = {k: off for k, (off, who) in FEATURES_OFF.items() if 'Gemma' in who}
+
+
+def features_on(m, allowed=()) -> list[str]:
+  """One phrase per field of FEATURES_OFF (but `allowed`) that `m` switches on."""
+  return [f'model.{k}={m.get(k)!r} (need {off!r}: a {who} feature)' for k, (off, who) in FEATURES_OFF.items()
+          if k not in allowed and m.get(k, off) != off]
 
 
 def mismatch(m, attention_bias: bool = False, qk_norm: bool = False, title: str = 'Llama',
@@ -34,8 +44,7 @@ def mismatch(m, attention_bias: bool = False, qk_norm: bool = False, title: str 
   bad = [f'model.{k}={m.get(k, False)!r} (need {v!r})' for k, v in want.items() if m.get(k, False) != v]
   if not window and m.get('sliding_window', 0):
     bad.append(f'model.sliding_window={m.sliding_window} (need 0: {title} exports have no sliding window here)')
-  bad += [f'model.{k}={m.get(k)!r} (need {v!r}: a Gemma feature)' for k, v in GEMMA_DEFAULTS.items()
-          if m.get(k, v) != v]
+  bad += features_on(m)
   if m.get('kind', 'decoder') != 'decoder':
     bad.append(f"model.kind={m.kind!r} ({title} is a decoder)")
   return ', '.join(bad) or None
