@@ -57,10 +57,11 @@ def params_dtype(params) -> str:
   return 'bfloat16' if any(jnp.dtype(x.dtype) == jnp.bfloat16 for x in jax.tree.leaves(params)) else 'float32'
 
 
-def fmjax_logits(params, model_cfg, tokens) -> np.ndarray:
-  """fp32 logits of an fmjax params tree (cast to fp32 for the comparison)."""
+def fmjax_logits(params, model_cfg, tokens, attention: str = 'xla') -> np.ndarray:
+  """fp32 logits of an fmjax params tree (cast to fp32 for the comparison), with `attention` (an
+  implementation that runs on this backend: xla, dense, chunked)."""
   cfg = model_cfg.copy_and_resolve_references()
-  cfg.dtype, cfg.param_dtype, cfg.attention, cfg.remat = 'float32', 'float32', 'xla', 'none'
+  cfg.dtype, cfg.param_dtype, cfg.attention, cfg.remat = 'float32', 'float32', attention, 'none'
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
   apply = jax.jit(lambda p, t: Transformer(cfg).apply({'params': p}, t))
   return np.asarray(apply(params, jnp.asarray(tokens)), np.float32)

@@ -60,5 +60,6 @@ def test_help_lists_every_registered_family(capsys):
                 'BertForMaskedLM', 'RobertaForMaskedLM'):
     assert title in text, title
   assert parser.parse_args(['to-hf', '--workdir', 'w', '--out', 'o', '--family', 'roberta']).family == 'roberta'
-  with pytest.raises(cli.UsageError, match="--family: invalid choice: 'opt' .*'bert', 'roberta', 'gemma2', 'gemma3', 'gpt2', 'llama', 'olmo2', 'phi3'"):
+  with pytest.raises(cli.UsageError, match="--family: invalid choice: 'opt' .*'bert', 'roberta', 'gemma2', 'gemma3', "
+                                           "'gpt2', 'llama', 'olmo2', 'phi3'"):
     parser.parse_args(['to-hf', '--workdir', 'w', '--out', 'o', '--family', 'opt'])

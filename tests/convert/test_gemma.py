@@ -28,7 +28,8 @@ CASES = {
     'gemma2': (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
                dict(num_hidden_layers=4, rope_theta=500.0, attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
     'gemma3': (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
-               dict(num_hidden_layers=7, layer_types=['sliding_attention'] * 5 + ['full_attention', 'sliding_attention'],
+               dict(num_hidden_layers=7,
+                    layer_types=['sliding_attention'] * 5 + ['full_attention', 'sliding_attention'],
                     rope_parameters={'full_attention': dict(rope_type='default', rope_theta=1000.0),
                                      'sliding_attention': dict(rope_type='default', rope_theta=50.0)})),
 }
@@ -73,7 +74,7 @@ def test_import_matches_transformers_under_each_implementation(imported, name):
   for attention in ('xla', 'dense', 'chunked'):
     cfg = m.copy_and_resolve_references()
     cfg.update(dict(attention=attention, attention_chunk=4))
-    diff = np.abs(verify.fmjax_logits(out['params'], cfg, tokens) - want).max()
+    diff = np.abs(verify.fmjax_logits(out['params'], cfg, tokens, attention=attention) - want).max()
     print(f'{name}: attention={attention}: max abs diff {diff:.3g}')
     assert diff < 1e-4, (attention, diff)
   for feature in (dict(window_pattern=''), dict(sliding_window=0, window_pattern=''), dict(embed_scale=False),

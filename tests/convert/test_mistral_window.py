@@ -54,12 +54,12 @@ def test_windowed_logits_match_transformers(mistral, attention):
   want = _hf_logits(model, tokens)
   windowed = m.copy_and_resolve_references()
   windowed.update(dict(attention=attention, attention_chunk=4))   # chunks of 4: blocks outside the window skip
-  diff = np.abs(verify.fmjax_logits(out['params'], windowed, tokens) - want).max()
+  diff = np.abs(verify.fmjax_logits(out['params'], windowed, tokens, attention=attention) - want).max()
   print(f'mistral, window {WINDOW}, {T} tokens, attention={attention}: max abs diff {diff:.3g}')
   assert diff < 1e-4, diff
   full = windowed.copy_and_resolve_references()
   full.sliding_window = 0
-  assert np.abs(verify.fmjax_logits(out['params'], full, tokens) - want).max() > 1e-2   # the window matters
+  assert np.abs(verify.fmjax_logits(out['params'], full, tokens, attention=attention) - want).max() > 1e-2   # the window
 
 
 def test_greedy_decoding_past_the_window_matches_transformers(mistral):

@@ -82,7 +82,8 @@ def _options(hf: dict, title: str) -> dict:
     raise ConversionError(f'config.json: sliding_window={window!r} must be a positive integer')
   scalar = hf.get('query_pre_attn_scalar', hd)
   return dict(
-      vocab_size=hf['vocab_size'], d_model=d, num_layers=n, num_heads=h, num_kv_heads=hf.get('num_key_value_heads') or h,
+      vocab_size=hf['vocab_size'], d_model=d, num_layers=n, num_heads=h,
+      num_kv_heads=hf.get('num_key_value_heads') or h,
       head_dim=0 if hd * h == d else hd, mlp_dim=hf['intermediate_size'], max_seq_len=n_pos, activation='geglu',
       norm='rmsnorm', norm_eps=float(hf.get('rms_norm_eps', 1e-6)), norm_position='sandwich', norm_unit_offset=True,
       embed_scale=True, positions='rope', use_bias=False, tie_embeddings=True, sliding_window=window,
@@ -169,7 +170,8 @@ class Gemma3:
       if hf.get(key):
         raise ConversionError(f'config.json: {key}={hf[key]!r}: fmjax Gemma 3 has no soft-caps (as transformers)')
     if hf.get('rope_scaling'):
-      raise ConversionError(f'config.json: rope_scaling={hf["rope_scaling"]!r}: fmjax Gemma 3 supports default RoPE only')
+      raise ConversionError(f'config.json: rope_scaling={hf["rope_scaling"]!r}: fmjax Gemma 3 supports default RoPE '
+                            'only')
     params = hf.get('rope_parameters') or {}
     if 'full_attention' in params or 'sliding_attention' in params:
       theta = _rope_theta(params.get('full_attention', {}), 'full_attention')
