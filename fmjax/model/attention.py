@@ -127,19 +127,21 @@ def dense_attention(q, k, v, q_seg, kv_seg, q_index=None, kv_index=None, block: 
                    and t >= 2 * block)
   q_index = jnp.arange(t) if q_index is None else q_index
   kv_index = jnp.arange(s) if kv_index is None else kv_index
-  mask = visible(spec, q_index, kv_index, q_seg, kv_seg)[:, None, None]  # (B, 1, 1, T, S)
+  mask_of = lambda rows, keys: visible(spec, q_index[rows], kv_index[keys], q_seg[:, rows],
+                                      kv_seg[:, keys])[:, None, None]   # (B, 1, 1, rows, keys)
   qg = q.reshape(b, t, kh, h // kh, d).transpose(0, 2, 3, 1, 4)       # (B, K, G, T, D)
   kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)           # (B, K, S, D)
   core = lambda q_, k_, v_, m_: _dense_core(q_, k_, v_, m_, spec.scale, spec.logit_softcap)
-  if causal_blocks:
+  if causal_blocks:   # each block's mask made for its own rows and keys: nothing of size T x S
     outs = []
     for i in range(t // block):
       first = 0 if spec.sliding_window is None else max(0, i * block - spec.sliding_window + 1) // block * block
       rows, keys = slice(i * block, (i + 1) * block), slice(first, (i + 1) * block)
-      outs.append(core(qg[:, :, :, rows], kt[:, :, keys], vt[:, :, keys], mask[..., rows, keys]))
+      outs.append(core(qg[:, :, :, rows], kt[:, :, keys], vt[:, :, keys], mask_of(rows, keys)))
     out = jnp.concatenate(outs, axis=3)
   else:
-    out = core(qg, kt, vt, mask)
+    everything = slice(None)
+    out = core(qg, kt, vt, mask_of(everything, everything))
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
@@ -147,8 +149,9 @@ def chunked_attention(q, k, v, q_seg, kv_seg, chunk: int = 128, causal: bool | N
                       spec: ScoreSpec | None = None):
   """Memory-efficient attention: online softmax over key blocks, one query block at a time.
 
-  Never materialises the (T, S) score matrix; when causal, blocks wholly above the diagonal (or
-  wholly before a sliding window) are skipped.
+  Never materialises the (T, S) score matrix; when causal, blocks wholly above the diagonal are
+  skipped, and under a sliding window W each query block visits only the ceil((W - 1) / chunk) + 1 key
+  blocks its window can reach, so a local layer costs O(T * W).
   """
   b, t, h, d = q.shape
   kh = k.shape[2]
@@ -175,31 +178,37 @@ def chunked_attention(q, k, v, q_seg, kv_seg, chunk: int = 128, causal: bool | N
     init = (jnp.full((b, kh, g, c), _NEG, jnp.float32), jnp.zeros((b, kh, g, c), jnp.float32),
             jnp.zeros((b, kh, g, c, d), jnp.float32))
 
+    def update(carry, j, kj, vj, ksj):
+      m, l, acc = carry
+      s = jnp.einsum('bqkgd,bskd->bkgqs', qi, kj, preferred_element_type=jnp.float32) * spec.scale
+      s = cap_scores(spec, s)
+      mask = visible(spec, i * c + local, j * c + local, qsi, ksj)[:, None, None]
+      s = jnp.where(mask, s, _NEG)
+      m_new = jnp.maximum(m, s.max(-1))
+      p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+      corr = jnp.exp(m - m_new)
+      l = l * corr + p.sum(-1)
+      acc = acc * corr[..., None] + jnp.einsum('bkgqs,bskd->bkgqd', p.astype(vj.dtype), vj,
+                                               preferred_element_type=jnp.float32)
+      return m_new, l, acc
+
     def kv_step(carry, kv_args):
       j, kj, vj, ksj = kv_args
-
-      def update(carry):
-        m, l, acc = carry
-        s = jnp.einsum('bqkgd,bskd->bkgqs', qi, kj, preferred_element_type=jnp.float32) * spec.scale
-        s = cap_scores(spec, s)
-        mask = visible(spec, i * c + local, j * c + local, qsi, ksj)[:, None, None]
-        s = jnp.where(mask, s, _NEG)
-        m_new = jnp.maximum(m, s.max(-1))
-        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-        corr = jnp.exp(m - m_new)
-        l = l * corr + p.sum(-1)
-        acc = acc * corr[..., None] + jnp.einsum('bkgqs,bskd->bkgqd', p.astype(vj.dtype), vj,
-                                                 preferred_element_type=jnp.float32)
-        return m_new, l, acc
-
       if not spec.causal:
-        return update(carry), None
-      needed = j <= i
-      if spec.sliding_window is not None:  # the block's last key within the window of its first query
-        needed = needed & ((i - j) * c - (c - 1) < spec.sliding_window)
-      return jax.lax.cond(needed, update, lambda c_: c_, carry), None
+        return update(carry, j, kj, vj, ksj), None
+      return jax.lax.cond(j <= i, lambda c_: update(c_, j, kj, vj, ksj), lambda c_: c_, carry), None
 
-    (m, l, acc), _ = jax.lax.scan(kv_step, init, (jnp.arange(n), kb, vb, ks))
+    def window_step(carry, back):
+      """Key block i - back: the window's blocks only (a static count), those before the row skipped."""
+      j = i - back
+      jc = jnp.maximum(j, 0)
+      return jax.lax.cond(j >= 0, lambda c_: update(c_, jc, kb[jc], vb[jc], ks[jc]), lambda c_: c_, carry), None
+
+    if spec.causal and spec.sliding_window is not None:   # O(T * W): only the blocks a window reaches
+      reach = min(n, -(-(spec.sliding_window - 1) // c) + 1)
+      (m, l, acc), _ = jax.lax.scan(window_step, init, jnp.arange(reach - 1, -1, -1))
+    else:
+      (m, l, acc), _ = jax.lax.scan(kv_step, init, (jnp.arange(n), kb, vb, ks))
     out = acc / jnp.maximum(l, 1e-30)[..., None]                    # (B, K, G, C, D)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, c, h, d).astype(q.dtype)
 
