@@ -74,3 +74,16 @@ def make_llama3(path):
   model = _perturb(transformers.LlamaForCausalLM(cfg), 0.2)
   model.save_pretrained(path, safe_serialization=True)
   return model
+
+
+def verify_import(hf_dir, out_dir, capsys, window: int) -> str:
+  """`fmjax-convert from-hf --verify` of `hf_dir` (byte tokenizer): passes against transformers in float64
+  on rows at least 3 windows long; returns its verify line."""
+  from fmjax.convert.cli import main as convert_main  # pylint: disable=import-outside-toplevel
+  capsys.readouterr()
+  assert convert_main(['from-hf', '--hf-dir', str(hf_dir), '--out', str(out_dir), '--tokenizer', 'byte',
+                       '--verify']) == 0
+  line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith('verify: '))
+  tokens = int(line.rsplit(' tokens', 1)[0].rsplit('x', 1)[1])
+  assert tokens >= 3 * window, line
+  return line

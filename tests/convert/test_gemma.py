@@ -18,7 +18,7 @@ from fmjax.convert import ConversionError, driver, families, source, verify  # n
 from fmjax.convert.families import gemma, llama  # noqa: E402
 from fmjax.inference import generate as generate_lib  # noqa: E402
 from helpers import assert_same_tree  # noqa: E402
-from hf_models import save_perturbed  # noqa: E402
+from hf_models import save_perturbed, verify_import  # noqa: E402
 
 WINDOW, T = 4, 24
 COMMON = dict(vocab_size=264, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -82,6 +82,12 @@ def test_import_matches_transformers_under_each_implementation(imported, name):
     cfg = m.copy_and_resolve_references()
     cfg.update(feature)
     assert np.abs(verify.fmjax_logits(out['params'], cfg, tokens) - want).max() > 1e-3, feature   # each one bites
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_from_hf_verify_passes_against_float64_past_the_window(imported, name, tmp_path, capsys):
+  _, base, _ = imported(name)
+  print(verify_import(base / 'hf', tmp_path / 'v', capsys, WINDOW))
 
 
 @pytest.mark.parametrize('name', list(CASES))

@@ -20,7 +20,7 @@ from fmjax.convert.families import llama  # noqa: E402
 from fmjax.inference import generate as generate_lib  # noqa: E402
 from fmjax.model import attention_spec  # noqa: E402
 from helpers import assert_same_tree  # noqa: E402
-from hf_models import save_perturbed  # noqa: E402
+from hf_models import save_perturbed, verify_import  # noqa: E402
 
 WINDOW, T = 8, 32
 
@@ -60,6 +60,11 @@ def test_windowed_logits_match_transformers(mistral, attention):
   full = windowed.copy_and_resolve_references()
   full.sliding_window = 0
   assert np.abs(verify.fmjax_logits(out['params'], full, tokens, attention=attention) - want).max() > 1e-2   # the window
+
+
+def test_from_hf_verify_passes_against_float64_past_the_window(mistral, tmp_path, capsys):
+  _, base, _ = mistral
+  print(verify_import(base / 'hf', tmp_path / 'v', capsys, WINDOW))
 
 
 def test_greedy_decoding_past_the_window_matches_transformers(mistral):

@@ -22,7 +22,7 @@ from fmjax.convert.families import gemma, llama, olmo2, qwen3  # noqa: E402
 from fmjax.inference import generate as generate_lib  # noqa: E402
 from fmjax.model.transformer import Transformer  # noqa: E402
 from helpers import assert_same_tree  # noqa: E402
-from hf_models import save_perturbed  # noqa: E402
+from hf_models import save_perturbed, verify_import  # noqa: E402
 
 T = 24
 # rope_theta=500 over 24 positions: RoPE rotates q and k a lot, so q/k norms after RoPE would not match.
@@ -159,3 +159,8 @@ def test_an_olmo2_model_is_exported_as_no_other_family():
     other = base_config().model
     other.update(feature)
     assert llama.mismatch(other) and qwen3.mismatch(other) and gemma.Gemma3.mismatch(other), feature
+
+
+def test_from_hf_verify_passes_against_float64(imported, tmp_path, capsys):
+  _, base, _ = imported('olmo2')
+  print(verify_import(base / 'hf', tmp_path / 'v', capsys, 0))

@@ -19,7 +19,7 @@ from fmjax.convert import ConversionError, driver, families, source, verify  # n
 from fmjax.convert.families import llama, phi3, qwen2  # noqa: E402
 from fmjax.inference import generate as generate_lib  # noqa: E402
 from helpers import assert_same_tree, tiny_config  # noqa: E402
-from hf_models import save_perturbed  # noqa: E402
+from hf_models import save_perturbed, verify_import  # noqa: E402
 
 WINDOW, T = 8, 32
 COMMON = dict(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -183,3 +183,9 @@ def test_the_command_line_refuses_longrope_in_one_line(imported, tmp_path, capsy
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "rope_parameters.rope_type='longrope'" in err, err
   assert not os.path.exists(tmp_path / 'out')
+
+
+@pytest.mark.parametrize('name', ['window', 'full'])
+def test_from_hf_verify_passes_against_float64(imported, name, tmp_path, capsys):
+  _, base, _ = imported(name)
+  print(verify_import(base / 'hf', tmp_path / 'v', capsys, WINDOW if name == 'window' else 0))

@@ -172,3 +172,39 @@ def test_llama_1b_trains_int8_on_the_slice(name):
   assert 0 < mem.argument_size_in_bytes + mem.temp_size_in_bytes < metrics.ACCELERATORS[kind].hbm_gib * 2**30
   print(f'{name}: {_int8_dots(run.train_step)} int8 matmuls; arguments {mem.argument_size_in_bytes / 2**30:.2f} '
         f'GiB, temporaries {mem.temp_size_in_bytes / 2**30:.2f} GiB per chip')
+
+
+# The presets of the 2026 families, each compiled as shipped (its batch, sequence and microbatches) for a
+# TPU slice. A compile takes 70-170 s on a 2-core CPU, so CI compiles the two whose attention is new
+# (Gemma's local layers, Gemma 2's soft-cap), one per slice; FMJAX_TEST_ALL_PRESET_SLICES=1 compiles every
+# preset for both slices.
+PRESET_SLICES = [('gemma3_1b', 'v5p-8'), ('gemma2_2b', 'v6e-8'), ('qwen3_0_6b', 'v6e-8'), ('qwen2_5_1_5b', 'v5p-8'),
+                 ('qwen3_0_6b', 'v5p-8'), ('qwen2_5_1_5b', 'v6e-8'), ('gemma3_1b', 'v6e-8'), ('gemma2_2b', 'v5p-8')]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('preset,name', PRESET_SLICES, ids=[f'{p}-{n}' for p, n in PRESET_SLICES])
+def test_family_presets_compile_with_splash_and_fit(preset, name):
+  """The preset's real shapes: splash forward and backward in the compiled step (Gemma's local layers
+  with the local mask, Gemma 2's soft-cap in the kernel), the state sharded over the slice, and the
+  step within the chip's memory; the FLOP count has each local layer attend its window."""
+  import os
+  from fmjax import cli, config as config_lib
+  from fmjax.model import attention_spec
+  if PRESET_SLICES.index((preset, name)) >= 2 and os.environ.get('FMJAX_TEST_ALL_PRESET_SLICES') != '1':
+    pytest.skip('the other presets and slices compile with FMJAX_TEST_ALL_PRESET_SLICES=1')
+  kind, chips = plan.parse_topology(name)
+  cfg = config_lib.resolve(cli.config_path(preset), [])
+  run = build.build_lm_run(cfg, shd.make_mesh(cfg.mesh, plan.tpu_devices(name)))
+  found = kernels(run.train_step)
+  assert {k for k in SPLASH_KERNELS if any(f.startswith(k) for f in found)} == set(SPLASH_KERNELS), found
+  mem = run.train_step.memory_analysis()
+  used = mem.argument_size_in_bytes + mem.temp_size_in_bytes
+  assert 0 < used < metrics.ACCELERATORS[kind].hbm_gib * 2**30
+  m, t = cfg.model, cfg.seq_len
+  local = sum(attention_spec.is_local(m, i) for i in range(m.num_layers))
+  w = min(m.sliding_window or t, t)
+  keys = local * (w * (w + 1) / 2 + (t - w) * w) / t + (m.num_layers - local) * (t + 1) / 2
+  assert metrics.attended_keys(m, t) == pytest.approx(keys)
+  print(f'{preset} on {name}: {used / 2**30:.1f} GiB per chip of {metrics.ACCELERATORS[kind].hbm_gib}; '
+        f'{local} local layers; {metrics.flops_per_token(m, t):.3g} FLOPs per token')
