@@ -102,9 +102,9 @@ def test_imported_family_trains_finetunes_evaluates_and_generates(kind, tmp_path
   # A classification fine-tune takes the whole model from the checkpoint.
   assert finetune_main(finetune_argv(str(fm), tmp_path / 'ft', tmp_path)) == 0
 
-  # Greedy decoding of the imported model equals transformers', 40 tokens, past Gemma's window of 16.
+  # Greedy decoding of the imported model equals transformers', 64 tokens, past Gemma's window of 16.
   prompts = [' '.join(corpus(3, seed)).replace('\n', ' ')[:60 + 20 * seed] for seed in (0, 1)]
-  gen = generate_lib.generate(restored, prompts, max_new_tokens=40)
+  gen = generate_lib.generate(restored, prompts, max_new_tokens=64)
   for ids, out in zip(gen.prompt_tokens, gen.tokens):
     assert len(ids) + len(out) > 3 * 16
-    assert out == hf_greedy(model, ids, 40)[:len(out)] and len(out) >= 20, (len(out), out)
+    assert out == hf_greedy(model, ids, 64)[:len(out)] and len(out) >= 32, (len(out), out)

@@ -94,12 +94,12 @@ def test_from_hf_verify_passes_against_float64_past_the_window(imported, name, t
 def test_greedy_decoding_past_the_window_matches_transformers(imported, name):
   model, base, _ = imported(name)
   restored = restore.restore(str(base / 'fm'))
-  gen = generate_lib.generate(restored, ['the quick'], max_new_tokens=24)
+  gen = generate_lib.generate(restored, ['the quick'], max_new_tokens=64)
   ids = gen.prompt_tokens[0]
   with torch.no_grad():
     want = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                          max_new_tokens=24, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
-  assert len(ids) + 24 > 6 * WINDOW and gen.tokens[0] == want
+                          max_new_tokens=64, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
+  assert len(ids) + 64 > 6 * WINDOW and gen.tokens[0] == want
 
 
 @pytest.mark.parametrize('name', list(CASES))

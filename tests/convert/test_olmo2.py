@@ -94,12 +94,12 @@ def test_import_matches_transformers_under_each_implementation(imported, name):
 def test_greedy_decoding_matches_transformers(imported):
   model, base, _ = imported('olmo2')
   restored = restore.restore(str(base / 'fm'))
-  gen = generate_lib.generate(restored, ['the quick'], max_new_tokens=40)
+  gen = generate_lib.generate(restored, ['the quick'], max_new_tokens=64)
   ids = gen.prompt_tokens[0]
   with torch.no_grad():
     want = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                          max_new_tokens=40, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
-  assert len(want) == 40 and gen.tokens[0] == want
+                          max_new_tokens=64, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
+  assert len(want) == 64 and gen.tokens[0] == want
 
 
 @pytest.mark.parametrize('name', list(CASES))
