@@ -64,6 +64,22 @@ def test_sft_trains_on_assistant_tokens_and_writes_samples(pretrained, tmp_path)
   assert len(samples) == 2 and json.loads(samples[0])['answer'] == '101'
 
 
+def test_sft_with_lora_trains_only_the_adapters(pretrained, tmp_path):
+  from fmjax.model import lora
+  cfg = _cfg(pretrained, tmp_path, 'sft', steps=3)
+  cfg.finetune.update(dict(lora_rank=4, lora_alpha=8.0))
+  out = finetune(cfg)
+  _, before = pretrained
+  flat_before = dict(jax.tree_util.tree_flatten_with_path(before)[0])
+  moved = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(out['state'].params)[0]:
+    if lora.is_adapter_path(path):
+      moved.append(float(np.abs(np.asarray(leaf)).max()))
+    else:
+      np.testing.assert_array_equal(np.asarray(leaf), np.asarray(flat_before[path]), err_msg=str(path))
+  assert moved and max(moved) > 0 and math.isfinite(out['report']['loss'])
+
+
 def test_dpo_starts_at_log2_and_its_reference_is_the_starting_model(pretrained, tmp_path):
   """Step 1's loss is log 2 exactly when the reference is the starting parameters (policy = reference);
   the reference file holds the starting model's log-probabilities, not the trained one's."""
