@@ -18,6 +18,7 @@ def get_config():
       max_seq_len=8192, rope_theta=10_000.0, norm_eps=1e-6, activation='geglu', norm_position='sandwich',
       norm_unit_offset=True, embed_scale=True, tie_embeddings=True, query_scale_dim=256, sliding_window=4096,
       window_pattern='LG', attn_logit_softcap=50.0, final_logit_softcap=30.0,
+      loss_vocab_chunk=16384,   # the fused loss: no (tokens, vocab) fp32 logits in memory
       dtype='bfloat16', param_dtype='float32', remat='dots', attention='auto'))
   cfg.data.source = 'tfds'
   cfg.data.tfds_name = 'c4/en:3.1.0'

@@ -14,6 +14,7 @@ def get_config():
   cfg.model.update(dict(
       vocab_size=151936, d_model=1536, num_layers=28, num_heads=12, num_kv_heads=2, head_dim=0, mlp_dim=8960,
       max_seq_len=32768, rope_theta=1_000_000.0, norm_eps=1e-6, attention_bias=True, tie_embeddings=True,
+      loss_vocab_chunk=16384,   # the fused loss: no (tokens, vocab) fp32 logits in memory
       dtype='bfloat16', param_dtype='float32', remat='dots', attention='auto'))
   cfg.data.source = 'tfds'
   cfg.data.tfds_name = 'c4/en:3.1.0'

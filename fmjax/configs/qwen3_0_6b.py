@@ -15,6 +15,7 @@ def get_config():
   cfg.model.update(dict(
       vocab_size=151936, d_model=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128, mlp_dim=3072,
       max_seq_len=40960, rope_theta=1_000_000.0, norm_eps=1e-6, qk_norm=True, tie_embeddings=True,
+      loss_vocab_chunk=16384,   # the fused loss: no (tokens, vocab) fp32 logits in memory
       dtype='bfloat16', param_dtype='float32', remat='dots', attention='auto'))
   cfg.data.source = 'tfds'
   cfg.data.tfds_name = 'c4/en:3.1.0'
