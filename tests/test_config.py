@@ -18,9 +18,9 @@ CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '[!_]*.py'))
 BYTE_VOCAB = 259
 # The allowed values, written out here independently of config._CHOICES.
 ALLOWED = {
-    'model.kind': {'decoder', 'encoder'}, 'model.norm_position': {'pre', 'post'},
+    'model.kind': {'decoder', 'encoder'}, 'model.norm_position': {'pre', 'post', 'sandwich', 'after'},
     'model.rope_scaling': {'none', 'linear', 'llama3'},
-    'model.activation': {'swiglu', 'gelu', 'gelu_exact'}, 'model.norm': {'rmsnorm', 'layernorm'},
+    'model.activation': {'swiglu', 'geglu', 'gelu', 'gelu_exact'}, 'model.norm': {'rmsnorm', 'layernorm'},
     'model.positions': {'rope', 'learned'}, 'model.remat': {'none', 'full', 'dots', 'names'},
     'model.param_dtype': {'float32', 'bfloat16'}, 'model.dtype': {'float32', 'bfloat16'},
     'data.source': {'stdlib', 'text', 'jsonl', 'parquet', 'tfds'}, 'data.split_by': {'file', 'paragraph'},

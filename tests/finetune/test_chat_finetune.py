@@ -64,6 +64,7 @@ def test_sft_trains_on_assistant_tokens_and_writes_samples(pretrained, tmp_path)
   assert len(samples) == 2 and json.loads(samples[0])['answer'] == '101'
 
 
+@pytest.mark.slow   # ~20 s: CI runs it in the slow suite
 def test_sft_with_lora_trains_only_the_adapters(pretrained, tmp_path):
   from fmjax.model import lora
   cfg = _cfg(pretrained, tmp_path, 'sft', steps=3)
@@ -184,6 +185,7 @@ def test_packed_conversations_do_not_see_each_other(pretrained):
   np.testing.assert_allclose(got[a:], logits(alone[1][None, :-1]), atol=1e-5)
 
 
+@pytest.mark.slow   # ~20 s: CI runs it in the slow suite
 def test_dpo_with_lora_trains_adapters_against_the_base_model(pretrained, tmp_path):
   """With LoRA the reference is the base model (adapters start at zero): step 1's loss is log 2, the base
   weights stay as they were, and the adapters move."""
