@@ -72,10 +72,16 @@ def train_records(workdir) -> list[tuple[int, float]]:
 
 
 def kill_after_checkpoint(run, data, args, step: int = 10) -> None:
-  """Start a one-process run and SIGKILL it once checkpoint `step` exists and later steps are logged."""
-  proc = subprocess.Popen(command(run, data, *args), env=base_env(1, **SERIAL), cwd=ROOT)
+  """Start a one-process `fmjax.train` run and SIGKILL it once checkpoint `step` exists and later steps are logged."""
+  kill_command_after_checkpoint(command(run, data, *args), run, step)
+
+
+def kill_command_after_checkpoint(cmd, run, step: int = 10, timeout: float = 180) -> None:
+  """Start `cmd` (one process, one thread) writing workdir `run`; SIGKILL it once checkpoint `step` exists and
+  later steps are logged."""
+  proc = subprocess.Popen(cmd, env=base_env(1, **SERIAL), cwd=ROOT)
   try:
-    assert _wait_for(lambda: step in checkpoints(run) and max(logged_losses(run), default=0) >= step + 2, 180,
+    assert _wait_for(lambda: step in checkpoints(run) and max(logged_losses(run), default=0) >= step + 2, timeout,
                      proc), f'no checkpoint at step {step} followed by logged steps'
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)

@@ -87,3 +87,34 @@ def verify_import(hf_dir, out_dir, capsys, window: int) -> str:
   tokens = int(line.rsplit(' tokens', 1)[0].rsplit('x', 1)[1])
   assert tokens >= 3 * window, line
   return line
+
+
+def greedy_pair(model, workdir, prompt: str, new: int):
+  """(prompt ids, fmjax's greedy tokens, transformers' greedy tokens) of `new` tokens after `prompt`, from the
+  fmjax checkpoint in `workdir` and the transformers `model` it was imported from."""
+  from fmjax.checkpoints import restore  # pylint: disable=import-outside-toplevel
+  from fmjax.inference import generate as generate_lib  # pylint: disable=import-outside-toplevel
+  gen = generate_lib.generate(restore.restore(str(workdir)), [prompt], max_new_tokens=new)
+  ids = gen.prompt_tokens[0]
+  with torch.no_grad():
+    want = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          max_new_tokens=new, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
+  return ids, gen.tokens[0], want
+
+
+def imported_models(tmp_path_factory, build):
+  """A module fixture's body: name -> (the transformers model `build(name)` makes, perturbed and saved, its base
+  directory, the from-hf result (byte tokenizer)), each made once."""
+  from fmjax.convert import driver  # pylint: disable=import-outside-toplevel
+  made = {}
+
+  def get(name):
+    if name not in made:
+      base = tmp_path_factory.mktemp(name)
+      torch.manual_seed(0)
+      model = save_perturbed(build(name), base / 'hf')
+      model.config._attn_implementation = 'eager'
+      out = driver.from_hf(str(base / 'hf'), str(base / 'fm'), tokenizer='byte', log=lambda s: None)
+      made[name] = (model, base, out)
+    return made[name]
+  return get

@@ -13,12 +13,10 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 pytest.importorskip('safetensors')
 
-from fmjax.checkpoints import restore  # noqa: E402
 from fmjax.convert import ConversionError, driver, families, source, verify  # noqa: E402
 from fmjax.convert.families import gemma, llama  # noqa: E402
-from fmjax.inference import generate as generate_lib  # noqa: E402
 from helpers import assert_same_tree  # noqa: E402
-from hf_models import save_perturbed, verify_import  # noqa: E402
+from hf_models import greedy_pair, imported_models, verify_import  # noqa: E402
 
 WINDOW, T = 4, 24
 COMMON = dict(vocab_size=264, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -38,19 +36,10 @@ PATTERNS = {'gemma2': 'LG', 'gemma3': 'LLLLLG'}
 
 @pytest.fixture(scope='module')
 def imported(tmp_path_factory):
-  made = {}
-
-  def get(name):
-    if name not in made:
-      config_cls, model_cls, options = CASES[name]
-      base = tmp_path_factory.mktemp(name)
-      torch.manual_seed(0)
-      model = save_perturbed(model_cls(config_cls(**COMMON, **options)), base / 'hf')
-      model.config._attn_implementation = 'eager'
-      out = driver.from_hf(str(base / 'hf'), str(base / 'fm'), tokenizer='byte', log=lambda s: None)
-      made[name] = (model, base, out)
-    return made[name]
-  return get
+  def build(name):
+    config_cls, model_cls, options = CASES[name]
+    return model_cls(config_cls(**COMMON, **options))
+  return imported_models(tmp_path_factory, build)
 
 
 def _hf_logits(model, tokens):
@@ -93,13 +82,8 @@ def test_from_hf_verify_passes_against_float64_past_the_window(imported, name, t
 @pytest.mark.parametrize('name', list(CASES))
 def test_greedy_decoding_past_the_window_matches_transformers(imported, name):
   model, base, _ = imported(name)
-  restored = restore.restore(str(base / 'fm'))
-  gen = generate_lib.generate(restored, ['the quick'], max_new_tokens=64)
-  ids = gen.prompt_tokens[0]
-  with torch.no_grad():
-    want = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                          max_new_tokens=64, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
-  assert len(ids) + 64 > 6 * WINDOW and gen.tokens[0] == want
+  ids, got, want = greedy_pair(model, base / 'fm', 'the quick', 64)
+  assert len(ids) + 64 > 6 * WINDOW and got == want
 
 
 @pytest.mark.parametrize('name', list(CASES))

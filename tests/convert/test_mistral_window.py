@@ -11,16 +11,14 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 pytest.importorskip('safetensors')
 
-from fmjax.checkpoints import restore  # noqa: E402
 from fmjax.config import base_config  # noqa: E402
 from fmjax.config.errors import ConfigError  # noqa: E402
 from fmjax.config import checks  # noqa: E402
 from fmjax.convert import driver, source, verify  # noqa: E402
 from fmjax.convert.families import llama  # noqa: E402
-from fmjax.inference import generate as generate_lib  # noqa: E402
 from fmjax.model import attention_spec  # noqa: E402
 from helpers import assert_same_tree  # noqa: E402
-from hf_models import save_perturbed, verify_import  # noqa: E402
+from hf_models import greedy_pair, save_perturbed, verify_import  # noqa: E402
 
 WINDOW, T = 8, 32
 
@@ -59,7 +57,8 @@ def test_windowed_logits_match_transformers(mistral, attention):
   assert diff < 1e-4, diff
   full = windowed.copy_and_resolve_references()
   full.sliding_window = 0
-  assert np.abs(verify.fmjax_logits(out['params'], full, tokens, attention=attention) - want).max() > 1e-2   # the window
+  without = verify.fmjax_logits(out['params'], full, tokens, attention=attention)
+  assert np.abs(without - want).max() > 1e-2   # the window matters
 
 
 def test_from_hf_verify_passes_against_float64_past_the_window(mistral, tmp_path, capsys):
@@ -69,13 +68,8 @@ def test_from_hf_verify_passes_against_float64_past_the_window(mistral, tmp_path
 
 def test_greedy_decoding_past_the_window_matches_transformers(mistral):
   model, base, _ = mistral
-  restored = restore.restore(str(base / 'fm'))
-  gen = generate_lib.generate(restored, ['the quick brown'], max_new_tokens=64)
-  ids = gen.prompt_tokens[0]
-  with torch.no_grad():
-    want = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                          max_new_tokens=64, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
-  assert len(ids) + 64 > 4 * WINDOW and gen.tokens[0] == want
+  ids, got, want = greedy_pair(model, base / 'fm', 'the quick brown', 64)
+  assert len(ids) + 64 > 4 * WINDOW and got == want
 
 
 def test_export_is_mistral_with_its_window_and_round_trips(mistral):

@@ -15,14 +15,12 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 pytest.importorskip('safetensors')
 
-from fmjax.checkpoints import restore  # noqa: E402
 from fmjax.config import base_config  # noqa: E402
 from fmjax.convert import ConversionError, driver, families, source, verify  # noqa: E402
 from fmjax.convert.families import gemma, llama, olmo2, qwen3  # noqa: E402
-from fmjax.inference import generate as generate_lib  # noqa: E402
 from fmjax.model.transformer import Transformer  # noqa: E402
 from helpers import assert_same_tree  # noqa: E402
-from hf_models import save_perturbed, verify_import  # noqa: E402
+from hf_models import greedy_pair, imported_models, verify_import  # noqa: E402
 
 T = 24
 # rope_theta=500 over 24 positions: RoPE rotates q and k a lot, so q/k norms after RoPE would not match.
@@ -35,19 +33,8 @@ CASES = {'olmo2': dict(tie_word_embeddings=False), 'olmo2_tied': dict(tie_word_e
 @pytest.fixture(scope='module')
 def imported(tmp_path_factory):
   """name -> (transformers model, its directory, the from-hf result), each made once."""
-  made = {}
-
-  def get(name):
-    if name not in made:
-      base = tmp_path_factory.mktemp(name)
-      torch.manual_seed(0)
-      model = save_perturbed(transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**COMMON, **CASES[name])),
-                             base / 'hf')
-      model.config._attn_implementation = 'eager'
-      out = driver.from_hf(str(base / 'hf'), str(base / 'fm'), tokenizer='byte', log=lambda s: None)
-      made[name] = (model, base, out)
-    return made[name]
-  return get
+  return imported_models(tmp_path_factory,
+                         lambda name: transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**COMMON, **CASES[name])))
 
 
 def _hf_logits(model, tokens):
@@ -93,13 +80,8 @@ def test_import_matches_transformers_under_each_implementation(imported, name):
 
 def test_greedy_decoding_matches_transformers(imported):
   model, base, _ = imported('olmo2')
-  restored = restore.restore(str(base / 'fm'))
-  gen = generate_lib.generate(restored, ['the quick'], max_new_tokens=64)
-  ids = gen.prompt_tokens[0]
-  with torch.no_grad():
-    want = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                          max_new_tokens=64, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
-  assert len(want) == 64 and gen.tokens[0] == want
+  _, got, want = greedy_pair(model, base / 'fm', 'the quick', 64)
+  assert len(want) == 64 and got == want
 
 
 @pytest.mark.parametrize('name', list(CASES))

@@ -14,12 +14,10 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 pytest.importorskip('safetensors')
 
-from fmjax.checkpoints import restore  # noqa: E402
 from fmjax.convert import ConversionError, driver, families, source, verify  # noqa: E402
 from fmjax.convert.families import llama, phi3, qwen2  # noqa: E402
-from fmjax.inference import generate as generate_lib  # noqa: E402
 from helpers import assert_same_tree, tiny_config  # noqa: E402
-from hf_models import save_perturbed, verify_import  # noqa: E402
+from hf_models import greedy_pair, imported_models, verify_import  # noqa: E402
 
 WINDOW, T = 8, 32
 COMMON = dict(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -40,18 +38,8 @@ def hf_logits(model, tokens):
 @pytest.fixture(scope='module')
 def imported(tmp_path_factory):
   """name -> (perturbed transformers Phi3ForCausalLM, its base directory, the from-hf result), each made once."""
-  made = {}
-
-  def get(name):
-    if name not in made:
-      base = tmp_path_factory.mktemp(name)
-      torch.manual_seed(0)
-      model = save_perturbed(transformers.Phi3ForCausalLM(transformers.Phi3Config(**COMMON, **CASES[name])),
-                             base / 'hf')
-      out = driver.from_hf(str(base / 'hf'), str(base / 'fm'), tokenizer='byte', log=lambda s: None)
-      made[name] = (model, base, out)
-    return made[name]
-  return get
+  return imported_models(tmp_path_factory,
+                         lambda name: transformers.Phi3ForCausalLM(transformers.Phi3Config(**COMMON, **CASES[name])))
 
 
 @pytest.mark.parametrize('name', list(CASES))
@@ -94,13 +82,8 @@ def test_import_export_and_round_trip(imported, name):
 
 def test_greedy_decoding_past_the_window_matches_transformers(imported):
   model, base, _ = imported('window')
-  restored = restore.restore(str(base / 'fm'))
-  gen = generate_lib.generate(restored, ['hello world'], max_new_tokens=64)
-  ids = gen.prompt_tokens[0]
-  with torch.no_grad():
-    want = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                          max_new_tokens=64, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
-  assert len(ids) + 64 > 4 * WINDOW and len(want) == 64 and gen.tokens[0] == want
+  ids, got, want = greedy_pair(model, base / 'fm', 'hello world', 64)
+  assert len(ids) + 64 > 4 * WINDOW and len(want) == 64 and got == want
 
 
 def test_llama_shapes_export_as_llama_unless_family_phi3(imported, tmp_path, capsys):

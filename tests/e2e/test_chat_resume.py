@@ -2,13 +2,12 @@
 the uninterrupted run's losses bit for bit; a 2x2x2 mesh over 8 CPU devices logs one device's losses."""
 
 import json
-import signal
 import subprocess
 import sys
 
 import pytest
 
-from cli_runs import ROOT, SERIAL, _wait_for, base_env, checkpoints, logged_losses, train_records
+from cli_runs import ROOT, SERIAL, base_env, checkpoints, kill_command_after_checkpoint, logged_losses, train_records
 from helpers import pretrain_cfg
 
 pytestmark = pytest.mark.slow
@@ -57,18 +56,6 @@ def _run(cmd, devices=1, env=SERIAL):
   return subprocess.run(cmd, env=base_env(devices, **env), cwd=ROOT, timeout=300).returncode
 
 
-def _kill_after_checkpoint(cmd, run, step=10):
-  proc = subprocess.Popen(cmd, env=base_env(1, **SERIAL), cwd=ROOT)
-  try:
-    assert _wait_for(lambda: step in checkpoints(run) and max(logged_losses(run), default=0) >= step + 2, 240,
-                     proc), f'no checkpoint at step {step} followed by logged steps'
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-
-
 @pytest.mark.parametrize('task', ['sft', 'dpo'])
 def test_chat_task_resumes_bit_exactly_after_sigkill_and_a_mesh_equals_one_device(pretrained, tmp_path, task):
   files = _files(tmp_path, task)
@@ -78,7 +65,7 @@ def test_chat_task_resumes_bit_exactly_after_sigkill_and_a_mesh_equals_one_devic
   assert sorted(want) == list(range(1, STEPS + 1))
 
   run = tmp_path / 'run'
-  _kill_after_checkpoint(_command(pretrained, run, files, task), run)
+  kill_command_after_checkpoint(_command(pretrained, run, files, task), run, timeout=240)
   killed_at = max(logged_losses(run))
   assert checkpoints(run)[-1] < killed_at < STEPS, (checkpoints(run), killed_at)
   assert _run(_command(pretrained, run, files, task)) == 0
