@@ -9,6 +9,7 @@ data.tokenizer to its tokenizer.json.
 """
 
 from fmjax.config import base_config
+from fmjax.configs._tpu_pretraining import tpu_pretraining
 
 
 def get_config():
@@ -18,17 +19,5 @@ def get_config():
       max_seq_len=8192, rope_theta=10_000.0, norm_eps=1e-6, activation='geglu', norm_position='sandwich',
       norm_unit_offset=True, embed_scale=True, tie_embeddings=True, query_scale_dim=256, sliding_window=4096,
       window_pattern='LG', attn_logit_softcap=50.0, final_logit_softcap=30.0,
-      loss_vocab_chunk=16384,   # the fused loss: no (tokens, vocab) fp32 logits in memory
-      dtype='bfloat16', param_dtype='float32', remat='dots', attention='auto'))
-  cfg.data.source = 'tfds'
-  cfg.data.tfds_name = 'c4/en:3.1.0'
-  cfg.seq_len = 8192
-  cfg.topology = 'v5p-8'
-  cfg.global_batch_size = 32   # 256K tokens a step
-  cfg.microbatches = 4
-  cfg.steps = 100_000
-  cfg.optim.update(dict(learning_rate=2e-4, end_learning_rate=2e-5, warmup_steps=2000))
-  cfg.log_every = 20
-  cfg.eval_every = 1000
-  cfg.checkpoint_every = 1000
-  return cfg
+      loss_vocab_chunk=16384))   # the fused loss: no (tokens, vocab) fp32 logits in memory
+  return tpu_pretraining(cfg, seq_len=8192, global_batch_size=32, microbatches=4, learning_rate=2e-4)

@@ -7,6 +7,7 @@ The vocabulary is Qwen's (151,936 ids): set data.tokenizer to the Qwen tokenizer
 """
 
 from fmjax.config import base_config
+from fmjax.configs._tpu_pretraining import tpu_pretraining
 
 
 def get_config():
@@ -14,17 +15,5 @@ def get_config():
   cfg.model.update(dict(
       vocab_size=151936, d_model=1536, num_layers=28, num_heads=12, num_kv_heads=2, head_dim=0, mlp_dim=8960,
       max_seq_len=32768, rope_theta=1_000_000.0, norm_eps=1e-6, attention_bias=True, tie_embeddings=True,
-      loss_vocab_chunk=16384,   # the fused loss: no (tokens, vocab) fp32 logits in memory
-      dtype='bfloat16', param_dtype='float32', remat='dots', attention='auto'))
-  cfg.data.source = 'tfds'
-  cfg.data.tfds_name = 'c4/en:3.1.0'
-  cfg.seq_len = 4096
-  cfg.topology = 'v5p-8'
-  cfg.global_batch_size = 64
-  cfg.microbatches = 4
-  cfg.steps = 100_000
-  cfg.optim.update(dict(learning_rate=2e-4, end_learning_rate=2e-5, warmup_steps=2000))
-  cfg.log_every = 20
-  cfg.eval_every = 1000
-  cfg.checkpoint_every = 1000
-  return cfg
+      loss_vocab_chunk=16384))   # the fused loss: no (tokens, vocab) fp32 logits in memory
+  return tpu_pretraining(cfg, seq_len=4096, global_batch_size=64, microbatches=4, learning_rate=2e-4)
