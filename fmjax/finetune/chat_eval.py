@@ -34,10 +34,12 @@ class PairEval:
                       out_shardings=shd.replicated(run.mesh))
 
   def __call__(self, params, batches) -> dict:
-    totals: dict[str, float] = {}
-    for b in batches:
+    outs = []
+    for b in batches:   # all dispatched, then read back once
       with shd.activate(self.run.mesh, self.run.rules):
-        out = jax.device_get(self.fn(params, loop.to_global(b, self.run.batch_sharding)))
+        outs.append(self.fn(params, loop.to_global(b, self.run.batch_sharding)))
+    totals: dict[str, float] = {}
+    for out in jax.device_get(outs):
       for k, v in out.items():
         totals[k] = totals.get(k, 0.0) + float(v)
     pairs = max(totals.get('pairs', 0.0), 1.0)

@@ -34,11 +34,17 @@ def fingerprint(named_rows: dict[str, dict]) -> str:
   return h.hexdigest()
 
 
-def compute(run, params, rows: dict) -> np.ndarray:
-  """(N, T) weighted token log-probabilities of `rows` under `params`, on the run's mesh."""
-  fn = jax.jit(preference.reference_fn(run.model),
-               in_shardings=(run.state.shardings.params, {k: run.batch_sharding for k in rows}),
-               out_shardings=shd.replicated(run.mesh))
+def program(run, keys):
+  """The compiled reference pass of `run`: (params, batch of `keys`) -> (B, T) token log-probabilities."""
+  return jax.jit(preference.reference_fn(run.model),
+                 in_shardings=(run.state.shardings.params, {k: run.batch_sharding for k in keys}),
+                 out_shardings=shd.replicated(run.mesh))
+
+
+def compute(run, params, rows: dict, fn=None) -> np.ndarray:
+  """(N, T) weighted token log-probabilities of `rows` under `params`, on the run's mesh (`fn`: a
+  `program(run, rows)` to reuse; every batch is dispatched before the first is read back)."""
+  fn = fn or program(run, rows)
   gb = run.cfg.global_batch_size
   local = gb // jax.process_count()
   n = len(rows['inputs'])
@@ -51,9 +57,8 @@ def compute(run, params, rows: dict) -> np.ndarray:
     lo = jax.process_index() * local
     mine = {k: v[lo:lo + local] for k, v in chunk.items()}
     with shd.activate(run.mesh, run.rules):
-      logps = fn(params, loop.to_global(mine, run.batch_sharding))
-    out.append(np.asarray(jax.device_get(logps))[:gb - short])
-  return np.concatenate(out).astype(np.float32)
+      out.append((fn(params, loop.to_global(mine, run.batch_sharding)), gb - short))
+  return np.concatenate([np.asarray(a)[:keep] for a, keep in jax.device_get(out)]).astype(np.float32)
 
 
 def load_or_compute(workdir: str, resumed: bool, run, params, named_rows: dict[str, dict], log) -> dict[str, np.ndarray]:
@@ -70,7 +75,8 @@ def load_or_compute(workdir: str, resumed: bool, run, params, named_rows: dict[s
   if resumed:
     raise DataError(f'{path} is missing, and a resumed run cannot recompute the reference from its trained '
                     'parameters: restore the file, or start a new workdir')
-  out = {name: compute(run, params, rows) for name, rows in named_rows.items()}
+  fn = program(run, next(iter(named_rows.values())))   # one compile for every row set (same shapes)
+  out = {name: compute(run, params, rows, fn) for name, rows in named_rows.items()}
   if distributed.is_leader():
     buf = io.BytesIO()
     np.savez(buf, fingerprint=np.asarray(stamp), **out)
