@@ -110,23 +110,34 @@ def _rope_theta(params, name: str) -> float:
   return float(params.get('rope_theta', 10000.0))
 
 
-class Gemma2:
+class _Gemma:
+  """What both Gemmas register: the shared block's mapping; `mismatch` and `hf_config` with their title."""
+  TITLE = ''
+  QK_NORM = False
+  IGNORED = IGNORED
+  OPTIONAL_PREFIX = OPTIONAL_PREFIX
+  rules = staticmethod(_rules)
+
+  @classmethod
+  def mismatch(cls, m) -> str | None:
+    return _mismatch(m, cls.TITLE, qk_norm=cls.QK_NORM)
+
+  @classmethod
+  def hf_config(cls, m) -> dict:
+    return dict(_hf_config(m, cls.ARCHITECTURE, cls.MODEL_TYPES[0]), rope_theta=float(m.rope_theta))
+
+
+class Gemma2(_Gemma):
   """Gemma 2: soft-capped attention scores and final logits, alternating local and global layers."""
   NAME = 'gemma2'
   ARCHITECTURE = 'Gemma2ForCausalLM'
   MODEL_TYPES = ('gemma2',)
   TITLES = ('Gemma 2',)
-  IGNORED = IGNORED
-  OPTIONAL_PREFIX = OPTIONAL_PREFIX
+  TITLE = 'Gemma 2'
 
-  @staticmethod
-  def mismatch(m) -> str | None:
-    return _mismatch(m, 'Gemma 2', qk_norm=False)
-
-  @staticmethod
-  def to_hf_config(m) -> dict:
-    return dict(_hf_config(m, 'Gemma2ForCausalLM', 'gemma2'), rope_theta=float(m.rope_theta),
-                attn_logit_softcapping=m.get('attn_logit_softcap', 0.0) or None,
+  @classmethod
+  def to_hf_config(cls, m) -> dict:
+    return dict(cls.hf_config(m), attn_logit_softcapping=m.get('attn_logit_softcap', 0.0) or None,
                 final_logit_softcapping=m.get('final_logit_softcap', 0.0) or None)
 
   @staticmethod
@@ -139,27 +150,21 @@ class Gemma2:
                 attn_logit_softcap=float(hf.get('attn_logit_softcapping') or 0.0),
                 final_logit_softcap=float(hf.get('final_logit_softcapping') or 0.0))
 
-  rules = staticmethod(_rules)
 
-
-class Gemma3:
+class Gemma3(_Gemma):
   """Gemma 3 (text): q/k RMSNorms, local layers with a RoPE base of their own, no soft-caps."""
   NAME = 'gemma3'
   ARCHITECTURE = 'Gemma3ForCausalLM'
   MODEL_TYPES = ('gemma3_text',)
   TITLES = ('Gemma 3',)
-  IGNORED = IGNORED
-  OPTIONAL_PREFIX = OPTIONAL_PREFIX
+  TITLE = 'Gemma 3'
+  QK_NORM = True
 
-  @staticmethod
-  def mismatch(m) -> str | None:
-    return _mismatch(m, 'Gemma 3', qk_norm=True)
-
-  @staticmethod
-  def to_hf_config(m) -> dict:
+  @classmethod
+  def to_hf_config(cls, m) -> dict:
     local = float(m.get('rope_local_theta', 0.0) or m.rope_theta)
-    return dict(_hf_config(m, 'Gemma3ForCausalLM', 'gemma3_text'), rope_theta=float(m.rope_theta),
-                rope_local_base_freq=local, attn_logit_softcapping=None, final_logit_softcapping=None,
+    return dict(cls.hf_config(m), rope_local_base_freq=local, attn_logit_softcapping=None,
+                final_logit_softcapping=None,
                 rope_parameters={'full_attention': dict(rope_type='default', rope_theta=float(m.rope_theta)),
                                  'sliding_attention': dict(rope_type='default', rope_theta=local)})
 
@@ -181,8 +186,6 @@ class Gemma3:
       local = float(hf.get('rope_local_base_freq', 10000.0))
     options = _options(hf, 'Gemma 3')
     return dict(options, qk_norm=True, rope_theta=theta, rope_local_theta=0.0 if local == theta else local)
-
-  rules = staticmethod(_rules)
 
 
 register(Gemma2)
