@@ -118,3 +118,14 @@ def imported_models(tmp_path_factory, build):
       made[name] = (model, base, out)
     return made[name]
   return get
+
+
+def one_line(call, *words) -> str:
+  """The message of the ConversionError `call()` raises: one line holding every one of `words`."""
+  import pytest  # pylint: disable=import-outside-toplevel
+  from fmjax.convert import ConversionError  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ConversionError) as err:
+    call()
+  message = str(err.value)
+  assert '\n' not in message and all(w in message for w in words), message
+  return message

@@ -16,11 +16,11 @@ transformers = pytest.importorskip('transformers')
 pytest.importorskip('safetensors')
 
 from fmjax.config import base_config  # noqa: E402
-from fmjax.convert import ConversionError, driver, families, source, verify  # noqa: E402
+from fmjax.convert import driver, families, source, verify  # noqa: E402
 from fmjax.convert.families import gemma, llama, olmo2, qwen3  # noqa: E402
 from fmjax.model.transformer import Transformer  # noqa: E402
 from helpers import assert_same_tree  # noqa: E402
-from hf_models import greedy_pair, imported_models, verify_import  # noqa: E402
+from hf_models import greedy_pair, imported_models, one_line as _one_line, verify_import  # noqa: E402
 
 T = 24
 # rope_theta=500 over 24 positions: RoPE rotates q and k a lot, so q/k norms after RoPE would not match.
@@ -101,14 +101,6 @@ def test_export_loads_as_olmo2_and_round_trips(imported, name):
   back = driver.from_hf(str(base / 'export'), str(base / 'back'), log=lambda s: None)
   assert_same_tree(back['params'], out['params'])
   assert families.pick_family(out['model']) is olmo2
-
-
-def _one_line(call, *words):
-  with pytest.raises(ConversionError) as err:
-    call()
-  message = str(err.value)
-  assert '\n' not in message and all(w in message for w in words), message
-  return message
 
 
 def test_what_fmjax_lacks_is_refused_in_one_line():

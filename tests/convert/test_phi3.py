@@ -17,7 +17,7 @@ pytest.importorskip('safetensors')
 from fmjax.convert import ConversionError, driver, families, source, verify  # noqa: E402
 from fmjax.convert.families import llama, phi3, qwen2  # noqa: E402
 from helpers import assert_same_tree, tiny_config  # noqa: E402
-from hf_models import greedy_pair, imported_models, verify_import  # noqa: E402
+from hf_models import greedy_pair, imported_models, one_line as _one_line, verify_import  # noqa: E402
 
 WINDOW, T = 8, 32
 COMMON = dict(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -111,14 +111,6 @@ def test_llama_shapes_export_as_llama_unless_family_phi3(imported, tmp_path, cap
     hf.eval()
     assert type(hf) is cls and np.abs(fm - hf_logits(hf, tokens)).max() < 1e-5
   assert 'model.layers.0.mlp.gate_up_proj.weight' in dict(hf.named_parameters())
-
-
-def _one_line(call, *words):
-  with pytest.raises(ConversionError) as err:
-    call()
-  message = str(err.value)
-  assert '\n' not in message and all(w in message for w in words), message
-  return message
 
 
 BASE_HF = dict(model_type='phi3', hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,

@@ -15,12 +15,10 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 pytest.importorskip('safetensors')
 
-from fmjax.checkpoints import restore  # noqa: E402
-from fmjax.convert import ConversionError, driver, families, source, verify  # noqa: E402
+from fmjax.convert import driver, families, source, verify  # noqa: E402
 from fmjax.convert.families import llama, qwen2, qwen3  # noqa: E402
-from fmjax.inference import generate as generate_lib  # noqa: E402
 from helpers import assert_same_tree, tiny_config  # noqa: E402
-from hf_models import save_perturbed  # noqa: E402
+from hf_models import greedy_pair, one_line as _one_line, save_perturbed  # noqa: E402
 
 # rope_theta=500 over 32 positions: RoPE rotates q and k a lot, so q/k norms after RoPE would not match.
 COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -94,21 +92,8 @@ def test_import_export_and_round_trip(imported, name):
 
 def test_greedy_decoding_matches_transformers(imported):
   model, base, _ = imported('qwen3_tied')
-  restored = restore.restore(str(base / 'fm'))
-  gen = generate_lib.generate(restored, ['the quick brown'], max_new_tokens=16)
-  ids = gen.prompt_tokens[0]
-  with torch.no_grad():
-    want = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                          max_new_tokens=16, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
-  assert len(want) == 16 and gen.tokens[0] == want
-
-
-def _one_line(call, *words):
-  with pytest.raises(ConversionError) as err:
-    call()
-  message = str(err.value)
-  assert '\n' not in message and all(w in message for w in words), message
-  return message
+  _, got, want = greedy_pair(model, base / 'fm', 'the quick brown', 16)
+  assert len(want) == 16 and got == want
 
 
 BASE_HF = dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, vocab_size=96, intermediate_size=64,
