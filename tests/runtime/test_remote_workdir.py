@@ -180,3 +180,28 @@ def test_train_command_keeps_a_gs_workdir_as_a_url(tmp_path, gcs, capsys):
   assert json.loads(paths.read_text(f'{gcs}/cli/run/config.json'))['workdir'] == f'{gcs}/cli/run'
   assert '2' in paths.listdir(f'{gcs}/cli/run/checkpoints')
   assert not os.path.exists(tmp_path / 'gs:') and not os.path.exists(os.path.join(os.getcwd(), 'gs:'))
+
+
+@pytest.mark.slow   # end to end, like the classify one above
+def test_dpo_with_everything_on_gs_keeps_its_reference_there_and_resumes(tmp_path, gcs):
+  """finetune.task=dpo with the pairs, the pretrained checkpoint and the workdir on gs://: the reference
+  log-probabilities and the samples land in the bucket, and a resume reads the reference back from it."""
+  from fmjax.finetune.run import finetune
+  pre = f'{gcs}/dpo/pretrained'
+  train.train(_cfg(tmp_path, pre, 2))
+  rows = [{'prompt': f'inc {i}', 'chosen': str(i + 1), 'rejected': str(i + 7)} for i in range(24)]
+  for name, part in (('train', rows[:20]), ('eval', rows[20:])):
+    paths.write_text(f'{gcs}/dpo/data/{name}.jsonl', ''.join(json.dumps(r) + '\n' for r in part))
+  cfg = _cfg(tmp_path, f'{gcs}/dpo/run', 2, eval_every=2, seq_len=32)
+  ft = cfg.finetune
+  ft.init_from, ft.task, ft.epochs, ft.validation_fraction = pre, 'dpo', 0.0, 0.0
+  ft.train_files, ft.eval_files = f'{gcs}/dpo/data/train.jsonl', f'{gcs}/dpo/data/eval.jsonl'
+  ft.sample_prompts, ft.sample_tokens = 1, 2
+  first = finetune(cfg)
+  reference = paths.read_bytes(f'{cfg.workdir}/dpo_reference.npz')
+  assert first['last_step'] == 2 and paths.exists(f'{cfg.workdir}/eval/samples_step_2.jsonl')
+  cfg.steps, cfg.allow_config_change = 4, True
+  resumed = finetune(cfg)
+  assert resumed['last_step'] == 4 and [s for s, _ in resumed['history']] == [3, 4]
+  assert paths.read_bytes(f'{cfg.workdir}/dpo_reference.npz') == reference
+  assert not os.path.exists(os.path.join(os.getcwd(), 'gs:'))
