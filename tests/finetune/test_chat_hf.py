@@ -16,6 +16,9 @@ from fmjax import cli  # noqa: E402
 from fmjax.convert import driver, source, verify  # noqa: E402
 from fmjax.data import chat_templates, tokenizers  # noqa: E402
 from fmjax.finetune.run import finetune  # noqa: E402
+from fmjax.checkpoints import restore  # noqa: E402
+from fmjax import generate as generate_command  # noqa: E402
+from fmjax.inference import generate as generate_lib  # noqa: E402
 from hf_models import save_perturbed  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -53,7 +56,8 @@ def imported_qwen(tmp_path_factory):
   return hf_dir, base / 'fm'
 
 
-def test_imported_qwen_sfts_and_exports_with_its_chat_template(imported_qwen, tmp_path):
+@pytest.mark.slow   # a whole import -> fine-tune -> export -> generate run (~40 s)
+def test_imported_qwen_sfts_and_exports_with_its_chat_template(imported_qwen, tmp_path, capsys):
   hf_dir, fm_dir = imported_qwen
   overrides = []   # as from the command line: the model is the checkpoint's
   cfg = cli.load_run_config(os.path.join(ROOT, 'configs', 'finetune_chat.py'), str(tmp_path / 'sft'), overrides)
@@ -100,3 +104,22 @@ def test_imported_qwen_sfts_and_exports_with_its_chat_template(imported_qwen, tm
   before = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), torch_dtype=torch.float32)
   with torch.no_grad():
     assert np.abs(before(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy() - hf).max() > 1e-3
+
+  # `fmjax.generate --chat` on the fine-tuned checkpoint: the template the command uses renders the ids
+  # AutoTokenizer renders, and its greedy answer (to the end of the assistant turn) is transformers'.
+  chat = [{'role': 'system', 'content': 'Answer briefly.'}, {'role': 'user', 'content': 'Say hello.'}]
+  restored = restore.restore(str(tmp_path / 'sft'))
+  template = generate_lib.chat_template(restored)
+  ids = template.prompt_ids(chat)
+  np.testing.assert_array_equal(ids, hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                                                return_dict=False))
+  got = generate_lib.generate_ids(restored, [ids], 8, stop_ids=template.stop_ids).tokens[0]
+  with torch.no_grad():
+    hf_greedy = model.generate(torch.as_tensor(np.asarray(ids)[None]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                               max_new_tokens=8, do_sample=False, pad_token_id=0,
+                               eos_token_id=list(template.stop_ids))[0, len(ids):].tolist()
+  assert got == hf_greedy[:len(got)] and len(got) > 0, (got, hf_greedy)
+  capsys.readouterr()
+  assert generate_command.main(['--workdir', str(tmp_path / 'sft'), '--chat', '--system', 'Answer briefly.',
+                                '--prompt', 'Say hello.', '--max-new-tokens', '8']) == 0
+  assert "--- [1] 'Say hello.'" in capsys.readouterr().out
