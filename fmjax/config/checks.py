@@ -24,6 +24,7 @@ _CHOICES = {
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.dtype': ('float32', 'bfloat16'),
     'model.quantization': ('none', 'int8', 'fp8'),
+    'model.moe_kernel': ('auto', 'ragged_dot', 'megablox'),
     'data.source': ('stdlib', 'text', 'jsonl', 'parquet', 'tfds'),
     'data.split_by': ('file', 'paragraph'),
     'optim.name': ('adamw', 'muon', 'adafactor', 'lion'),
@@ -51,6 +52,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if m.loss_vocab_chunk < 0:
     raise ConfigError(f'model.loss_vocab_chunk must be >= 0 (0 = off), got {m.loss_vocab_chunk}')
   _check_encoder(cfg)
+  _check_moe(cfg)
   _check_data(cfg)
   if m.remat == 'names':
     from fmjax.model.transformer import REMAT_NAMES  # pylint: disable=import-outside-toplevel
@@ -121,6 +123,38 @@ def _check_context(cfg: ml_collections.ConfigDict) -> None:
   if message not in _WARNED:   # validate() runs more than once per command: say it once
     _WARNED.add(message)
     logging.getLogger('fmjax.config').warning(message)
+
+
+def _check_moe(cfg: ml_collections.ConfigDict) -> None:
+  """The mixture-of-experts options against each other, the depth, the layer scan and the expert mesh axis."""
+  m = cfg.model
+  experts, k = int(m.get('num_experts', 0)), int(m.get('num_experts_per_tok', 2))
+  expert_axis = int(cfg.mesh.get('expert', 1)) if 'mesh' in cfg else 1
+  if experts < 0:
+    raise ConfigError(f'model.num_experts must be >= 0 (0 = dense), got {experts}')
+  if not experts:
+    if expert_axis != 1:
+      raise ConfigError(f'mesh.expert={expert_axis} splits the experts of an MoE model, but model.num_experts=0 '
+                        '(dense): set mesh.expert=1 (use mesh.data or mesh.fsdp for more data parallelism)')
+    return
+  if not 1 <= k <= experts:
+    raise ConfigError(f'model.num_experts_per_tok={k} must be between 1 and model.num_experts={experts}')
+  if m.moe_every < 1 or m.moe_first_dense < 0:
+    raise ConfigError(f'model.moe_every must be >= 1 and model.moe_first_dense >= 0, got {m.moe_every} and '
+                      f'{m.moe_first_dense}')
+  from fmjax.model.moe import moe_layers  # pylint: disable=import-outside-toplevel
+  layers = moe_layers(m)
+  if not layers:
+    raise ConfigError(f'model.num_experts={experts} but no layer is an MoE layer (model.num_layers={m.num_layers}, '
+                      f'moe_every={m.moe_every}, moe_first_dense={m.moe_first_dense})')
+  if m.scan_layers and len(layers) != m.num_layers:
+    raise ConfigError(f'{len(layers)} of the {m.num_layers} layers are MoE layers (model.moe_every, '
+                      'moe_first_dense): a scanned stack needs every layer alike; set model.scan_layers=false')
+  if expert_axis > 0 and experts % expert_axis:
+    raise ConfigError(f'mesh.expert={expert_axis} does not divide model.num_experts={experts}: choose an expert '
+                      'axis size that divides the number of experts')
+  if m.moe_capacity_factor < 0 or m.moe_aux_loss < 0 or m.moe_router_z_loss < 0:
+    raise ConfigError('model.moe_capacity_factor, moe_aux_loss and moe_router_z_loss must be >= 0')
 
 
 def _check_data(cfg: ml_collections.ConfigDict) -> None:

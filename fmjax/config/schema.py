@@ -59,6 +59,21 @@ MODEL = dict(   # a LLaMA-style decoder by default; kind='encoder' for BERT-styl
     attn_logit_softcap=field(0.0, FUNCTION, 'attention scores cap * tanh(s / cap) (Gemma 2: 50); 0 = none'),
     final_logit_softcap=field(0.0, FUNCTION, 'output logits cap * tanh(z / cap) (Gemma 2: 30); 0 = none'),
     tie_embeddings=field(False, SHAPE),
+    num_experts=field(0, SHAPE, '> 0: mixture-of-experts MLPs with this many experts (fmjax/model/moe.py); 0 = dense'),
+    num_experts_per_tok=field(2, FUNCTION, 'MoE: experts each token is routed to (top-k)'),
+    moe_mlp_dim=field(0, SHAPE, "MoE: each expert's hidden width; 0 = mlp_dim"),
+    moe_every=field(1, SHAPE, 'MoE: every N-th layer is an MoE layer (layer i when (i + 1) % N == 0), the others '
+                              'dense'),
+    moe_first_dense=field(0, SHAPE, 'MoE: the first K layers are dense (DeepSeek-style)'),
+    moe_shared_mlp_dim=field(0, SHAPE, 'MoE: > 0 adds a shared SwiGLU expert of this width every token goes through'),
+    moe_renormalize=field(True, FUNCTION, 'MoE: renormalise the top-k router probabilities to sum 1 (Mixtral; '
+                                          'Qwen3-MoE norm_topk_prob); false keeps them (OLMoE)'),
+    moe_capacity_factor=field(0.0, RESTORE, 'MoE: 0 = dropless (grouped matmuls); > 0 = each expert takes at most '
+                                            'factor * T * k / E tokens of a row, the rest are dropped (counted)'),
+    moe_kernel=field('auto', RESUME, 'MoE dropless grouped matmul: auto (megablox on TPU, else ragged_dot) | '
+                                     'ragged_dot | megablox'),
+    moe_aux_loss=field(0.01, RESTORE, 'MoE: weight of the load-balancing loss (Switch / Mixtral form)'),
+    moe_router_z_loss=field(0.001, RESTORE, 'MoE: weight of the router z-loss (ST-MoE)'),
     dropout=field(0.0, RESTORE),
     param_dtype=field('float32', RESTORE),
     dtype=field('float32', RESUME, 'compute dtype: float32 | bfloat16'),
@@ -113,14 +128,16 @@ DATA = dict(   # input pipeline: source, tokenizer, packing, loader
                                      'instead of refusing them'),
 )
 
-MESH = dict(   # device mesh shape; -1 means 'all remaining devices'
-    data=field(1, RESUME), fsdp=field(-1, RESUME), tensor=field(1, RESUME))
+MESH = dict(   # device mesh shape, in device order (the last axis varies fastest); -1 means 'all remaining devices'
+    data=field(1, RESUME), fsdp=field(-1, RESUME), expert=field(1, RESUME, 'expert parallelism: MoE experts are '
+                                                                           'split over it (it also shards the batch)'),
+    tensor=field(1, RESUME))
 
 
 def logical_axis_rules_default() -> tuple:
   """Logical axis name -> mesh axes. Model code names only logical axes."""
   return (
-      ('batch', ('data', 'fsdp')),
+      ('batch', ('data', 'fsdp', 'expert')),
       ('activation_length', None),
       ('activation_embed', None),
       ('activation_mlp', 'tensor'),
@@ -133,6 +150,7 @@ def logical_axis_rules_default() -> tuple:
       ('kv_heads', 'tensor'),
       ('kv', None),
       ('vocab', 'tensor'),
+      ('exp', 'expert'),
       ('layers', None),
       ('norm', None),
   )

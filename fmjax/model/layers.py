@@ -179,15 +179,17 @@ def fused_projections(x, projections: Sequence[Projection], dtype: Dtype):
 
 class MLP(nn.Module):
   """Feed-forward block: SwiGLU or GeGLU (act(gate) * up -> down; GeGLU's GELU is tanh-approximate) or
-  GELU, tanh or erf (up -> down)."""
+  GELU, tanh or erf (up -> down). `dim`: the hidden width when not model.mlp_dim (an MoE shared expert)."""
   cfg: Any
+  dim: int | None = None
 
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
     kw = dict(use_bias=cfg.use_bias, init_std=cfg.init_std, dtype=dtype_of(cfg.dtype),
               param_dtype=dtype_of(cfg.param_dtype))
-    up = lambda name, **extra: Projection((cfg.d_model,), (cfg.mlp_dim,), ('embed',), ('mlp',), name=name, **kw,
+    width = self.dim or cfg.mlp_dim
+    up = lambda name, **extra: Projection((cfg.d_model,), (width,), ('embed',), ('mlp',), name=name, **kw,
                                           lora=lora_spec(cfg, name), **extra)
     if cfg.activation in ('swiglu', 'geglu'):  # one matmul for both up-projections
       gate, lin = project(x, up, ('wi_0', 'wi_1'), cfg, kw['dtype'])
@@ -197,7 +199,7 @@ class MLP(nn.Module):
     h = checkpoint_name(h, 'mlp_hidden')
     h = nn.with_logical_constraint(h, ('batch', 'activation_length', 'activation_mlp'))
     out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
-    return Projection((cfg.mlp_dim,), (cfg.d_model,), ('mlp',), ('embed',), name='wo',
+    return Projection((width,), (cfg.d_model,), ('mlp',), ('embed',), name='wo',
                       lora=lora_spec(cfg, 'wo'), **{**kw, 'init_std': out_std})(h)
 
 

@@ -33,6 +33,7 @@ from jax.ad_checkpoint import checkpoint_name
 from fmjax.model.attention import Attention
 from fmjax.model.attention_spec import layer_kinds
 from fmjax.model.layers import MLP, dtype_of, make_norm, param_with_axes
+from fmjax.model.moe import MoE, is_moe, is_moe_layer
 from fmjax.model.logits import final_hidden, is_encoder, output_logits, output_matrix
 
 REMAT_POLICIES = {
@@ -74,20 +75,25 @@ class Block(nn.Module):
     drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
     attention = Attention(cfg, self.decode, self.layer, name='attn')
     attn = lambda y: attention(y, positions, segment_ids, kind)
+    if is_moe_layer(cfg, self.layer) if self.layer is not None else is_moe(cfg):   # a scanned stack: all or none
+      moe = MoE(cfg, name='moe')
+      mlp = lambda y: moe(y, segment_ids > 0)
+    else:
+      mlp = MLP(cfg, name='mlp')
     position = cfg.get('norm_position', 'pre')
     if position == 'post':
       h = checkpoint_name(make_norm(cfg, 'attn_norm')(x + drop(attn(x))), 'block_mid')
-      h = make_norm(cfg, 'mlp_norm')(h + drop(MLP(cfg, name='mlp')(h)))
+      h = make_norm(cfg, 'mlp_norm')(h + drop(mlp(h)))
     elif position == 'sandwich':
       h = x + drop(make_norm(cfg, 'attn_post_norm')(attn(make_norm(cfg, 'attn_norm')(x))))
       h = checkpoint_name(h, 'block_mid')
-      h = h + drop(make_norm(cfg, 'mlp_post_norm')(MLP(cfg, name='mlp')(make_norm(cfg, 'mlp_norm')(h))))
+      h = h + drop(make_norm(cfg, 'mlp_post_norm')(mlp(make_norm(cfg, 'mlp_norm')(h))))
     elif position == 'after':   # OLMo 2: each sublayer's output normed before its residual add
       h = checkpoint_name(x + drop(make_norm(cfg, 'attn_post_norm')(attn(x))), 'block_mid')
-      h = h + drop(make_norm(cfg, 'mlp_post_norm')(MLP(cfg, name='mlp')(h)))
+      h = h + drop(make_norm(cfg, 'mlp_post_norm')(mlp(h)))
     else:
       h = checkpoint_name(x + drop(attn(make_norm(cfg, 'attn_norm')(x))), 'block_mid')
-      h = h + drop(MLP(cfg, name='mlp')(make_norm(cfg, 'mlp_norm')(h)))
+      h = h + drop(mlp(make_norm(cfg, 'mlp_norm')(h)))
     self.sow('intermediates', 'residual', h)
     return nn.with_logical_constraint(h, _RESIDUAL_AXES), None
 
@@ -149,7 +155,7 @@ class Transformer(nn.Module):
     kinds, per_layer = layer_kinds(cfg)
     if cfg.scan_layers:   # layers of several kinds: each scanned step gets its layer's kind
       mixed = len(kinds) > 1
-      stack = nn.scan(block, variable_axes={'params': 0, 'cache': 0, 'intermediates': 0},
+      stack = nn.scan(block, variable_axes={'params': 0, 'cache': 0, 'intermediates': 0, 'moe': 0},
                       split_rngs={'params': True, 'dropout': True},
                       in_axes=(nn.broadcast, nn.broadcast) + ((0,) if mixed else ()), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from fmjax.model import logits as logits_lib
+from fmjax.objectives import moe_terms
 from fmjax.objectives.chunked_ce import chunked_cross_entropy
 
 
@@ -30,19 +31,22 @@ def cross_entropy(logits, targets, weights, z_loss: float = 0.0):
 
 
 def lm_loss_fn(model: nn.Module, z_loss: float, vocab_chunk: int = 0) -> Callable:
-  """`loss(params, batch, rng) -> (objective_sum, (ce_sum, weight_sum))` for next-token prediction."""
+  """`loss(params, batch, rng) -> (objective_sum, (ce_sum, weight_sum, extras))` for next-token prediction;
+  an MoE model adds its load-balancing and router z-losses and reports its routing metrics as extras
+  (fmjax/objectives/moe_terms.py)."""
   spec = logits_lib.logit_spec(model.cfg)
 
   def loss(params, batch, rng):
     deterministic = rng is None
-    out = model.apply({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'],
-                      deterministic=deterministic, rngs=None if deterministic else {'dropout': rng},
-                      head=not vocab_chunk)
+    out, stats = moe_terms.apply(model, params, batch['inputs'], batch['positions'], batch['segment_ids'],
+                                 deterministic=deterministic, rngs=None if deterministic else {'dropout': rng},
+                                 head=not vocab_chunk)
     if vocab_chunk:
       hidden, matrix, transposed = out
       ce, z, w = chunked_cross_entropy(hidden, matrix.astype(hidden.dtype), batch['targets'], batch['weights'],
                                        z_loss, vocab_chunk, transposed, logit_spec=spec)
     else:
       ce, z, w = cross_entropy(out, batch['targets'], batch['weights'], z_loss)
-    return ce + z, (ce, w)
+    moe_add, extras = moe_terms.terms(model.cfg, stats, w)
+    return ce + z + moe_add, (ce, w, extras)
   return loss

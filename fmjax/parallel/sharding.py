@@ -1,7 +1,8 @@
 """Where shardings are decided: the mesh from config, logical-axis rules, and their checks.
 
 Model code names logical axes only; `logical_axis_rules` (config data) maps them onto the mesh
-axes ('data', 'fsdp', 'tensor').
+axes. The mesh axes and their device order are the `mesh` section of the schema (fmjax/config/schema.py:
+data, fsdp, expert, tensor); a mesh config may leave axes out (size 1).
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fmjax.errors import UserError
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+from fmjax.config.schema import MESH as _MESH_SCHEMA
+
+MESH_AXES = tuple(_MESH_SCHEMA)   # in device order: the last varies fastest (tensor: the closest devices)
+_ALWAYS_NAMED = ('data', 'fsdp', 'tensor')   # messages name the other axes only when they are not 1
+
+
+def _named(sizes) -> str:
+  """'data=1 fsdp=-1 expert=4 tensor=1': the axes and their sizes, an extra axis only when not 1."""
+  return ' '.join(f'{a}={d}' for a, d in sizes if a in _ALWAYS_NAMED or d != 1)
 
 
 class MeshError(UserError):
@@ -33,12 +42,21 @@ def _too_few_devices_hint(needed: int, available: int, platform: str) -> str:
   return f'; or run on a machine (or slice) with {needed} devices'
 
 
-def mesh_shape(mesh_cfg, num_devices: int, platform: str = '') -> tuple[int, int, int]:
-  """Resolve the configured (data, fsdp, tensor) shape; one -1 takes the remaining devices.
+def _sizes(mesh_cfg) -> list[int]:
+  """The configured size of every mesh axis (an axis the config leaves out: 1); an unknown axis is refused."""
+  names = list(mesh_cfg.keys())
+  unknown = [n for n in names if n not in MESH_AXES]
+  if unknown:
+    raise MeshError(f'mesh axis {unknown[0]!r} is unknown; the mesh axes are {", ".join(MESH_AXES)}')
+  return [int(mesh_cfg[a]) if a in names else 1 for a in MESH_AXES]
+
+
+def mesh_shape(mesh_cfg, num_devices: int, platform: str = '') -> tuple[int, ...]:
+  """Resolve the configured shape, one size per axis of MESH_AXES; one -1 takes the remaining devices.
 
   `platform` (e.g. 'cpu') names the devices in the error of a mesh that does not fit them."""
-  dims = [int(mesh_cfg[a]) for a in MESH_AXES]
-  named = ' '.join(f'{a}={d}' for a, d in zip(MESH_AXES, dims))
+  dims = _sizes(mesh_cfg)
+  named = _named(zip(MESH_AXES, dims))
   have = f'{num_devices} {"is" if num_devices == 1 else "are"} available' + (f' ({platform})' if platform else '')
   free = [i for i, d in enumerate(dims) if d == -1]
   if len(free) > 1:
@@ -60,15 +78,28 @@ def mesh_shape(mesh_cfg, num_devices: int, platform: str = '') -> tuple[int, int
 
 
 def parse_mesh_spec(spec: str) -> dict[str, int]:
-  """'data,fsdp,tensor' text (e.g. '1,-1,1') -> {'data': 1, 'fsdp': -1, 'tensor': 1}; -1 as in config."""
+  """Mesh text -> axis sizes, -1 as in config: 'data,fsdp,tensor' sizes (e.g. '1,-1,1') or named sizes
+  ('expert=4,data=2'; the axes left out are 1)."""
+  usage = (f'--mesh {spec!r} must be three sizes data,fsdp,tensor (e.g. 1,-1,1) or named sizes of '
+           f'{",".join(MESH_AXES)} (e.g. expert=4,fsdp=-1), each positive or one of them -1 (the remaining devices)')
+  parts = [p.strip() for p in spec.split(',')]
   try:
-    dims = [int(p) for p in spec.split(',')]
+    if all('=' in p for p in parts):
+      named = {k.strip(): int(v) for k, v in (p.split('=', 1) for p in parts)}
+      if any(k not in MESH_AXES for k in named):
+        raise ValueError
+      sizes = {a: named.get(a, 1) for a in MESH_AXES}
+    else:
+      dims = [int(p) for p in parts]
+      if len(dims) != 3:
+        raise ValueError
+      sizes = dict(zip(MESH_AXES, [1] * len(MESH_AXES)), **dict(zip(('data', 'fsdp', 'tensor'), dims)))
   except ValueError:
-    dims = []
-  if len(dims) != 3 or any(d == 0 or d < -1 for d in dims) or dims.count(-1) > 1:
-    raise MeshError(f'--mesh {spec!r} must be three sizes data,fsdp,tensor, each positive or one of them -1 '
-                    '(the remaining devices), e.g. 1,-1,1')
-  return dict(zip(MESH_AXES, dims))
+    raise MeshError(usage) from None
+  dims = list(sizes.values())
+  if any(d == 0 or d < -1 for d in dims) or dims.count(-1) > 1:
+    raise MeshError(usage)
+  return sizes
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -124,8 +155,7 @@ def check_divisible(abstract_tree, shardings, what: str = 'parameter') -> None:
 
 def describe(mesh: Mesh) -> str:
   """'data=2 fsdp=2 tensor=2 (8 devices, cpu)'."""
-  dims = ' '.join(f'{k}={v}' for k, v in mesh.shape.items())
-  return f'{dims} ({mesh.size} devices, {mesh.devices.flat[0].platform})'
+  return f'{_named(mesh.shape.items())} ({mesh.size} devices, {mesh.devices.flat[0].platform})'
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -48,10 +48,18 @@ def nonfinite_flag(*values: jax.Array) -> jax.Array:
   return jnp.logical_not(finite).astype(jnp.float32)
 
 
+GUARDED_EXTRAS = {'moe_router_logit_max': 'largest MoE router logit'}   # loss extras the guard checks too
+
+
+def guarded_extras(extras: dict) -> list:
+  """The values of a loss's extras that the guard checks (an MoE model's router logits)."""
+  return [extras[k] for k in GUARDED_EXTRAS if k in extras]
+
+
 def describe_step(host: dict) -> str:
   """'the loss is nan and the gradient norm is inf' from a step's host metrics."""
-  found = [f'the {name} is {host[key]}' for key, name in (('loss', 'loss'), ('grad_norm', 'gradient norm'))
-           if key in host and not math.isfinite(host[key])]
+  named = (('loss', 'loss'), ('grad_norm', 'gradient norm')) + tuple(GUARDED_EXTRAS.items())
+  found = [f'the {name} is {host[key]}' for key, name in named if key in host and not math.isfinite(host[key])]
   if not found and 'objective' in host and not math.isfinite(host['objective']):
     found = [f'the objective (loss + z-loss) is {host["objective"]}']
   return ' and '.join(found) or 'the step reported a non-finite value'

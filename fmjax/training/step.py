@@ -92,7 +92,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
-    nonfinite = numerics.nonfinite_flag(ce, objective, grad_norm)
+    nonfinite = numerics.nonfinite_flag(ce, objective, grad_norm, *numerics.guarded_extras(extras))
     if skip_nonfinite:
       keep = nonfinite > 0
       params, opt_state = jax.tree.map(lambda old, new: jnp.where(keep, old, new),

@@ -225,8 +225,11 @@ def _json_number(v: float) -> float | None:
   return v if math.isfinite(v) else None
 
 
+CONSOLE_HIDDEN = 'layers/'   # per-layer scalars (MoE routing): TensorBoard and metrics.jsonl only
+
+
 def _console_line(step: int, scalars: dict, prefix: str) -> str:
-  text = ' '.join(f'{k}={v:.4g}' for k, v in scalars.items())
+  text = ' '.join(f'{k}={v:.4g}' for k, v in scalars.items() if not k.startswith(CONSOLE_HIDDEN))
   return f'[{prefix}] step {step}: {text}'
 
 
