@@ -37,6 +37,22 @@ def test_two_processes_match_one_and_checkpoints_cross_process_counts(tmp_path, 
       assert got[step] == pytest.approx(want[step], rel=1e-5), (run.name, step)
 
 
+MOE = ('--config.model.num_experts=8', '--config.model.num_experts_per_tok=2', '--config.model.moe_mlp_dim=32',
+       '--config.checkpoint_every=0')
+
+
+def test_an_moe_run_with_experts_across_two_processes_matches_one_device(tmp_path, data):
+  """8 experts over an expert axis spanning 2 processes x 4 devices: the tokens of each process go to the
+  experts of the other and back, and every step's loss is the single device's."""
+  assert train_cli(tmp_path / 'one', data, *MOE, '--config.mesh.fsdp=1', devices=1) == [0]
+  assert train_cli(tmp_path / 'two', data, *MOE, '--config.mesh.fsdp=1', '--config.mesh.expert=8', processes=2,
+                   devices=4) == [0, 0]
+  want, got = logged_losses(tmp_path / 'one'), logged_losses(tmp_path / 'two')
+  assert sorted(got) == sorted(want) == list(range(1, 9))
+  for step in want:
+    assert got[step] == pytest.approx(want[step], rel=1e-5), step
+
+
 def _slow_run(*extra):
   # a model big enough that a step takes long enough to act between steps
   return ('--config.model.d_model=128', '--config.model.mlp_dim=512', '--config.seq_len=32',
