@@ -14,7 +14,8 @@ Dispatch (model.moe_capacity_factor):
   token is ever dropped. Under a mesh this runs in `shard_map`: tokens stay on their batch shard; with
   an expert axis each expert shard gathers the tokens of its expert group, computes its own experts and
   the partial outputs are reduce-scattered back (one all-gather and one reduce-scatter of activations per
-  layer; the expert weights are never gathered across the expert axis).
+  layer, computed one source shard's tokens at a time so the buffers stay one shard's size; the expert
+  weights are never gathered across the expert axis).
 - > 0, capacity: each batch row gives every expert C = ceil(factor * T * k / E) slots (tokens in order,
   a token's choices together); assignments past C are dropped (counted) and the block is dense
   dispatch / combine einsums that GSPMD shards.
@@ -94,19 +95,20 @@ def router_stats(logits, probs, experts, mask, num_experts: int) -> dict:
 
 def _grouped(x, w, sizes, kernel: str):
   """Grouped matmul: rows of `x` (sorted by group) times their group's matrix of `w` (G, K, N); rows past
-  sum(sizes) give 0. fp32 accumulation, result in x's dtype."""
-  if kernel == 'megablox':
+  sum(sizes) give 0. Accumulates in fp32 (as the kernels do), result in x's dtype."""
+  if kernel.startswith('megablox'):
     from jax.experimental.pallas.ops.tpu.megablox import gmm  # pylint: disable=import-outside-toplevel
     m = x.shape[0]
     tile = min(128, m) if m % 8 == 0 else m
     pad = (-m) % tile
-    xp = jnp.pad(x, ((0, pad), (0, 0))) if pad else x
+    # gmm leaves rows past sum(sizes) unwritten (forward and input gradient): mask them both ways
+    valid = (jnp.arange(m + pad) < jnp.sum(sizes))[:, None]
+    xp = jnp.where(valid, jnp.pad(x, ((0, pad), (0, 0))) if pad else x, 0)
     tiling = (tile, min(128, w.shape[1]), min(128, w.shape[2]))
-    out = gmm(xp, w.astype(x.dtype), sizes.astype(jnp.int32), preferred_element_type=jnp.float32, tiling=tiling,
-              interpret=jax.default_backend() != 'tpu')
-    return out[:m].astype(x.dtype)
-  return jax.lax.ragged_dot(x, w.astype(x.dtype), sizes.astype(jnp.int32),
-                            preferred_element_type=jnp.float32).astype(x.dtype)
+    out = gmm(xp, w.astype(x.dtype), sizes.astype(jnp.int32), preferred_element_type=x.dtype, tiling=tiling,
+              interpret=kernel == 'megablox_interpret')
+    return jnp.where(valid, out, 0)[:m].astype(x.dtype)
+  return jax.lax.ragged_dot(x, w.astype(x.dtype), sizes.astype(jnp.int32), preferred_element_type=x.dtype)
 
 
 def expert_outputs(x, experts, weights, wi_0, wi_1, wo, first_expert, kernel: str = 'ragged_dot',
@@ -179,32 +181,45 @@ def _sharded_dropless(x, experts, weights, wi_0, wi_1, wo, kernel: str, activati
     b, t, d = x.shape
     k = experts.shape[-1]
     x, experts, weights = x.reshape(b * t, d), experts.reshape(b * t, k), weights.reshape(b * t, k)
-    if gathered:
-      x, experts, weights = (jax.lax.all_gather(a, gathered, axis=0, tiled=True) for a in (x, experts, weights))
     first = jax.lax.axis_index(expert) * local_experts if expert else 0
-    y = expert_outputs(x, experts, weights, wi_0, wi_1, wo, first, kernel, activation)
+    compute = lambda x, experts, weights: expert_outputs(x, experts, weights, wi_0, wi_1, wo, first, kernel,
+                                                         activation)
+    if gathered:   # each source shard's tokens in turn: buffers of one shard's rows, not the group's
+      parts = [jax.lax.all_gather(a, gathered, axis=0) for a in (x, experts, weights)]   # (shards, n, ...)
+      y = jax.lax.map(lambda p: jax.checkpoint(compute)(*p), parts)
+    else:
+      y = compute(x, experts, weights)
     if hidden:
       y = jax.lax.psum(y, hidden)
     if gathered:
-      y = jax.lax.psum_scatter(y, gathered, scatter_dimension=0, tiled=True)
+      y = jax.lax.psum_scatter(y, gathered, scatter_dimension=0)
     rest = tuple(a for a in expert if a not in gathered)
     if rest:
       y = jax.lax.psum(y, rest)
     return y.reshape(b, t, d)
 
   e_spec, h_spec = expert or None, hidden or None
+  # The megablox pallas_call carries no varying-axes types, so its shard_map runs unchecked; the collectives
+  # above are the same either way (tests/parallel/test_moe_mesh.py checks both kernels' gradients).
   return jax.shard_map(local, mesh=mesh,
                        in_specs=(row, row, row, P(e_spec, None, h_spec), P(e_spec, None, h_spec),
                                  P(e_spec, h_spec, None)),
-                       out_specs=row)(x, experts, weights, wi_0, wi_1, wo)
+                       out_specs=row, check_vma=not kernel.startswith('megablox'))(x, experts, weights, wi_0, wi_1, wo)
 
 
-def resolve_kernel(cfg, platform: str | None = None) -> str:
-  """model.moe_kernel with 'auto' resolved: megablox on TPU, ragged_dot elsewhere."""
+def target_platform(cfg) -> str:
+  """The platform the model is built for: the run's (attention_select.for_run records it, e.g. a TPU
+  topology compiled from a CPU host), else JAX's default backend."""
+  return cfg.get('attention_platform', None) or jax.default_backend()
+
+
+def resolve_kernel(cfg) -> str:
+  """model.moe_kernel with 'auto' resolved: megablox on TPU, ragged_dot elsewhere. megablox off TPU runs
+  the Pallas kernel interpreted (tests)."""
   kernel = cfg.get('moe_kernel', 'auto')
   if kernel != 'auto':
-    return kernel
-  return 'megablox' if (platform or jax.default_backend()) == 'tpu' else 'ragged_dot'
+    return kernel if kernel != 'megablox' or target_platform(cfg) == 'tpu' else 'megablox_interpret'
+  return 'megablox' if target_platform(cfg) == 'tpu' else 'ragged_dot'
 
 
 class MoE(nn.Module):

@@ -47,8 +47,28 @@ def accelerator_of(device_kind: str) -> Accelerator | None:
   return max(matches, key=lambda m: m[0])[1] if matches else None
 
 
+def _moe_mlp_params(m) -> tuple[int, int]:
+  """(all, active per token) matmul parameters of one MoE layer's MLP: router, experts, shared expert."""
+  from fmjax.model import moe  # pylint: disable=import-outside-toplevel
+  expert = 3 * m.d_model * moe.expert_dim(m)
+  shared = 3 * m.d_model * int(m.get('moe_shared_mlp_dim', 0) or 0)
+  router = m.d_model * m.num_experts
+  return router + m.num_experts * expert + shared, router + m.num_experts_per_tok * expert + shared
+
+
+def inactive_params(model_cfg) -> int:
+  """Parameters a token does not use: the experts it is not routed to, over the MoE layers (0 if dense)."""
+  from fmjax.model import moe  # pylint: disable=import-outside-toplevel
+  if not moe.is_moe(model_cfg):
+    return 0
+  every, active = _moe_mlp_params(model_cfg)
+  return len(moe.moe_layers(model_cfg)) * (every - active)
+
+
 def matmul_params(model_cfg) -> int:
-  """Parameters that take part in a matmul per token (all but embedding lookup and norms/biases)."""
+  """Parameters that take part in a matmul per token (all but embedding lookup and norms/biases); an MoE
+  layer counts its router, the num_experts_per_tok experts a token uses and the shared expert."""
+  from fmjax.model import moe  # pylint: disable=import-outside-toplevel
   m = model_cfg
   hd = attention_spec.head_dim(m)
   kv = m.num_kv_heads or m.num_heads
@@ -57,7 +77,8 @@ def matmul_params(model_cfg) -> int:
   head = m.d_model * m.vocab_size
   if m.get('kind', 'decoder') == 'encoder':
     head += m.d_model * m.d_model  # the MLM head's dense transform
-  return m.num_layers * (attn + mlp) + head
+  sparse = len(moe.moe_layers(m))
+  return m.num_layers * attn + (m.num_layers - sparse) * mlp + (sparse * _moe_mlp_params(m)[1] if sparse else 0) + head
 
 
 def attended_keys(model_cfg, seq_len: int, causal: bool | None = None) -> float:

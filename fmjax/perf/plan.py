@@ -117,8 +117,11 @@ def plan(cfg, memory_gib: float | None = None, mfu: float = 0.5, peak_flops: flo
   tokens = cfg.global_batch_size * cfg.seq_len
   flops = metrics.flops_per_token(cfg.model, cfg.seq_len) * tokens
   n = mesh.size
+  from fmjax.training.state import param_count  # pylint: disable=import-outside-toplevel
+  count = param_count(run.state.abstract.params)
   out = {
-      'devices': n, 'mesh': dict(run.mesh.shape), 'param_bytes': params, 'optimizer_bytes': optimizer,
+      'devices': n, 'mesh': dict(run.mesh.shape), 'params': count,
+      'active_params': count - metrics.inactive_params(cfg.model), 'param_bytes': params, 'optimizer_bytes': optimizer,
       'activation_bytes': activations, 'batch_bytes': batch, 'total_bytes': total,
       'flops_per_step': flops, 'compile_s': run.compile_seconds,
   }
@@ -133,8 +136,12 @@ def plan(cfg, memory_gib: float | None = None, mfu: float = 0.5, peak_flops: flo
 
 def report(p: dict, mfu: float) -> str:
   gib = lambda b: f'{b / 2**30:,.3f} GiB'
-  lines = [f'devices: {p["devices"]}  mesh: {p["mesh"]}  (compiled in {p["compile_s"]:.1f}s)',
-           'per device:',
+  count = f'{p["params"] / 1e9:,.3f}B parameters' if 'params' in p else ''
+  if count and p['active_params'] != p['params']:
+    count += f', {p["active_params"] / 1e9:,.3f}B active per token (FLOPs count these)'
+  lines = [f'devices: {p["devices"]}  mesh: {p["mesh"]}  (compiled in {p["compile_s"]:.1f}s)']
+  lines += [f'model: {count}'] if count else []
+  lines += ['per device:',
            f'  parameters        {gib(p["param_bytes"])}',
            f'  optimizer state   {gib(p["optimizer_bytes"])}',
            f'  activations       {gib(p["activation_bytes"])}  (XLA temporaries of the step)',

@@ -137,9 +137,12 @@ class Pretraining(Objective):
 
   def describe(self, session) -> list[str]:
     from fmjax.training.state import param_count  # pylint: disable=import-outside-toplevel
+    from fmjax.perf import flops  # pylint: disable=import-outside-toplevel
     run = session.run
-    lines = [f'model: {param_count(run.state.abstract.params) / 1e6:.2f}M parameters; train step compiled in '
-             f'{run.compile_seconds:.1f}s']
+    total = param_count(run.state.abstract.params)
+    inactive = flops.inactive_params(session.cfg.model)
+    active = f' ({(total - inactive) / 1e6:.2f}M active per token)' if inactive else ''
+    lines = [f'model: {total / 1e6:.2f}M parameters{active}; train step compiled in {run.compile_seconds:.1f}s']
     memory = run.train_step.memory_analysis()
     if memory is not None:
       lines.append(f'per-device memory: arguments {memory.argument_size_in_bytes / 2**20:.1f} MiB, '

@@ -18,9 +18,9 @@ from helpers import synthetic_batch, tiny_config, with_fields
 MESHES = [dict(expert=4, data=2, fsdp=1), dict(expert=2, fsdp=2, tensor=2), dict(expert=8, fsdp=1)]
 
 
-def _cfg(mesh):
+def _cfg(mesh, **model):
   cfg = tiny_config(num_experts=8, num_experts_per_tok=2, moe_mlp_dim=32, moe_aux_loss=0.1,
-                    moe_router_z_loss=0.01)
+                    moe_router_z_loss=0.01, **model)
   return with_fields(cfg, mesh=dict(dict(data=1, fsdp=1, expert=1, tensor=1), **mesh))
 
 
@@ -30,9 +30,9 @@ def _batch(run, seed):
   return {k: jax.device_put(v, run.batch_sharding) for k, v in batch.items()}
 
 
-def _train(mesh, steps=3):
+def _train(mesh, steps=3, **model):
   """(gradients at the initial parameters, per-step metrics, final state) of 3 steps on `mesh`."""
-  cfg = _cfg(mesh)
+  cfg = _cfg(mesh, **model)
   devices = jax.devices()[:math.prod(mesh.values())]
   run = build.build_lm_run(cfg, shd.make_mesh(cfg.mesh, devices))
   state = run.init(jax.random.PRNGKey(0))
@@ -53,10 +53,14 @@ def single():
   return _train(dict(fsdp=1))
 
 
-@pytest.mark.parametrize('mesh', MESHES, ids=lambda m: ','.join(f'{k}={v}' for k, v in m.items() if v > 1))
-def test_an_expert_mesh_gives_the_single_device_loss_and_gradients(single, mesh):
+CASES = [(m, 'ragged_dot') for m in MESHES] + [(MESHES[1], 'megablox')]   # megablox: interpreted on CPU
+
+
+@pytest.mark.parametrize('mesh,kernel', CASES,
+                         ids=[','.join(f'{k}={v}' for k, v in m.items() if v > 1) + f'-{k}' for m, k in CASES])
+def test_an_expert_mesh_gives_the_single_device_loss_and_gradients(single, mesh, kernel):
   ref_grads, ref_history, _ = single
-  grads, history, state = _train(mesh)
+  grads, history, state = _train(mesh, moe_kernel=kernel)
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(ref_grads)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=jax.tree_util.keystr(path))
   for key in ('loss', 'objective', 'moe_aux_loss', 'moe_z_loss', 'moe_load_max', 'grad_norm'):
