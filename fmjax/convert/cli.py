@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                      'checkpoint')
   p.add_argument('--hf-dir', required=True, metavar='DIR', help='local directory with config.json and *.safetensors')
   p.add_argument('--out', required=True, help='output fmjax workdir (checkpoints/<step>/{state,meta})')
-  p.add_argument('--layout', type=_bool, default=True, help='scanned (default) or unrolled layers')
+  p.add_argument('--layout', type=_bool, default=None,
+                 help='scanned or unrolled layers (default: scanned, unrolled when dense and MoE layers mix)')
   p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='param dtype to store')
   p.add_argument('--mesh', default=None, help='data,fsdp,tensor to shard onto (default: one device)')
   p.add_argument('--step', type=int, default=0, help='step number of the written checkpoint')

@@ -17,7 +17,7 @@ from fmjax.checkpoints.store import make_metadata
 from fmjax.convert import families, hf_io, hf_tokenizer, output, source
 from fmjax.convert.families import pick_family
 from fmjax.convert.mapping import ConversionError, expand, locate
-from fmjax.model import layout
+from fmjax.model import layout, moe
 from fmjax.data import tokenizers as fm_tokenizers
 from fmjax.model.layers import dtype_of
 
@@ -43,15 +43,25 @@ def _leaf_paths(tree) -> set:
 
 
 def _fm_key(path: str, layer, scanned: bool) -> str:
-  return '/'.join(locate(path, layer, scanned)[0])
+  return '/'.join(locate(path, layer, scanned)[0])   # (an expert's slice lies in its stack's leaf)
 
 
 def _check_coverage(table, tree, scanned: bool) -> None:
-  """Every fmjax parameter is produced by exactly the table (no parameter silently dropped)."""
-  mapped = {_fm_key(p, layer, scanned) for _, layer, rule in table for p in rule.fm}
-  missing = sorted(_leaf_paths(tree) - mapped)
+  """Every fmjax parameter is produced by exactly the table (no parameter silently dropped), each layer of a
+  scanned stack and each expert of an expert stack too."""
+  slices = {}
+  for e in table:
+    for p in e.rule.fm:
+      keys, index = locate(p, e.layer, scanned, e.expert)
+      slices.setdefault('/'.join(keys), set()).add(index)
+  missing = sorted(_leaf_paths(tree) - set(slices))
   if missing:
     raise ConversionError(f'fmjax parameter {missing[0]} has no Hugging Face counterpart in this family')
+  shapes = {'/'.join(k.key for k in path): x.shape for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  for key, indices in slices.items():
+    want = math.prod(shapes[key][:len(next(iter(indices)))]) if key in shapes else 1
+    if len(indices) != want:
+      raise ConversionError(f'fmjax parameter {key}: this family maps {len(indices)} of its {want} layers / experts')
 
 
 # -- fmjax -> Hugging Face -------------------------------------------------------------------------
@@ -71,20 +81,20 @@ def to_hf(src: source.Source, out_dir: str, family: str | None = None, dtype: st
   table = expand(fam.rules(m), m.num_layers)
   _check_coverage(table, params, m.scan_layers)
   itemsize = np.dtype(dtype_of(dtype)).itemsize
-  by_name = {name: (layer, rule) for name, layer, rule in table}
-  shards = hf_io.plan_shards({n: math.prod(r.hf_shape) * itemsize for n, (_, r) in by_name.items()},
+  by_name = {e.name: e for e in table}
+  shards = hf_io.plan_shards({n: math.prod(e.rule.hf_shape) * itemsize for n, e in by_name.items()},
                              max_shard_bytes)
 
   def produce(name):
-    layer, rule = by_name[name]
+    entry = by_name[name]
     arrays = []
-    for path in rule.fm:
-      keys, index = locate(path, layer, m.scan_layers)
+    for path in entry.rule.fm:
+      keys, index = locate(path, entry.layer, m.scan_layers, entry.expert)
       leaf = params
       for k in keys:
         leaf = leaf[k]
-      arrays.append(np.asarray(jax.device_get(leaf if index is None else leaf[index])))
-    return rule.to_hf(*arrays)
+      arrays.append(np.asarray(jax.device_get(leaf[index] if index else leaf)))
+    return entry.rule.to_hf(*arrays)
 
   with output.staged(out_dir, overwrite, protect=(src.workdir,)) as tmp:
     files = hf_io.write_shards(tmp, shards, produce)
@@ -121,9 +131,10 @@ def read_hf_params(hf_dir: str, model_cfg, fam, abstract):
   names, used = reader.names(), set()
   table = expand(fam.rules(model_cfg), model_cfg.num_layers)
   scanned = model_cfg.scan_layers
+  _check_coverage(table, abstract, scanned)
   flat = {'/'.join(k.key for k in p): a for p, a in jax.tree_util.tree_flatten_with_path(abstract)[0]}
   out, filled = {}, set()
-  for name, layer, rule in table:
+  for name, layer, expert, rule in table:
     actual = _find(name, names, fam.OPTIONAL_PREFIX)
     if actual is None:
       raise ConversionError(f'tensor {name} is missing from {hf_dir} (needed by config.json)')
@@ -134,16 +145,16 @@ def read_hf_params(hf_dir: str, model_cfg, fam, abstract):
     for path, part in zip(rule.fm, rule.from_hf(reader.get(actual))):
       key = _fm_key(path, layer, scanned)
       target = flat[key]
-      _, index = locate(path, layer, scanned)
-      if index is None:
+      _, index = locate(path, layer, scanned, expert)
+      if not index:
         out[key] = np.asarray(part, dtype=target.dtype)
-      else:  # a scanned leaf: fill one layer of a preallocated stack
+      else:  # a scanned leaf or an expert stack: fill one layer / expert of a preallocated stack
         if key not in out:
           out[key] = np.empty(target.shape, target.dtype)
         out[key][index] = part
       filled.add(key)
   if model_cfg.tie_embeddings and 'lm_head.weight' in names:
-    _check_tied_head(reader, hf_dir, _find(table[0][0], names, fam.OPTIONAL_PREFIX))
+    _check_tied_head(reader, hf_dir, _find(table[0].name, names, fam.OPTIONAL_PREFIX))
   reader.close()
   ignored = [re.compile(p) for p in fam.IGNORED]
   extra = sorted(n for n in names - used if not any(p.search(n) for p in ignored)
@@ -237,20 +248,30 @@ def _adds_bos(workdir: str, spec: str | None) -> bool:
   return tok.bos_id in tok.encode_with_specials('a')[:1]
 
 
-def from_hf(hf_dir: str, out_workdir: str, scan_layers: bool = True, dtype: str = 'float32', mesh_spec=None,
+def _layout(m, scan_layers: bool | None) -> bool:
+  """Whether the import scans its layers: as asked, else scanned unless dense and MoE layers mix."""
+  dense = [i for i in range(m.num_layers) if moe.is_moe(m) and not moe.is_moe_layer(m, i)]
+  if scan_layers and dense:
+    raise ConversionError(f'--layout scanned: layers {", ".join(map(str, dense))} are dense and the others MoE, '
+                          'and a scanned stack needs every layer alike; use --layout unrolled (the default here)')
+  return not dense if scan_layers is None else bool(scan_layers)
+
+
+def from_hf(hf_dir: str, out_workdir: str, scan_layers: bool | None = None, dtype: str = 'float32', mesh_spec=None,
             step: int = 0, tokenizer: str | None = None, max_seq_len: int | None = None, overwrite: bool = False,
             check=None, log=print) -> dict:
   """Import a HF directory of a registered family (fmjax/convert/families) as a params-only fmjax checkpoint
   (a new workdir).
 
   `max_seq_len` lowers the context (RoPE models); `check(hf_dir, result)` runs before the output is kept.
+  `scan_layers` None: scanned, unless dense and MoE layers mix (a scanned stack needs every layer alike).
   """
   start = time.perf_counter()
   output.check_writable(out_workdir, overwrite)
   hf_config = hf_io.read_config(hf_dir)
   fam = family_for(hf_config)
   m = model_from_hf_config(hf_config, fam)
-  m.scan_layers, m.param_dtype = bool(scan_layers), dtype
+  m.scan_layers, m.param_dtype = _layout(m, scan_layers), dtype
   if max_seq_len:
     if m.positions != 'rope' or max_seq_len > m.max_seq_len:
       raise ConversionError(f'--max-seq-len {max_seq_len}: only lowers the context of a RoPE model (this one: '

@@ -4,13 +4,19 @@ A family (llama.py, gpt2.py) lists `Rule`s: one HF tensor <-> one or more fmjax 
 transform each way (the MaxText scheme). '{i}' in a name stands for the layer index. fmjax paths
 are written in the unrolled layout ('layers_{i}/attn/q/kernel'); `locate` maps them into a scanned
 tree. Transforms work on NumPy arrays, one tensor at a time.
+
+Mixture-of-experts files hold one tensor per expert ('...experts.{j}.w1.weight', '{j}' = expert index)
+where fmjax stacks the experts on a leading axis ('layers_{i}/moe/wi_0', (E, D, F)): a rule with
+`experts=E` stands for E HF tensors, each one expert's slice of its fmjax parameters, and its transforms
+act on that slice, so conversion still moves one HF tensor at a time. `layers` limits a per-layer rule to
+some layers (the MoE layers, or the dense ones, of a model that mixes them).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -28,29 +34,42 @@ class Rule:
   hf_shape: tuple              # shape of the HF tensor
   to_hf: Callable              # (*fm arrays) -> HF array
   from_hf: Callable            # HF array -> tuple of fm arrays
+  layers: tuple | None = None  # the layers a per-layer rule covers (None: all)
+  experts: int = 0             # > 0: '{j}' in hf = expert index; one HF tensor per expert, each a slice of fm
 
   @property
   def per_layer(self) -> bool:
     return '{i}' in self.hf
 
 
-def expand(rules, num_layers: int):
-  """[(hf name, layer index or None, rule)] for every tensor of the model."""
+class Entry(NamedTuple):
+  """One HF tensor of the model: its name, layer index (or None) and expert index (or None), and its rule."""
+  name: str
+  layer: int | None
+  expert: int | None
+  rule: Rule
+
+
+def expand(rules, num_layers: int) -> list[Entry]:
+  """Every HF tensor of the model, rule by rule (a layer's experts in order)."""
   out = []
   for rule in rules:
-    layers = range(num_layers) if rule.per_layer else [None]
-    out.extend((rule.hf.format(i=i), i, rule) for i in layers)
+    layers = (range(num_layers) if rule.layers is None else rule.layers) if rule.per_layer else [None]
+    experts = range(rule.experts) if rule.experts else [None]
+    out.extend(Entry(rule.hf.format(i=i, j=j), i, j, rule) for i in layers for j in experts)
   return out
 
 
-def locate(path: str, layer: int | None, scanned: bool):
-  """(keys into the params tree, index along the stacked layer axis or None)."""
+def locate(path: str, layer: int | None, scanned: bool, expert: int | None = None):
+  """(keys into the params tree, index into that leaf: () for the whole leaf, else the position along the
+  stacked layer axis (scanned) and then along the expert axis (an expert's slice))."""
   keys = path.split('/')
+  index = () if expert is None else (expert,)
   if layer is None:
-    return keys, None
+    return keys, index
   if scanned:
-    return ['layers'] + keys[1:], layer
-  return [keys[0].format(i=layer)] + keys[1:], None
+    return ['layers'] + keys[1:], (layer,) + index
+  return [keys[0].format(i=layer)] + keys[1:], index
 
 
 # -- transforms -------------------------------------------------------------------------------------
