@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fmjax.convert.families import register
+from fmjax.convert.families import llama, register
 from fmjax.convert.mapping import ConversionError, Rule, identity, linear, reshape
 
 _ACTIVATIONS = {'gelu': 'gelu_exact', 'gelu_new': 'gelu', 'gelu_pytorch_tanh': 'gelu'}
@@ -48,6 +48,7 @@ class EncoderFamily:
       bad.append(f'model.head_dim={m.head_dim} ({self.NAME} needs d_model/num_heads)')
     if m.get('position_offset', 0) != self.position_offset:
       bad.append(f'model.position_offset={m.get("position_offset", 0)} (need {self.position_offset})')
+    bad += llama.experts_on(m)
     return ', '.join(bad) or None
 
   def to_hf_config(self, m) -> dict:

@@ -55,6 +55,7 @@ def _mismatch(m, title: str, qk_norm: bool) -> str | None:
     bad.append(f'model soft-caps ({title} has none)')
   if m.get('qk_norm_scope', 'head') != 'head':
     bad.append(f"model.qk_norm_scope={m.qk_norm_scope!r} (need 'head': {title} norms q and k per head)")
+  bad += llama.experts_on(m)
   return ', '.join(bad) or None
 
 

@@ -29,6 +29,7 @@ def mismatch(m) -> str | None:
     bad.append(f'model.sliding_window={m.sliding_window} (GPT-2 attends the whole context)')
   bad += [f'model.{k}={m.get(k)!r} (need {v!r}: a Gemma feature)' for k, v in llama.GEMMA_DEFAULTS.items()
           if k != 'norm_position' and m.get(k, v) != v]
+  bad += llama.experts_on(m)
   return ', '.join(bad) or None
 
 

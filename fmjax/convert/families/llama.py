@@ -20,12 +20,13 @@ IGNORED = (r'rotary_emb\.inv_freq$',)
 OPTIONAL_PREFIX = ''
 
 
-# Fields of Gemma's block (gemma.py) and OLMo 2's (olmo2.py) at the values that switch them off, with the
-# families that switch them on: a Llama-layout export (Llama, Mistral, Qwen2, Qwen3) needs every one off.
+# Fields of Gemma's block (gemma.py), OLMo 2's (olmo2.py) and the mixture-of-experts families' (mixtral.py,
+# qwen3_moe.py, olmoe.py) at the values that switch them off, with the families that switch them on: a
+# Llama-layout export (Llama, Mistral, Qwen2, Qwen3) needs every one off.
 FEATURES_OFF = dict(norm_position=('pre', 'Gemma or OLMo 2'), norm_unit_offset=(False, 'Gemma'),
                     embed_scale=(False, 'Gemma'), query_scale_dim=(0, 'Gemma'), attn_logit_softcap=(0.0, 'Gemma'),
                     final_logit_softcap=(0.0, 'Gemma'), window_pattern=('', 'Gemma'), rope_local_theta=(0.0, 'Gemma'),
-                    qk_norm_scope=('head', 'OLMo 2'))
+                    qk_norm_scope=('head', 'OLMo 2 or OLMoE'), num_experts=(0, 'Mixtral, Qwen3-MoE or OLMoE'))
 GEMMA_DEFAULTS = {k: off for k, (off, who) in FEATURES_OFF.items() if 'Gemma' in who}
 
 
@@ -35,16 +36,22 @@ def features_on(m, allowed=()) -> list[str]:
           if k not in allowed and m.get(k, off) != off]
 
 
+def experts_on(m) -> list[str]:
+  """FEATURES_OFF's phrase for a mixture-of-experts model (model.num_experts > 0), for the dense families whose
+  mismatch does not go through `features_on` (Gemma, GPT-2, BERT): an MoE model never exports as one."""
+  return features_on(m, allowed=tuple(k for k in FEATURES_OFF if k != 'num_experts'))
+
+
 def mismatch(m, attention_bias: bool = False, qk_norm: bool = False, title: str = 'Llama',
-             window: bool = True) -> str | None:
+             window: bool = True, allowed: tuple = ()) -> str | None:
   """Why an fmjax model config is not LLaMA-style (with these q/k/v biases and q/k norms; a sliding window
-  only where `window`), or None."""
+  only where `window`; the fields of FEATURES_OFF in `allowed` left to the caller to check), or None."""
   want = dict(norm='rmsnorm', activation='swiglu', positions='rope', use_bias=False, attention_bias=attention_bias,
               qk_norm=qk_norm)
   bad = [f'model.{k}={m.get(k, False)!r} (need {v!r})' for k, v in want.items() if m.get(k, False) != v]
   if not window and m.get('sliding_window', 0):
     bad.append(f'model.sliding_window={m.sliding_window} (need 0: {title} exports have no sliding window here)')
-  bad += features_on(m)
+  bad += features_on(m, allowed)
   if m.get('kind', 'decoder') != 'decoder':
     bad.append(f"model.kind={m.kind!r} ({title} is a decoder)")
   return ', '.join(bad) or None
@@ -131,13 +138,20 @@ def from_hf_config(hf: dict) -> dict:
   refuse_values(hf, (('hidden_act', ('silu',)), ('attention_bias', (False, None)), ('mlp_bias', (False, None))),
                 'LLaMA')
   options = model_options(hf)
-  window, n_pos = hf.get('sliding_window'), hf.get('max_position_embeddings', 2048)
-  if window is not None and hf.get('model_type') == 'mistral':
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-      raise ConversionError(f'config.json: sliding_window={window!r} must be a positive integer or null')
-    if window < n_pos:   # transformers' Mistral: a query sees itself and the window - 1 keys before it
-      options['sliding_window'] = window
+  if hf.get('model_type') == 'mistral':
+    options.update(window_option(hf))
   return options          # (LlamaForCausalLM reads no sliding_window: transformers runs it without one)
+
+
+def window_option(hf: dict) -> dict:
+  """{'sliding_window': W} when config.json's sliding_window W is below max_position_embeddings, else {}
+  (transformers' Mistral and Mixtral: a query sees itself and the W - 1 keys before it, on every layer)."""
+  window, n_pos = hf.get('sliding_window'), hf.get('max_position_embeddings', 2048)
+  if window is None:
+    return {}
+  if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+    raise ConversionError(f'config.json: sliding_window={window!r} must be a positive integer or null')
+  return dict(sliding_window=window) if window < n_pos else {}
 
 
 def refuse_values(hf: dict, allowed, title: str) -> None:

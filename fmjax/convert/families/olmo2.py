@@ -48,35 +48,38 @@ def to_hf_config(m) -> dict:
   return out
 
 
-def _rope_kind(hf: dict) -> tuple[str, object] | None:
-  """(config.json key, rope type) of a RoPE scaling other than default, or None."""
+def refuse_rope_scaling(hf: dict, title: str = 'OLMo 2') -> None:
+  """One line naming the config.json key of a RoPE scaling other than default."""
   for key in ('rope_scaling', 'rope_parameters'):
     params = hf.get(key) or {}
     kind = params.get('rope_type', params.get('type', 'default'))
     if kind != 'default':
-      return key, kind
-  return None
+      raise ConversionError(f"config.json: {key}.rope_type={kind!r} is not supported (fmjax {title} needs 'default' "
+                            'RoPE)')
 
 
 def from_hf_config(hf: dict) -> dict:
   """fmjax model options from an OLMo 2 config.json (transformers' defaults where keys are missing)."""
   hf = dict(dict(max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False), **hf)
   llama.refuse_values(hf, (('hidden_act', ('silu', None)), ('attention_bias', (False, None))), 'OLMo 2')
-  scaled = _rope_kind(hf)
-  if scaled:
-    raise ConversionError(f'config.json: {scaled[0]}.rope_type={scaled[1]!r} is not supported (fmjax OLMo 2 needs '
-                          "'default' RoPE)")
+  refuse_rope_scaling(hf)
   return dict(llama.model_options(hf), qk_norm=True, **_OWN)
+
+
+def qk_norm_rules(m) -> list:
+  """llama's table with q/k norm scales over the whole projection (model.qk_norm_scope='all'; OLMoE too)."""
+  h, kv, hd = m.num_heads, m.num_kv_heads or m.num_heads, llama.head_dim(m)
+  layer = 'model.layers.{i}.'
+  table = [r for r in llama.rules(m) if not r.hf.endswith(('q_norm.weight', 'k_norm.weight'))]
+  return table + [Rule(layer + f'self_attn.{n}_norm.weight', (f'layers_{{i}}/attn/{n}_norm/scale',),
+                       **identity((n_h * hd,))) for n, n_h in (('q', h), ('k', kv))]
 
 
 def rules(m) -> list:
   """llama's embedding, projections, MLP, final norm and head with OLMo 2's two norms per layer and its
   whole-projection q/k norm scales."""
-  d, h, kv, hd = m.d_model, m.num_heads, m.num_kv_heads or m.num_heads, llama.head_dim(m)
-  layer = 'model.layers.{i}.'
-  table = [r for r in llama.rules(m) if 'layernorm' not in r.hf and '_norm.' not in r.hf]
-  table += [Rule(layer + f'self_attn.{n}_norm.weight', (f'layers_{{i}}/attn/{n}_norm/scale',), **identity((n_h * hd,)))
-            for n, n_h in (('q', h), ('k', kv))]
+  d, layer = m.d_model, 'model.layers.{i}.'
+  table = [r for r in qk_norm_rules(m) if 'layernorm' not in r.hf]
   return table + [Rule(layer + hf + '.weight', (f'layers_{{i}}/{fm}/scale',), **identity((d,)))
                   for hf, fm in (('post_attention_layernorm', 'attn_post_norm'),
                                  ('post_feedforward_layernorm', 'mlp_post_norm'))]
