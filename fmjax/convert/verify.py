@@ -103,7 +103,9 @@ def _load_hf(hf_dir: str, float64: bool):
   if 'model_type' not in config and config.get('architectures'):
     cls = getattr(transformers, config['architectures'][0], AutoModelForCausalLM)
   dtype = torch.float64 if float64 else torch.float32
-  return cls.from_pretrained(hf_dir, dtype=dtype, use_safetensors=True, attn_implementation='eager').eval()
+  # MoE models: transformers' default grouped_mm experts take no float64; its eager per-expert loop does
+  moe = dict(experts_implementation='eager') if config.get('num_experts') or config.get('num_local_experts') else {}
+  return cls.from_pretrained(hf_dir, dtype=dtype, use_safetensors=True, attn_implementation='eager', **moe).eval()
 
 
 def hf_logits(hf_dir: str, tokens, weights_dtype: str = 'float32', compute_dtype: str = 'float32') -> np.ndarray:

@@ -92,6 +92,10 @@ def family_for(model_type: str | None):
   for fam in registered():
     if model_type in fam.MODEL_TYPES:
       return fam
+  from fmjax.convert.families import moe_experts  # pylint: disable=import-outside-toplevel
+  why = moe_experts.unsupported(model_type)       # an MoE design fmjax lacks: say what it lacks
+  if why:
+    raise ConversionError(why)
   raise ConversionError(f'config.json: model_type={model_type!r} is not supported '
                         f'(supported: {", ".join(model_types())})')
 
@@ -102,7 +106,7 @@ def model_type_of(hf_config: dict) -> str | None:
   if kind is None:
     archs = [a.lower() for a in hf_config.get('architectures') or [] if isinstance(a, str)]
     longest_first = sorted(model_types(), key=len, reverse=True)
-    kind = next((t for a in archs for t in longest_first if a.startswith(t)), None)
+    kind = next((t for a in archs for t in longest_first if a.startswith(t.replace('_', ''))), None)  # Qwen3Moe
   return kind
 
 
