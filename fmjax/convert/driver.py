@@ -32,6 +32,8 @@ def model_from_hf_config(hf_config: dict, fam):
   """The fmjax model config of a config.json (a missing key is a one-line error)."""
   try:
     return source.model_config(fam.from_hf_config(hf_config))
+  except ConversionError:   # a ValueError too: the family's own line, as it is
+    raise
   except KeyError as e:
     raise ConversionError(f'config.json has no {e.args[0]!r}, which a {fam.NAME} model needs') from None
   except (TypeError, ValueError) as e:

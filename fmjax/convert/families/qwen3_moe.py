@@ -66,7 +66,9 @@ def _experts(hf: dict):
 
 def from_hf_config(hf: dict) -> dict:
   """fmjax model options from a Qwen3-MoE config.json (transformers' defaults for the keys it omits)."""
-  hf = dict(_DEFAULTS, **{k: v for k, v in hf.items() if v is not None or k not in _DEFAULTS}, num_experts=_experts(hf))
+  experts = _experts(hf)
+  hf = dict(_DEFAULTS, **{k: v for k, v in hf.items() if v is not None or k not in _DEFAULTS})
+  hf['num_experts'] = experts
   llama.refuse_values(hf, (('hidden_act', ('silu', None)), ('attention_bias', (False, None))), 'Qwen3-MoE')
   if hf.get('use_sliding_window'):
     raise ConversionError(f'config.json: use_sliding_window=true (sliding_window={hf.get("sliding_window")!r}) is '
