@@ -112,7 +112,9 @@ def test_from_hf_verify_passes_against_float64(imported, tmp_path, capsys, name)
   print(verify_import(base / 'hf', tmp_path / 'v', capsys, out['model'].sliding_window))
 
 
-@pytest.mark.parametrize('name', ['mixtral', 'qwen3_moe_mixed', 'olmoe'])
+# OLMoE's decoding in the slow suite (7 s): its q/k norm over the whole projection decodes as OLMo 2's
+# (tests/convert/test_olmo2.py) and its raw top-k weights as qwen3_moe_mixed's
+@pytest.mark.parametrize('name', ['mixtral', 'qwen3_moe_mixed', pytest.param('olmoe', marks=pytest.mark.slow)])
 def test_greedy_decoding_matches_transformers(imported, name):
   model, base, _ = imported(name)
   _, got, want = greedy_pair(model, base / 'fm', 'the quick', 64)
@@ -186,6 +188,9 @@ def test_an_moe_model_exports_as_no_dense_family_and_a_dense_one_as_no_moe_famil
   assert 'model.moe_renormalize=False' in mixtral.mismatch(m)
   m.update(moe_every=2)
   assert 'model.moe_every=2' in mixtral.mismatch(m) and 'model.moe_every' in olmoe.mismatch(m)
+  # every layer MoE: mlp_dim is unused, the file's intermediate_size is the experts' width (configs/moe_default.py)
+  m.update(moe_every=1, moe_renormalize=True, moe_mlp_dim=16)
+  assert mixtral.mismatch(m) is None and mixtral.to_hf_config(m)['intermediate_size'] == 16
 
 
 def test_expert_rules_expand_to_one_hf_tensor_per_expert_slice():

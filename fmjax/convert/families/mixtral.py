@@ -33,11 +33,12 @@ def mismatch(m) -> str | None:
 
 
 def to_hf_config(m) -> dict:
-  """The config.json of an fmjax model config."""
+  """The config.json of an fmjax model config (intermediate_size: the experts' width; no layer is dense)."""
   out = llama.hf_config(m, ARCHITECTURE, 'mixtral')
   for key in ('attention_bias', 'mlp_bias'):   # MixtralConfig has neither
     del out[key]
-  return dict(out, **moe_experts.hf_config(m), num_local_experts=int(m.num_experts), router_jitter_noise=0.0,
+  return dict(out, **moe_experts.hf_config(m), intermediate_size=moe_experts.expert_width(m),
+              num_local_experts=int(m.num_experts), router_jitter_noise=0.0,
               sliding_window=int(m.get('sliding_window', 0)) or None)
 
 

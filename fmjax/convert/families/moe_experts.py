@@ -89,19 +89,17 @@ def rules(table, m, block: str = 'mlp', names=('gate_proj', 'up_proj', 'down_pro
   ]
 
 
-def mismatch(m, title: str, renormalize: bool | None = None, dense_layers: bool = False,
-             own_width: bool = False) -> list[str]:
+def mismatch(m, title: str, renormalize: bool | None = None, dense_layers: bool = False) -> list[str]:
   """Why the MoE part of an fmjax model config is not `title`'s, one phrase each: experts at all; every layer
-  an MoE layer unless `dense_layers`; experts as wide as mlp_dim unless `own_width`; top-k renormalised as
-  `renormalize` says (None: either); no shared expert."""
+  an MoE layer unless `dense_layers`; top-k renormalised as `renormalize` says (None: either); no shared
+  expert. (Where every layer is an MoE layer, mlp_dim is unused and the experts' width is the file's
+  intermediate_size, whatever model.moe_mlp_dim says.)"""
   if int(m.get('num_experts', 0) or 0) <= 0:
     return [f'model.num_experts={m.get("num_experts", 0)} (need > 0: {title} is a mixture of experts)']
   bad = []
   if not dense_layers:
     bad += [f'model.{k}={m.get(k, v)!r} (need {v!r}: every {title} layer is an MoE layer)'
             for k, v in (('moe_every', 1), ('moe_first_dense', 0)) if m.get(k, v) != v]
-  if not own_width and int(m.get('moe_mlp_dim', 0) or 0) not in (0, m.mlp_dim):
-    bad.append(f'model.moe_mlp_dim={m.moe_mlp_dim} (need 0 or mlp_dim: {title} experts are mlp_dim wide)')
   if renormalize is not None and bool(m.get('moe_renormalize', True)) != renormalize:
     bad.append(f'model.moe_renormalize={m.get("moe_renormalize", True)!r} (need {renormalize!r} in {title})')
   if int(m.get('moe_shared_mlp_dim', 0) or 0):

@@ -41,12 +41,13 @@ def mismatch(m) -> str | None:
 
 
 def to_hf_config(m) -> dict:
-  """The config.json of an fmjax model config (default RoPE only: `mismatch` refuses a scaling)."""
+  """The config.json of an fmjax model config (default RoPE only: `mismatch` refuses a scaling; intermediate_size:
+  the experts' width, no layer is dense)."""
   out = llama.hf_config(m, ARCHITECTURE, 'olmoe')
   for key in ('mlp_bias', 'rope_scaling', 'head_dim'):   # OlmoeConfig has none of them
     del out[key]
-  return dict(out, **moe_experts.hf_config(m), num_experts=int(m.num_experts), norm_topk_prob=bool(m.moe_renormalize),
-              clip_qkv=None)
+  return dict(out, **moe_experts.hf_config(m), intermediate_size=moe_experts.expert_width(m),
+              num_experts=int(m.num_experts), norm_topk_prob=bool(m.moe_renormalize), clip_qkv=None)
 
 
 def from_hf_config(hf: dict) -> dict:

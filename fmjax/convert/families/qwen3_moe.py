@@ -32,7 +32,7 @@ _DEFAULTS = dict(max_position_embeddings=32768, rms_norm_eps=1e-6, decoder_spars
 def mismatch(m) -> str | None:
   """Why an fmjax model config is not Qwen3-MoE-style, or None."""
   why = [llama.mismatch(m, qk_norm=True, title='Qwen3-MoE', window=False, allowed=('num_experts',))]
-  why += moe_experts.mismatch(m, 'Qwen3-MoE', dense_layers=True, own_width=True)
+  why += moe_experts.mismatch(m, 'Qwen3-MoE', dense_layers=True)
   return ', '.join(w for w in why if w) or None
 
 
