@@ -206,3 +206,13 @@ def test_expert_rules_expand_to_one_hf_tensor_per_expert_slice():
   for first, every in ((0, 1), (1, 1), (0, 2), (2, 3)):
     m.update(num_layers=7, num_experts=4, moe_first_dense=first, moe_every=every)
     assert list(moe_experts.moe_layer_indices(7, first, every)) == moe.moe_layers(m)
+
+
+def test_coverage_counts_every_layer_and_expert_slice():
+  tree = {'layers': {'moe': {'wi_0': np.zeros((2, 3, 1, 1))}}}
+  rule = lambda **kw: Rule('l.{i}.e.{j}.w', ('layers_{i}/moe/wi_0',), **identity((1, 1)), **kw)
+  driver._check_coverage(expand([rule(experts=3)], 2), tree, scanned=True)
+  one_line(lambda: driver._check_coverage(expand([rule(experts=2)], 2), tree, scanned=True),
+           'layers/moe/wi_0', 'maps 4 of its 6')
+  one_line(lambda: driver._check_coverage(expand([rule(experts=3, layers=(1,))], 2), tree, scanned=True),
+           'maps 3 of its 6')
