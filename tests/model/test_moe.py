@@ -186,3 +186,45 @@ def test_a_shared_expert_is_added_to_every_token():
   without, _ = moe_lib.MoE(_cfg()).apply({'params': {k: v for k, v in params.items() if k != 'shared'}}, x,
                                          jnp.ones(x.shape[:2], bool), mutable=['moe'])
   assert np.abs(np.asarray(y) - np.asarray(without)).max() > 1e-4
+
+
+MOE_DEFAULT = 'configs/moe_default.py'
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (['--config.model.num_experts_per_tok=9'], 'model.num_experts_per_tok=9 must be between 1 and model.num_experts=8'),
+    (['--config.mesh.expert=3'], 'mesh.expert=3 does not divide model.num_experts=8'),
+    (['--config.model.moe_first_dense=1'], 'a scanned stack needs every layer alike; set model.scan_layers=false'),
+    (['--config.model.num_experts=0', '--config.mesh.expert=2'], 'mesh.expert=2 splits the experts of an MoE model'),
+    (['--config.model.moe_kernel=gmm'], "model.moe_kernel='gmm' is not one of auto, ragged_dot, megablox"),
+])
+def test_bad_moe_options_fail_in_one_line_before_compiling(overrides, message):
+  from fmjax import config
+  with pytest.raises(config.ConfigError) as e:
+    config.resolve(MOE_DEFAULT, overrides)
+  assert message in str(e.value) and '\n' not in str(e.value)
+
+
+def test_first_dense_layers_then_moe_unrolled():
+  from fmjax.model import Transformer
+  cfg = _cfg(num_layers=3, moe_first_dense=1, scan_layers=False)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  params = flax.linen.meta.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), tokens)['params'])
+  assert 'mlp' in params['layers_0'] and 'moe' in params['layers_1'] and 'moe' in params['layers_2']
+  _, state = Transformer(cfg).apply({'params': params}, tokens, mutable=['moe'])
+  assert moe_terms.stacked(state['moe'], cfg)['aux_loss'].shape == (2,)
+
+
+def test_lora_on_attention_of_an_moe_model_starts_at_the_base_and_trains_the_adapters():
+  from fmjax.model import Transformer, lora
+  cfg = lora.with_lora(_cfg(), 4, 8.0, ('q', 'k', 'v', 'o'))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 32, (2, 8)), jnp.int32)
+  params = flax.linen.meta.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), tokens)['params'])
+  assert 'lora_a' in params['layers']['attn']['q'] and set(params['layers']['moe']) == {'router', 'wi_0', 'wi_1',
+                                                                                          'wo'}
+  plain = Transformer(_cfg()).apply({'params': lora.strip_adapters(params)}, tokens)
+  np.testing.assert_allclose(np.asarray(Transformer(cfg).apply({'params': params}, tokens)), np.asarray(plain),
+                             atol=1e-6)
+  grads = jax.grad(lambda p: jnp.sum(Transformer(cfg).apply({'params': p}, tokens) ** 2))(params)
+  assert float(jnp.abs(grads['layers']['attn']['q']['lora_b']).max()) > 0
+
