@@ -24,7 +24,7 @@ _CHOICES = {
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.dtype': ('float32', 'bfloat16'),
     'model.quantization': ('none', 'int8', 'fp8'),
-    'model.moe_kernel': ('auto', 'ragged_dot', 'megablox'),
+    'model.moe_kernel': ('auto', 'ragged_dot', 'megablox', 'blocked'),
     'data.source': ('stdlib', 'text', 'jsonl', 'parquet', 'tfds'),
     'data.split_by': ('file', 'paragraph'),
     'optim.name': ('adamw', 'muon', 'adafactor', 'lion'),

@@ -70,8 +70,8 @@ MODEL = dict(   # a LLaMA-style decoder by default; kind='encoder' for BERT-styl
                                           'Qwen3-MoE norm_topk_prob); false keeps them (OLMoE)'),
     moe_capacity_factor=field(0.0, RESTORE, 'MoE: 0 = dropless (grouped matmuls); > 0 = each expert takes at most '
                                             'factor * T * k / E tokens of a row, the rest are dropped (counted)'),
-    moe_kernel=field('auto', RESUME, 'MoE dropless grouped matmul: auto (megablox on TPU, else ragged_dot) | '
-                                     'ragged_dot | megablox'),
+    moe_kernel=field('auto', RESUME, 'MoE dropless grouped matmul: auto (megablox on TPU, blocked on CPU, else '
+                                     'ragged_dot) | ragged_dot | megablox | blocked'),
     moe_aux_loss=field(0.01, RESTORE, 'MoE: weight of the load-balancing loss (Switch / Mixtral form)'),
     moe_router_z_loss=field(0.001, RESTORE, 'MoE: weight of the router z-loss (ST-MoE)'),
     dropout=field(0.0, RESTORE),

@@ -168,12 +168,18 @@ def test_capacity_mode_drops_and_counts_exactly_the_overflow():
   assert np.all(y[0, 4:] == 0)                      # tokens 5-6 lost both, padding has none
 
 
-def test_the_megablox_kernel_equals_ragged_dot():
+@pytest.mark.parametrize('kernel', ['megablox', 'blocked'])   # megablox: the Pallas kernel, interpreted on CPU
+def test_each_grouped_matmul_kernel_equals_ragged_dot(kernel):
   x, p = _x(b=2, t=16), _params()
+  p['router'][:, 3] = -5.0                                    # an expert with no rows: an empty group
   mask = np.ones(x.shape[:2], bool)
   ragged, _ = _apply(_cfg(moe_kernel='ragged_dot'), p, x, mask)
-  gmm, _ = _apply(_cfg(moe_kernel='megablox'), p, x, mask)    # the Pallas kernel, interpreted on CPU
-  np.testing.assert_allclose(gmm, ragged, atol=1e-5)
+  other, _ = _apply(_cfg(moe_kernel=kernel), p, x, mask)
+  np.testing.assert_allclose(other, ragged, atol=1e-5)
+  def loss(p, kernel):
+    return jnp.sum(moe_lib.MoE(_cfg(moe_kernel=kernel)).apply({'params': p}, x, mask, mutable=['moe'])[0] ** 2)
+  for a, b in zip(jax.tree.leaves(jax.grad(loss)(p, kernel)), jax.tree.leaves(jax.grad(loss)(p, 'ragged_dot'))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
 
 
 def test_a_shared_expert_is_added_to_every_token():
@@ -196,7 +202,7 @@ MOE_DEFAULT = 'configs/moe_default.py'
     (['--config.mesh.expert=3'], 'mesh.expert=3 does not divide model.num_experts=8'),
     (['--config.model.moe_first_dense=1'], 'a scanned stack needs every layer alike; set model.scan_layers=false'),
     (['--config.model.num_experts=0', '--config.mesh.expert=2'], 'mesh.expert=2 splits the experts of an MoE model'),
-    (['--config.model.moe_kernel=gmm'], "model.moe_kernel='gmm' is not one of auto, ragged_dot, megablox"),
+    (['--config.model.moe_kernel=gmm'], "model.moe_kernel='gmm' is not one of auto, ragged_dot, megablox, blocked"),
 ])
 def test_bad_moe_options_fail_in_one_line_before_compiling(overrides, message):
   from fmjax import config

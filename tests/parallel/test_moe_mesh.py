@@ -53,7 +53,7 @@ def single():
   return _train(dict(fsdp=1))
 
 
-CASES = [(m, 'ragged_dot') for m in MESHES] + [(MESHES[1], 'megablox')]   # megablox: interpreted on CPU
+CASES = [(m, 'blocked') for m in MESHES] + [(MESHES[1], 'ragged_dot'), (MESHES[1], 'megablox')]   # megablox: interpreted
 
 
 @pytest.mark.parametrize('mesh,kernel', CASES,
