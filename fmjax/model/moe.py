@@ -11,10 +11,11 @@ Parameters (per MoE layer, under `moe`): `router` (embed, E), `wi_0` and `wi_1` 
 Dispatch (model.moe_capacity_factor):
 - 0, dropless (default): each shard's token copies are sorted by expert and multiplied with grouped
   matmuls (model.moe_kernel: `jax.lax.ragged_dot`, the megablox GMM Pallas kernel on TPU, or 'blocked':
-  row blocks of one expert each as one batched matmul, CPU's fastest), so no token is ever dropped. Under a mesh this runs in `shard_map`: tokens stay on their batch shard; with
-  an expert axis each expert shard gathers the tokens of its expert group, computes its own experts and
-  the partial outputs are reduce-scattered back (one all-gather and one reduce-scatter of activations per
-  layer, computed one source shard's tokens at a time so the buffers stay one shard's size; the expert
+  row blocks of one expert each as one batched matmul, CPU's fastest), so no token is ever dropped.
+  Under a mesh this runs in `shard_map`: tokens stay on their batch shard; with an expert axis each
+  expert shard gathers the tokens of its expert group, computes its own experts and the partial
+  outputs are reduce-scattered back (one all-gather and one reduce-scatter of activations per layer,
+  computed one source shard's tokens at a time so the buffers stay one shard's size; the expert
   weights are never gathered across the expert axis).
 - > 0, capacity: each batch row gives every expert C = ceil(factor * T * k / E) slots (tokens in order,
   a token's choices together); assignments past C are dropped (counted) and the block is dense
@@ -22,7 +23,8 @@ Dispatch (model.moe_capacity_factor):
 
 Padding (segment id 0) is routed to no expert. Each layer sows, in the 'moe' collection, its
 load-balancing loss (Switch / Mixtral form), router z-loss, per-expert load, router entropy, dropped
-assignments (share) and the largest router logit; fmjax/objectives/moe_terms.py turns them into losses and metrics.
+assignments (share) and the largest router logit; fmjax/objectives/moe_terms.py turns them into losses
+and metrics.
 """
 
 from __future__ import annotations
