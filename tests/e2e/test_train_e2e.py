@@ -43,7 +43,9 @@ MOE = ('--config.model.num_experts=8', '--config.model.num_experts_per_tok=2', '
 
 def test_an_moe_run_with_experts_across_two_processes_matches_one_device(tmp_path, data):
   """8 experts over an expert axis spanning 2 processes x 4 devices: the tokens of each process go to the
-  experts of the other and back, and every step's loss is the single device's."""
+  experts of the other and back, and every step's loss is the single device's, which stopped at step 4
+  and resumed from its checkpoint."""
+  assert train_cli(tmp_path / 'one', data, *MOE, '--config.mesh.fsdp=1', '--config.steps=4', devices=1) == [0]
   assert train_cli(tmp_path / 'one', data, *MOE, '--config.mesh.fsdp=1', devices=1) == [0]
   assert train_cli(tmp_path / 'two', data, *MOE, '--config.mesh.fsdp=1', '--config.mesh.expert=8', processes=2,
                    devices=4) == [0, 0]

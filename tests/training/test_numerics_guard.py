@@ -186,3 +186,23 @@ def test_sensible_edge_values_are_accepted():
                                                       'optim.grad_clip=0', 'optim.b1=0', 'divergence_factor=0',
                                                       'optim.end_learning_rate=0', 'optim.learning_rate=1e30'])
   config.validate(cfg)
+
+
+def test_a_nonfinite_moe_router_logit_flags_the_step_and_is_named():
+  """An MoE loss reports its largest router logit (fmjax/objectives/moe_terms.py); the step's nonfinite flag
+  covers it even when the loss itself is finite, and the stop line names it."""
+  import optax
+  from fmjax.training import step as step_lib
+  from fmjax.training.state import TrainState
+
+  def loss(params, batch, rng):
+    logit = jnp.where(batch['inputs'][0, 0] > 0, jnp.inf, 3.0)
+    return params['w'] * 0.0 + 1.0, (1.0, 1.0, {'moe_router_logit_max': logit})
+
+  step = jax.jit(step_lib.make_train_step(loss, optax.sgd(0.1), lambda s: 0.1))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params={'w': jnp.ones(())}, opt_state=optax.sgd(0.1).init(
+      {'w': jnp.ones(())}))
+  flags = [float(step(state, {'inputs': jnp.full((1, 1), v)})[1]['nonfinite']) for v in (0, 1)]
+  assert flags == [0.0, 1.0]
+  assert numerics.describe_step({'loss': 2.0, 'moe_router_logit_max': math.inf}) == \
+      'the largest MoE router logit is inf'
