@@ -1,4 +1,4 @@
-"""An imported Qwen3 and an imported Gemma 3 (tiny transformers models with their own tokenizer.json, made
+"""An imported Qwen3, Qwen3-MoE and Gemma 3 (tiny transformers models with their own tokenizer.json, made
 here) through every command a user starts with: train --init-from for 20 steps, a classification
 fine-tune with no shape flags, evaluate, generate (greedy equals transformers past Gemma's window), and
 AutoTokenizer ids equal fmjax's (Qwen without a BOS, Gemma with one)."""
@@ -25,6 +25,7 @@ from test_hf_end_to_end import finetune_argv, hf_greedy  # noqa: E402
 pytestmark = pytest.mark.slow
 
 SPECIALS = {'qwen3': ('<|endoftext|>', '<|im_start|>', '<|im_end|>'), 'gemma3': ('<pad>', '<bos>', '<eos>')}
+SPECIALS['qwen3_moe'] = SPECIALS['qwen3']
 
 
 def _tokenizer(kind, path):
@@ -49,11 +50,13 @@ def make(kind, path):
   torch.manual_seed(0)
   common = dict(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=True)
+  qwen = dict(num_hidden_layers=2, head_dim=16, rope_theta=1e4, bos_token_id=None,
+              eos_token_id=ids.get('<|endoftext|>'), pad_token_id=ids.get('<|endoftext|>'))
   if kind == 'qwen3':
-    cfg = transformers.Qwen3Config(**common, num_hidden_layers=2, head_dim=16, rope_theta=1e4,
-                                   bos_token_id=None, eos_token_id=ids['<|endoftext|>'],
-                                   pad_token_id=ids['<|endoftext|>'])
-    model = transformers.Qwen3ForCausalLM(cfg)
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, **qwen))
+  elif kind == 'qwen3_moe':   # 4 experts of width 32, 2 per token, renormalised
+    model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+        **common, **qwen, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True))
   else:
     cfg = transformers.Gemma3TextConfig(
         **common, num_hidden_layers=7, head_dim=8, query_pre_attn_scalar=8, sliding_window=16,
@@ -68,7 +71,7 @@ def make(kind, path):
   return model
 
 
-@pytest.mark.parametrize('kind', ['qwen3', 'gemma3'])
+@pytest.mark.parametrize('kind', ['qwen3', 'qwen3_moe', 'gemma3'])
 def test_imported_family_trains_finetunes_evaluates_and_generates(kind, tmp_path, capsys):
   hf_dir, fm = tmp_path / 'hf', tmp_path / 'fm'
   model = make(kind, hf_dir)
