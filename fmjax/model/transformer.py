@@ -7,6 +7,9 @@
     Block (sandwich, Gemma 2/3): x + PostNorm(Attn(Norm(x))) -> h + PostNorm(MLP(Norm(h))).
     Block (after, OLMo 2): x + PostNorm(Attn(x)) -> h + PostNorm(MLP(h)) (no pre-norms; a final norm).
 
+With model.num_experts > 0 the MLP of the MoE layers (model.moe_every, moe_first_dense) is the
+mixture-of-experts block of fmjax/model/moe.py; its routing statistics go to the 'moe' collection.
+
 model.kind='encoder' attends bidirectionally (still never across packed documents or to
 padding) and predicts with an MLM head tied to the embeddings: dense -> GELU -> norm ->
 embedding^T + bias (BERT's and RoBERTa's head); it has no KV cache.
