@@ -31,9 +31,9 @@ def cross_entropy(logits, targets, weights, z_loss: float = 0.0):
 
 
 def lm_loss_fn(model: nn.Module, z_loss: float, vocab_chunk: int = 0) -> Callable:
-  """`loss(params, batch, rng) -> (objective_sum, (ce_sum, weight_sum, extras))` for next-token prediction;
-  an MoE model adds its load-balancing and router z-losses and reports its routing metrics as extras
-  (fmjax/objectives/moe_terms.py)."""
+  """`loss(params, batch, rng) -> (objective_sum, (ce_sum, weight_sum))` for next-token prediction; an MoE
+  model adds its load-balancing and router z-losses and returns (ce_sum, weight_sum, extras), its routing
+  metrics (fmjax/objectives/moe_terms.py)."""
   spec = logits_lib.logit_spec(model.cfg)
 
   def loss(params, batch, rng):
@@ -47,6 +47,8 @@ def lm_loss_fn(model: nn.Module, z_loss: float, vocab_chunk: int = 0) -> Callabl
                                        z_loss, vocab_chunk, transposed, logit_spec=spec)
     else:
       ce, z, w = cross_entropy(out, batch['targets'], batch['weights'], z_loss)
+    if stats is None:
+      return ce + z, (ce, w)
     moe_add, extras = moe_terms.terms(model.cfg, stats, w)
     return ce + z + moe_add, (ce, w, extras)
   return loss
