@@ -159,6 +159,9 @@ def test_llama_1b_trains_int8_on_the_slice(name):
   """configs/llama_1b.py with model.quantization=int8, compiled for the slice: the projection matmuls of
   the forward and backward passes are int8 on the MXU, splash still runs, and the step fits the chip at
   a global batch of 8 sequences per chip."""
+  import os
+  if name != 'v5p-8' and os.environ.get('FMJAX_TEST_ALL_PRESET_SLICES') != '1':
+    pytest.skip('v6e-8 compiles with FMJAX_TEST_ALL_PRESET_SLICES=1 (CI time)')
   from fmjax import cli, config as config_lib
   kind, chips = plan.parse_topology(name)
   cfg = config_lib.resolve(cli.config_path('llama_1b'), ['--config.model.quantization=int8'])
@@ -191,7 +194,7 @@ def test_family_presets_compile_with_splash_and_fit(preset, name):
   import os
   from fmjax import cli, config as config_lib
   from fmjax.model import attention_spec
-  if PRESET_SLICES.index((preset, name)) >= 2 and os.environ.get('FMJAX_TEST_ALL_PRESET_SLICES') != '1':
+  if PRESET_SLICES.index((preset, name)) >= 1 and os.environ.get('FMJAX_TEST_ALL_PRESET_SLICES') != '1':
     pytest.skip('the other presets and slices compile with FMJAX_TEST_ALL_PRESET_SLICES=1')
   kind, chips = plan.parse_topology(name)
   cfg = config_lib.resolve(cli.config_path(preset), [])
