@@ -221,6 +221,7 @@ def test_first_dense_layers_then_moe_unrolled():
   assert moe_terms.stacked(state['moe'], cfg)['aux_loss'].shape == (2,)
 
 
+@pytest.mark.slow   # 36 s on the 2-core machine: with the slow suite
 def test_lora_on_attention_of_an_moe_model_starts_at_the_base_and_trains_the_adapters():
   from fmjax.model import Transformer, lora
   cfg = lora.with_lora(_cfg(), 4, 8.0, ('q', 'k', 'v', 'o'))
