@@ -57,7 +57,8 @@ def test_every_config_file_resolves_and_holds_its_invariants(path):
   assert cfg.global_batch_size % cfg.microbatches == 0 and cfg.steps > 0
   assert 0.0 <= cfg.data.validation_fraction < 1.0
   assert 0 <= cfg.optim.warmup_steps < cfg.steps and cfg.optim.end_learning_rate <= cfg.optim.learning_rate
-  assert all(v == -1 or v > 0 for v in cfg.mesh.values())
+  assert all(v == -1 or v > 0 for k, v in cfg.mesh.items() if k != 'dcn')
+  assert all(v > 0 for v in cfg.mesh.dcn.values())
   documented = [a for argv in _documented_commands()[os.path.basename(path)] for a in argv]
   if cfg.data.tokenizer == 'byte' and not any(a.startswith('--config.data.tokenizer=') for a in documented):
     assert m.vocab_size >= BYTE_VOCAB, 'the byte tokenizer needs 259 ids'

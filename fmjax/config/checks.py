@@ -21,6 +21,7 @@ _CHOICES = {
     'model.rope_scaling': ('none', 'linear', 'llama3'),
     'model.remat': ('none', 'full', 'dots', 'names'),
     'model.attention': ('auto', 'xla', 'dense', 'cudnn', 'pallas_gpu', 'splash', 'chunked'),
+    'model.context_attention': ('ring', 'all_gather'),
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.dtype': ('float32', 'bfloat16'),
     'model.quantization': ('none', 'int8', 'fp8'),
@@ -60,6 +61,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if unknown:
       raise ConfigError(f'model.remat_names: unknown {", ".join(unknown)}; choose from {", ".join(REMAT_NAMES)}')
   _check_context(cfg)
+  _check_sequence_axis(cfg)
   if cfg.microbatches <= 0 or cfg.global_batch_size % cfg.microbatches:
     raise ConfigError(f'global_batch_size={cfg.global_batch_size} must divide into '
                       f'microbatches={cfg.microbatches}')
@@ -123,6 +125,29 @@ def _check_context(cfg: ml_collections.ConfigDict) -> None:
   if message not in _WARNED:   # validate() runs more than once per command: say it once
     _WARNED.add(message)
     logging.getLogger('fmjax.config').warning(message)
+
+
+def _check_sequence_axis(cfg: ml_collections.ConfigDict) -> None:
+  """mesh.sequence splits every row: seq_len must divide by it (by twice it in the zigzag layout), and the
+  mesh.dcn sizes must be positive."""
+  mesh = cfg.get('mesh')
+  if mesh is None:
+    return
+  for axis, size in (mesh.get('dcn') or {}).items():
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+      raise ConfigError(f'mesh.dcn.{axis}={size!r} must be a positive integer (1 = within a slice)')
+  n = int(mesh.get('sequence', 1))
+  if n == 1:
+    return
+  if n < 1:
+    raise ConfigError(f'mesh.sequence={n} must be positive (1 = no context parallelism)')
+  zigzag = bool(cfg.model.get('context_load_balance', True)) and cfg.model.get('kind', 'decoder') != 'encoder'
+  parts = 2 * n if zigzag else n
+  if cfg.seq_len % parts:
+    how = (f'2 * mesh.sequence = {parts} (the zigzag layout of model.context_load_balance)' if zigzag
+           else f'mesh.sequence={n}')
+    raise ConfigError(f'seq_len={cfg.seq_len} is not divisible by {how}: each of the {n} context shards holds an '
+                      f'equal part of every row; choose seq_len or mesh.sequence so it divides')
 
 
 def _check_moe(cfg: ml_collections.ConfigDict) -> None:

@@ -84,6 +84,12 @@ MODEL = dict(   # a LLaMA-style decoder by default; kind='encoder' for BERT-styl
     attention=field('auto', RESUME, 'auto | xla | dense | cudnn | pallas_gpu | splash | chunked '
                                     '(fmjax/model/attention.py)'),
     attention_chunk=field(128, RESUME, 'query/key block for the chunked attention'),
+    context_attention=field('ring', RESUME, 'with mesh.sequence > 1: ring (KV blocks passed around the context '
+                                            'axis with ppermute; fp32 online softmax) | all_gather (every shard '
+                                            'gathers K and V; splash per shard on TPU)'),
+    context_load_balance=field(True, RESUME, 'with mesh.sequence > 1 and causal attention: lay the sequence out '
+                                             'zigzag (shard s holds chunks s and 2n-1-s) so every shard does the '
+                                             'same attention work'),
     loss_vocab_chunk=field(0, RESUME, '> 0: fused output projection + cross-entropy over vocab chunks this size'),
     init_std=field(0.02, RESTORE),
     quantization=field('none', RESTORE, 'none | int8 | fp8: quantized matmuls in the attention and MLP '
@@ -131,20 +137,25 @@ DATA = dict(   # input pipeline: source, tokenizer, packing, loader
 MESH = dict(   # device mesh shape, in device order (the last axis varies fastest); -1 means 'all remaining devices'
     data=field(1, RESUME), fsdp=field(-1, RESUME), expert=field(1, RESUME, 'expert parallelism: MoE experts are '
                                                                            'split over it (it also shards the batch)'),
-    tensor=field(1, RESUME))
+    sequence=field(1, RESUME, 'context parallelism: activations split along the sequence; attention by '
+                              'model.context_attention (ring | all_gather)'),
+    tensor=field(1, RESUME),
+    dcn=dict(   # sizes ACROSS slices (TPU multislice) or nodes (GPU/CPU processes); the axes above are per slice
+        data=field(1, RESUME, 'data parallelism across slices: only gradient reductions cross the DCN'),
+        fsdp=field(1, RESUME, 'FSDP across slices: parameter gathers cross the DCN too')))
 
 
 def logical_axis_rules_default() -> tuple:
   """Logical axis name -> mesh axes. Model code names only logical axes."""
   return (
       ('batch', ('data', 'fsdp', 'expert')),
-      ('activation_length', None),
+      ('activation_length', 'sequence'),
       ('activation_embed', None),
       ('activation_mlp', 'tensor'),
       ('activation_heads', 'tensor'),
       ('activation_kv', None),
       ('activation_vocab', 'tensor'),
-      ('embed', 'fsdp'),
+      ('embed', ('fsdp', 'sequence')),   # the context axis shards parameters as FSDP does
       ('mlp', 'tensor'),
       ('heads', 'tensor'),
       ('kv_heads', 'tensor'),
@@ -310,6 +321,8 @@ SCHEMA = dict(
                                            "(0 = JAX's)"),
     workdir=field('', LOCAL),
     topology=field('', LOCAL, 'the slice the config is sized for (e.g. v5p-8): what fmjax.plan checks by default'),
+    num_slices=field(1, LOCAL, 'how many slices of `topology` the config is sized for (multislice; mesh.dcn '
+                               'spans them): what fmjax.plan compiles for by default'),
     finetune=FINETUNE,
     mlm=MLM,
     metrics=METRICS,

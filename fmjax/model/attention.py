@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
+from fmjax.model import context_parallel
 from fmjax.model.attention_select import (  # noqa: F401  (the choice of implementation, re-exported)
     AttentionError, Choice, cudnn_problem, for_run, log_once as _log_once, refuse_features, resolve_call, select)
 from fmjax.model.attention_spec import ScoreSpec, cap_scores, head_dim, layer_kinds, resolve, score_spec, visible
@@ -345,8 +346,14 @@ class Attention(nn.Module):
       impl = cfg.attention
       if self.decode and impl == 'cudnn':  # prompts are left-padded: cudnn's row lengths do not apply
         impl = 'dense'
-      out = by_kind(lambda kd, q_, k_, v_: attend(impl, q_, k_, v_, segment_ids, segment_ids, cfg.attention_chunk,
-                                                  platform=cfg.get('attention_platform'), spec=kd.spec), q, k, v)
+      if not self.decode and context_parallel.context_size() > 1:   # the sequence is sharded (mesh.sequence)
+        out = by_kind(lambda kd, q_, k_, v_: context_parallel.attend(
+            q_, k_, v_, positions, segment_ids, spec=kd.spec, strategy=cfg.get('context_attention', 'ring'),
+            platform=cfg.get('attention_platform'), load_balanced=context_parallel.balanced(cfg),
+            splash_block=_splash_block(q.shape[1] // context_parallel.context_size() // 2) or 128), q, k, v)
+      else:
+        out = by_kind(lambda kd, q_, k_, v_: attend(impl, q_, k_, v_, segment_ids, segment_ids, cfg.attention_chunk,
+                                                    platform=cfg.get('attention_platform'), spec=kd.spec), q, k, v)
     if self.is_mutable_collection('intermediates'):
       seg = segment_ids if kv_seg is None else kv_seg
       probs = by_kind(lambda kd, q_, k_: attention_probs(q_, k_, segment_ids, seg, q_index, spec=kd.spec), q, k)

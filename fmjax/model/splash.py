@@ -44,17 +44,18 @@ def _check_block(name: str, length: int, blk: int):
         f'(fmjax then tiles by the largest of 512, 256, 128 dividing it) or use model.attention=auto')
 
 
-def _head_mask(spec: ScoreSpec, t: int, s: int):
-  """The splash mask of one head: full, causal, or causal within the sliding window (a local mask)."""
+def _head_mask(spec: ScoreSpec, t: int, s: int, offset: int = 0):
+  """The splash mask of one head: full, causal, or causal within the sliding window (a local mask); query row
+  i is the row's token i + offset (a chunk of a longer row, keys from its start)."""
   if spec.sliding_window is not None:
-    return _mask.LocalMask((t, s), window_size=(spec.sliding_window - 1, 0), offset=0)
-  return _mask.CausalMask((t, s)) if spec.causal else _mask.FullMask((t, s))
+    return _mask.LocalMask((t, s), window_size=(spec.sliding_window - 1, 0), offset=offset)
+  return _mask.CausalMask((t, s), offset=offset) if spec.causal else _mask.FullMask((t, s))
 
 
 def splash_attention(q, k, v, q_seg, kv_seg, block: int = 512, interpret: bool = False, causal: bool | None = None,
-                     spec: ScoreSpec | None = None):
+                     spec: ScoreSpec | None = None, offset: int = 0):
   """Segment-masked attention under `spec` (default: causal unless `causal=False`) through the
-  Pallas splash kernel (TPU).
+  Pallas splash kernel (TPU); `offset`: the queries are the row's tokens offset.. offset + T - 1.
 
   The target platform is checked where the implementation is chosen (fmjax.model.attention.select),
   not here: a compile-only TPU program is traced on a CPU backend.
@@ -68,7 +69,7 @@ def splash_attention(q, k, v, q_seg, kv_seg, block: int = 512, interpret: bool =
   _check_block('query', t, bq)
   _check_block('key', s, bkv)
 
-  mask = _mask.MultiHeadMask([_head_mask(spec, t, s) for _ in range(h)])
+  mask = _mask.MultiHeadMask([_head_mask(spec, t, s, offset) for _ in range(h)])
   kernel = _kernel.make_splash_mha(mask, block_sizes=_block_sizes(bq, bkv), head_shards=1, q_seq_shards=1,
                                    attn_logits_soft_cap=spec.logit_softcap, interpret=interpret)
   qh = (q * jnp.asarray(spec.scale, q.dtype)).transpose(0, 2, 1, 3)  # (B, H, T, D), pre-scaled
@@ -106,8 +107,8 @@ def gpu_flash_attention(q, k, v, q_seg, kv_seg, interpret: bool = False, causal:
                          block_sizes=blocks, interpret=interpret)
 
 
-def _spec_without_length(spec, name: str, impl: str):
-  if spec[1] is not None:
+def _spec_without_length(spec, name: str, impl: str, mesh=None):
+  if spec[1] is not None and (mesh is None or _size(mesh, spec[1]) > 1):
     raise ValueError(f"attention='{impl}' needs the {name} sequence axis unsharded; it is sharded "
                      f'over {spec[1]!r} by logical_axis_rules (activation_length)')
   return spec
@@ -123,7 +124,8 @@ def _per_shard(run, impl: str, q, k, v, q_seg, kv_seg):
   if mesh.empty or mesh.size == 1:
     return run(q, k, v, q_seg, kv_seg)
   axes = ('batch', 'activation_length', 'activation_heads', 'activation_kv')
-  q_spec = _spec_without_length(nn.logical_to_mesh_axes(axes), 'query', impl)
+  q_spec = _spec_without_length(nn.logical_to_mesh_axes(axes), 'query', impl, mesh)
+  q_spec = P(q_spec[0], None, *q_spec[2:])
   batch = q_spec[0]
   if batch is not None and q.shape[0] % _size(mesh, batch):
     # A batch the batch axes cannot split (init traces 1 row; small decode or eval batches):

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
+from fmjax.model import context_parallel
 from fmjax.model.attention import Attention
 from fmjax.model.attention_spec import layer_kinds
 from fmjax.model.layers import MLP, dtype_of, make_norm, param_with_axes
@@ -131,6 +132,11 @@ class Transformer(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)
+    zigzag = context_parallel.context_size() if context_parallel.balanced(cfg, decode) else 0
+    if zigzag:   # context parallelism: every shard an early and a late chunk of the row (causal balance)
+      tokens, positions, segment_ids = (context_parallel.to_zigzag(a, zigzag)
+                                        for a in (tokens, positions, segment_ids))
+      token_types = None if token_types is None else context_parallel.to_zigzag(token_types, zigzag)
 
     embedding = param_with_axes(self, 'embedding', nn.initializers.normal(cfg.init_std),
                                 (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'), pdtype)
@@ -168,6 +174,8 @@ class Transformer(nn.Module):
       for i in range(cfg.num_layers):
         x, _ = block(cfg, deterministic, decode, i, name=f'layers_{i}')(x, positions, segment_ids)
 
+    if zigzag:
+      x = nn.with_logical_constraint(context_parallel.from_zigzag(x, zigzag), _RESIDUAL_AXES)
     if last_only:
       x = x[:, -1:]
     hidden = final_hidden(cfg, x)

@@ -2,12 +2,15 @@
 
 Model code names logical axes only; `logical_axis_rules` (config data) maps them onto the mesh
 axes. The mesh axes and their device order are the `mesh` section of the schema (fmjax/config/schema.py:
-data, fsdp, expert, tensor); a mesh config may leave axes out (size 1).
+data, fsdp, expert, sequence, tensor); a mesh config may leave axes out (size 1). `mesh.dcn.*` sizes the
+axes that also span slices (TPU multislice, or nodes): the mesh is then JAX's hybrid device mesh, each
+axis its per-slice size times its size across slices.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Sequence
 
@@ -20,7 +23,8 @@ from fmjax.errors import UserError
 
 from fmjax.config.schema import MESH as _MESH_SCHEMA
 
-MESH_AXES = tuple(_MESH_SCHEMA)   # in device order: the last varies fastest (tensor: the closest devices)
+MESH_AXES = tuple(a for a in _MESH_SCHEMA if a != 'dcn')   # in device order: the last varies fastest (tensor)
+DCN_AXES = tuple(_MESH_SCHEMA['dcn'])   # the axes that may also span slices (mesh.dcn.*)
 _ALWAYS_NAMED = ('data', 'fsdp', 'tensor')   # messages name the other axes only when they are not 1
 
 
@@ -44,37 +48,94 @@ def _too_few_devices_hint(needed: int, available: int, platform: str) -> str:
 
 def _sizes(mesh_cfg) -> list[int]:
   """The configured size of every mesh axis (an axis the config leaves out: 1); an unknown axis is refused."""
-  names = list(mesh_cfg.keys())
+  names = [n for n in mesh_cfg.keys() if n != 'dcn']
   unknown = [n for n in names if n not in MESH_AXES]
   if unknown:
     raise MeshError(f'mesh axis {unknown[0]!r} is unknown; the mesh axes are {", ".join(MESH_AXES)}')
   return [int(mesh_cfg[a]) if a in names else 1 for a in MESH_AXES]
 
 
-def mesh_shape(mesh_cfg, num_devices: int, platform: str = '') -> tuple[int, ...]:
+def dcn_sizes(mesh_cfg) -> list[int]:
+  """The size of every mesh axis across slices (mesh.dcn.*; 1 where absent), one per MESH_AXES."""
+  dcn = mesh_cfg.get('dcn') if hasattr(mesh_cfg, 'get') else None
+  dcn = dict(dcn or {})
+  unknown = [n for n in dcn if n not in DCN_AXES]
+  if unknown:
+    raise MeshError(f'mesh.dcn.{unknown[0]} is not an axis that can span slices; use mesh.dcn.'
+                    f'{" or mesh.dcn.".join(DCN_AXES)}')
+  sizes = [int(dcn.get(a, 1)) for a in MESH_AXES]
+  bad = [(a, d) for a, d in zip(MESH_AXES, sizes) if d < 1]
+  if bad:
+    raise MeshError(f'mesh.dcn.{bad[0][0]}={bad[0][1]}: sizes across slices must be positive (1 = within a slice)')
+  return sizes
+
+
+def slice_count(devices: Sequence[jax.Device]) -> int:
+  """How many slices the devices form: TPU slices (`slice_index`, multislice), else processes (GPU or CPU
+  nodes, one granule each)."""
+  if not devices:
+    return 1
+  if hasattr(devices[0], 'slice_index'):
+    return len({d.slice_index for d in devices})
+  return len({d.process_index for d in devices})
+
+
+def mesh_shape(mesh_cfg, num_devices: int, platform: str = '', num_slices: int = 1) -> tuple[int, ...]:
   """Resolve the configured shape, one size per axis of MESH_AXES; one -1 takes the remaining devices.
 
+  The sizes are per slice times mesh.dcn.* across `num_slices` slices (the result is their product).
   `platform` (e.g. 'cpu') names the devices in the error of a mesh that does not fit them."""
+  ici, dcn = mesh_shapes(mesh_cfg, num_devices, platform, num_slices)
+  return tuple(i * d for i, d in zip(ici, dcn))
+
+
+def mesh_shapes(mesh_cfg, num_devices: int, platform: str = '', num_slices: int = 1):
+  """(per-slice sizes, across-slice sizes), one per MESH_AXES; see `mesh_shape`. One-line errors name the axis."""
   dims = _sizes(mesh_cfg)
+  dcn = dcn_sizes(mesh_cfg)
+  across = math.prod(dcn)
+  spans = ' '.join(f'mesh.dcn.{a}={d}' for a, d in zip(MESH_AXES, dcn) if d != 1)
+  if across > 1 and num_slices == 1:
+    raise MeshError(f'{spans} spans {across} slices but the {num_devices} devices form one slice'
+                    + (f' ({platform})' if platform else '') + '; set mesh.dcn.* to 1, or run on '
+                    f'{across} slices (TPU multislice) or {across} processes (one per GPU/CPU node)')
+  if num_slices > 1 and across != num_slices:
+    raise MeshError(f'the devices form {num_slices} slices but mesh.dcn.* spans {across}'
+                    + (f' ({spans})' if spans else '') + f'; set mesh.dcn.data (or mesh.dcn.fsdp) so the product '
+                    f'is {num_slices}')
+  if num_devices % num_slices:
+    raise MeshError(f'{num_devices} devices do not split evenly into {num_slices} slices')
+  per_slice = num_devices // num_slices
   named = _named(zip(MESH_AXES, dims))
-  have = f'{num_devices} {"is" if num_devices == 1 else "are"} available' + (f' ({platform})' if platform else '')
+  where = ' per slice' if num_slices > 1 else ''
+  have = f'{per_slice} {"is" if per_slice == 1 else "are"} available{where}' + (f' ({platform})' if platform else '')
   free = [i for i, d in enumerate(dims) if d == -1]
   if len(free) > 1:
     raise MeshError(f'mesh {named}: at most one axis may be -1')
   if any(d == 0 or d < -1 for d in dims):
-    raise MeshError(f'mesh {named}: axis sizes must be positive or -1')
+    bad = next(a for a, d in zip(MESH_AXES, dims) if d == 0 or d < -1)
+    raise MeshError(f'mesh {named}: axis sizes must be positive or -1 (mesh.{bad})')
   fixed = math.prod(d for d in dims if d != -1)
   if free:
-    if num_devices % fixed:
-      raise MeshError(f'mesh {named} needs a multiple of {fixed} devices but {have}; set --config.mesh.data/fsdp/'
-                      f'tensor so the product of the fixed sizes divides {num_devices}'
-                      + _too_few_devices_hint(fixed, num_devices, platform))
-    dims[free[0]] = num_devices // fixed
+    if per_slice % fixed:
+      raise MeshError(f'mesh {named} needs a multiple of {fixed} devices{where} but {have}; set '
+                      f'--config.mesh.{_culprit(dims, per_slice)} so the product of the fixed sizes divides '
+                      f'{per_slice}' + _too_few_devices_hint(fixed, per_slice, platform))
+    dims[free[0]] = per_slice // fixed
   needed = math.prod(dims)
-  if needed != num_devices:
-    raise MeshError(f'mesh {named} needs {needed} devices but {have}; set --config.mesh.* so the product is '
-                    f'{num_devices}' + _too_few_devices_hint(needed, num_devices, platform))
-  return tuple(dims)
+  if needed != per_slice:
+    raise MeshError(f'mesh {named} needs {needed} devices{where} but {have}; set --config.mesh.'
+                    f'{_culprit(dims, per_slice)} so the product is {per_slice}'
+                    + _too_few_devices_hint(needed, per_slice, platform))
+  return tuple(dims), tuple(dcn)
+
+
+def _culprit(dims, devices: int) -> str:
+  """The axis to change: the largest one whose size does not divide the devices, else the largest above 1."""
+  sized = [(d, a) for a, d in zip(MESH_AXES, dims) if d > 1]
+  odd = [(d, a) for d, a in sized if devices % d]
+  pick = max(odd or sized or [(1, 'fsdp')])
+  return pick[1]
 
 
 def parse_mesh_spec(spec: str) -> dict[str, int]:
@@ -103,14 +164,30 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A Mesh over all (or the given) devices with GSPMD-style (Auto) axes."""
+  """A Mesh over all (or the given) devices with GSPMD-style (Auto) axes.
+
+  With mesh.dcn.* above 1 the devices must form that many slices (TPU multislice, or processes elsewhere):
+  a hybrid mesh, each axis the per-slice (ICI) size times its size across slices, slices outermost."""
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(mesh_cfg, len(devices), devices[0].platform if devices else '')
+  platform = devices[0].platform if devices else ''
+  slices = slice_count(devices)
+  ici, dcn = mesh_shapes(mesh_cfg, len(devices), platform, slices if math.prod(dcn_sizes(mesh_cfg)) > 1 else 1)
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if math.prod(dcn) > 1:
+    from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not hasattr(
+        devices[0], 'slice_index'), allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=auto)
+  shape = tuple(ici)
   try:
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
   except Exception:  # topology-aware placement can refuse odd shapes; fall back to device order
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def dcn_groups(mesh: Mesh) -> int:
+  """How many slices the mesh spans (1 for a single slice)."""
+  return slice_count(list(mesh.devices.flat))
 
 
 def axis_rules(cfg) -> tuple:
@@ -134,6 +211,28 @@ def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
   """Sharding of a (batch, length, ...) input array."""
   spec = nn.logical_to_mesh_axes(('batch',) + (None,) * (ndim - 1), rules)
   return NamedSharding(mesh, spec)
+
+
+@functools.lru_cache(maxsize=64)
+def batch_feed(sharding: NamedSharding) -> tuple[int, int]:
+  """(index, count): this process feeds part `index` of the `count` equal parts of the global batch that
+  processes feed. Processes whose devices hold the same rows (an axis that does not split the batch, e.g.
+  mesh.sequence or mesh.tensor, spanning processes) feed the same part; otherwise it is (process_index,
+  process_count)."""
+  mesh, spec = sharding.mesh, sharding.spec
+  axes = spec[0] if len(spec) else None
+  axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+  names = list(mesh.axis_names)
+  rows: dict[int, set] = {}
+  for idx in np.ndindex(mesh.devices.shape):
+    shard = 0
+    for a in axes:
+      shard = shard * mesh.shape[a] + idx[names.index(a)]
+    rows.setdefault(mesh.devices[idx].process_index, set()).add(shard)
+  parts = sorted({tuple(sorted(v)) for v in rows.values()})
+  if len(parts) == len(rows):
+    return jax.process_index(), jax.process_count()
+  return parts.index(tuple(sorted(rows[jax.process_index()]))), len(parts)
 
 
 def check_divisible(abstract_tree, shardings, what: str = 'parameter') -> None:

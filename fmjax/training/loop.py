@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from fmjax.parallel import sharding as shd
 from fmjax.perf import flops as metrics_lib
 from fmjax.training import numerics
 
@@ -172,11 +173,13 @@ def _catches_sigint() -> bool:
 
 
 def to_global(batch: dict, sharding) -> dict:
-  """A process-local numpy batch -> global jax arrays sharded on the batch axis."""
+  """A process-local numpy batch -> global jax arrays sharded on the batch axis (processes that hold the
+  same rows feed the same part: `sharding.batch_feed`)."""
   out = {}
+  parts = shd.batch_feed(sharding)[1] if jax.process_count() > 1 else 1
   for k, v in batch.items():
     v = np.asarray(v)
-    global_shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
+    global_shape = (v.shape[0] * parts,) + v.shape[1:]
     out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
   return out
 

@@ -127,10 +127,10 @@ class Pretraining(Objective):
     from fmjax.data import pipeline  # pylint: disable=import-outside-toplevel
     from fmjax.training import build  # pylint: disable=import-outside-toplevel
     cfg = session.cfg
+    part, parts = _feed(session)
     self.batches = pipeline.make_train_iterator(cfg.data, session.tokenizer, seq_len=cfg.seq_len,
-                                                batch_size=cfg.global_batch_size // jax.process_count(),
-                                                seed=cfg.seed, process_index=jax.process_index(),
-                                                process_count=jax.process_count())
+                                                batch_size=cfg.global_batch_size // parts,
+                                                seed=cfg.seed, process_index=part, process_count=parts)
     if cfg.eval_every:
       pipeline.check_eval_split(cfg.data)   # an empty validation split is found before compiling
     return build.build_lm_run(cfg, session.mesh)
@@ -177,9 +177,19 @@ class Pretraining(Objective):
       return None, 0
     from fmjax.data import pipeline  # pylint: disable=import-outside-toplevel
     from fmjax.inference import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
+    part, parts = _feed(session)
     eval_batches = pipeline.make_eval_batches(cfg.data, session.tokenizer, seq_len=cfg.seq_len,
-                                              batch_size=cfg.global_batch_size // jax.process_count(),
-                                              num_batches=cfg.eval_batches, process_index=jax.process_index(),
-                                              process_count=jax.process_count())
+                                              batch_size=cfg.global_batch_size // parts,
+                                              num_batches=cfg.eval_batches, process_index=part,
+                                              process_count=parts)
     evaluator = evaluate_lib.make_evaluator(session.run, session.tokenizer.token_byte_lengths())
     return (lambda state, step: evaluator(state.params, eval_batches)), cfg.eval_every
+
+
+def _feed(session) -> tuple[int, int]:
+  """(part, parts) of the global batch this process loads (`sharding.batch_feed`): processes that hold the
+  same rows (the sequence axis across processes) load the same documents."""
+  if jax.process_count() == 1:
+    return 0, 1
+  from fmjax.parallel import sharding as shd  # pylint: disable=import-outside-toplevel
+  return shd.batch_feed(shd.batch_sharding(session.mesh, shd.axis_rules(session.cfg)))

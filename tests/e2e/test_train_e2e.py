@@ -29,9 +29,11 @@ def test_two_processes_match_one_and_checkpoints_cross_process_counts(tmp_path, 
   one = tmp_path / 'one'
   assert train_cli(one, data, '--config.steps=4') == [0]
   assert train_cli(one, data, processes=2, devices=4) == [0, 0]  # and the reverse
+  seq = tmp_path / 'sequence'   # context parallelism: every row split over 8 devices of the 2 processes
+  assert train_cli(seq, data, '--config.mesh.fsdp=1', '--config.mesh.sequence=8', processes=2, devices=4) == [0, 0]
   want = logged_losses(ref)
   assert sorted(want) == list(range(1, 9))
-  for run in (two, one):
+  for run in (two, one, seq):
     got = logged_losses(run)
     for step in range(1, 9):
       assert got[step] == pytest.approx(want[step], rel=1e-5), (run.name, step)
