@@ -11,7 +11,7 @@ from typing import Sequence
 from fmjax import cli
 
 USAGE = """python -m fmjax.plan --config CONFIG [--config.KEY=VALUE ...] [--topology NAME | --devices N]
-                         [--memory-gib G] [--mfu 0.5]"""
+                         [--num-slices S] [--memory-gib G] [--mfu 0.5] [--context-baseline]"""
 DESCRIPTION = """Plan a run before paying for it: compile CONFIG's real train step ahead of time for the target
 devices and print, per device, parameter, optimizer-state and activation memory against the device
 memory, the FLOPs per step and the step time predicted at --mfu. The target is --topology, else
@@ -28,6 +28,12 @@ def parser() -> cli.ArgumentParser:
                       'without one, the devices of this machine)')
   p.add_argument('--devices', type=int, default=0, metavar='N',
                  help='plan for N devices of this platform (default: see --topology)')
+  p.add_argument('--num-slices', type=int, default=0, metavar='S',
+                 help='compile for S slices of --topology joined by the data-centre network (TPU multislice; '
+                      'mesh.dcn.* spans them; default: config.num_slices)')
+  p.add_argument('--context-baseline', action='store_true',
+                 help='with mesh.sequence > 1, also compile without the context axis (folded into fsdp) and '
+                      'print its activation memory beside this plan')
   p.add_argument('--memory-gib', type=float, default=0.0, metavar='G',
                  help="device memory limit (default: the target chip's)")
   p.add_argument('--mfu', type=float, default=0.5, help='MFU assumed for the predicted step time')

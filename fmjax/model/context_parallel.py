@@ -87,8 +87,9 @@ def attend(q, k, v, positions, segment_ids, *, spec: ScoreSpec, strategy: str = 
     if strategy == 'ring':
       return kernels.ring_attention(q_, k_, v_, pos, pos, seg, seg, **options)
     if platform == 'tpu' or interpret:
-      return _gathered_splash(q_, k_, v_, seg, n=n, spec=spec, zigzag=load_balanced, block=splash_block,
-                              interpret=interpret)
+      local = functools.partial(_gathered_splash, n=n, spec=spec, zigzag=load_balanced, block=splash_block,
+                                interpret=interpret)
+      return _rematerialised(local)(q_, k_, v_, seg)
     return kernels.gathered_kv_attention(q_, k_, v_, pos, pos, seg, seg, **options)
 
   return jax.shard_map(run, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, idx_spec, idx_spec), out_specs=q_spec,
@@ -125,6 +126,12 @@ def _gathered_splash(q, k, v, seg, *, n, spec, zigzag, block, interpret):
     return branch(0, q, kg, vg, seg, sg)
   shard = jax.lax.axis_index(AXIS)
   return jax.lax.switch(shard, [functools.partial(branch, s) for s in range(n)], q, kg, vg, seg, sg)
+
+
+def _rematerialised(fn):
+  """`fn` whose backward recomputes it from its inputs: a switch over the shards would otherwise keep every
+  branch's residuals (n copies of the gathered K and V per layer) for the backward pass."""
+  return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
 
 
 def balanced(cfg, decode: bool = False) -> bool:

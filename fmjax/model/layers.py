@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
+from fmjax.model import context_parallel
 from fmjax.model.quantization import is_quantized
 
 Dtype = Any
@@ -120,12 +121,8 @@ class Projection(nn.Module):
       return kernel, (self._bias() if self.use_bias else None), delta
     n_in = len(self.in_shape)
     lead = x.shape[:x.ndim - n_in]
-    # One 2-D matmul (tokens, in) @ (in, out): its gradients are plain 2-D matmuls too, which
-    # XLA CPU runs without the transposed copies that N-D contractions over (B, T) force.
     w = kernel.astype(self.dtype).reshape(math.prod(self.in_shape), math.prod(self.out_shape))
-    # lax.dot_general (jnp.dot's own lowering) so model.quantization's interceptor sees the matmul.
-    y = jax.lax.dot_general(x.astype(self.dtype).reshape(math.prod(lead), w.shape[0]), w, (((1,), (0,)), ((), ())))
-    y = y.reshape(lead + tuple(self.out_shape))
+    y = token_matmul(x.astype(self.dtype).reshape(lead + (w.shape[0],)), w).reshape(lead + tuple(self.out_shape))
     if self.use_bias:
       y = y + self._bias().astype(self.dtype)
     if self.lora:
@@ -157,6 +154,18 @@ def project(x, make: Callable[..., Projection], names: Sequence[str], cfg, dtype
   return fused_projections(x, [make(n, weights_only=True) for n in names], dtype)
 
 
+def token_matmul(x, w):
+  """x (..., K) @ w (K, ...) -> (..., ...): one 2-D matmul over the flattened tokens (its gradients are plain
+  2-D matmuls too, which XLA CPU runs without the transposed copies N-D contractions over (B, T) force),
+  unless the mesh shards the sequence: flattening (B, T) would lose that sharding, so the contraction
+  keeps the token axes. lax.dot_general (jnp.dot's own lowering) so model.quantization's interceptor sees it."""
+  lead = x.shape[:-1]
+  if context_parallel.context_size() > 1:
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+  y = jax.lax.dot_general(x.reshape(math.prod(lead), x.shape[-1]), w, (((1,), (0,)), ((), ())))
+  return y.reshape(lead + y.shape[1:])
+
+
 def fused_projections(x, projections: Sequence[Projection], dtype: Dtype):
   """Apply several same-shaped projections of `x` as one matmul; returns their outputs in order.
 
@@ -169,11 +178,10 @@ def fused_projections(x, projections: Sequence[Projection], dtype: Dtype):
   weights = [p(x) for p in projections]  # each: (kernel, bias or None, LoRA term or None)
   kernel = jnp.stack([w.astype(dtype) for w, _, _ in weights], axis=1)    # (D, n, *out)
   lead = x.shape[:-1]
-  y = jax.lax.dot_general(x.astype(dtype).reshape(math.prod(lead), x.shape[-1]), kernel,
-                          (((1,), (0,)), ((), ())))                       # (N, n, *out)
+  y = token_matmul(x.astype(dtype), kernel)                               # (..., n, *out)
   if weights[0][1] is not None:
     y = y + jnp.stack([b.astype(dtype) for _, b, _ in weights], axis=0)
-  outs = [y[:, i].reshape(lead + y.shape[2:]) for i in range(len(projections))]
+  outs = [y[(slice(None),) * len(lead) + (i,)] for i in range(len(projections))]
   return [o if delta is None else o + delta.astype(o.dtype) for o, (_, _, delta) in zip(outs, weights)]
 
 

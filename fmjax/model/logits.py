@@ -17,11 +17,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from fmjax.model.layers import Projection, dtype_of, lora_spec, make_norm, param_with_axes
+from fmjax.model.layers import Projection, dtype_of, lora_spec, make_norm, param_with_axes, token_matmul
 
 HEAD_PARAMS = ('final_norm', 'lm_head', 'mlm_head')  # the Transformer's params the head reads (and 'embedding')
 
@@ -77,10 +76,7 @@ class MLMHead(nn.Module):
                    init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype)(hidden)
     h = make_norm(cfg, 'norm')(nn.gelu(h, approximate=cfg.activation != 'gelu_exact'))
     bias = param_with_axes(self, 'bias', nn.initializers.zeros, (cfg.vocab_size,), ('vocab',), pdtype)
-    lead = h.shape[:-1]
-    flat = h.reshape(-1, cfg.d_model)
-    logits = jax.lax.dot_general(flat, embedding.astype(dtype), (((1,), (1,)), ((), ())))
-    return (logits + bias.astype(dtype)).reshape(lead + (-1,))
+    return token_matmul(h, embedding.astype(dtype).T) + bias.astype(dtype)
 
 
 def final_hidden(cfg, x):
@@ -103,10 +99,7 @@ def output_logits(cfg, hidden, embedding):
   if is_encoder(cfg):
     logits = MLMHead(cfg, name='mlm_head')(hidden, embedding)
   elif cfg.tie_embeddings:
-    lead = hidden.shape[:-1]
-    flat = hidden.reshape(-1, cfg.d_model)  # 2-D matmuls, forward and backward
-    logits = jax.lax.dot_general(flat, embedding.astype(dtype_of(cfg.dtype)), (((1,), (1,)), ((), ())))
-    logits = logits.reshape(lead + (-1,))
+    logits = token_matmul(hidden, embedding.astype(dtype_of(cfg.dtype)).T)
   else:
     logits = _lm_head(cfg, lora=lora_spec(cfg, 'lm_head'))(hidden)
   spec = logit_spec(cfg)

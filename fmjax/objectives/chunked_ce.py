@@ -36,14 +36,16 @@ def _pad_vocab(embedding, transpose: bool, chunk: int):
 
 
 def _logits_block(hidden, embedding, start, chunk: int, vocab: int, transpose: bool, spec: LogitSpec):
-  """fp32 logits (N, chunk) for vocab columns [start, start + chunk), transformed by `spec`, padding
-  columns masked; also the transform's slope there (None for the identity), 0 in padding columns."""
+  """fp32 logits (..., chunk) of hidden (..., D) for vocab columns [start, start + chunk), transformed by
+  `spec`, padding columns masked; also the transform's slope there (None for the identity), 0 in padding
+  columns, and the columns' ids (broadcastable against the logits)."""
   axis = 0 if transpose else 1
   w = jax.lax.dynamic_slice_in_dim(embedding, start, chunk, axis=axis).astype(hidden.dtype)
-  dims = (((1,), (1,)), ((), ())) if transpose else (((1,), (0,)), ((), ()))
+  last = hidden.ndim - 1
+  dims = (((last,), (1,)), ((), ())) if transpose else (((last,), (0,)), ((), ()))
   logits = jax.lax.dot_general(hidden, w, dims, preferred_element_type=jnp.float32)
-  cols = start + jnp.arange(chunk)
-  real = cols[None, :] < vocab
+  cols = (start + jnp.arange(chunk)).reshape((1,) * last + (chunk,))
+  real = cols < vocab
   slope = None
   if not spec.identity:
     logits = spec.apply(logits)
@@ -52,21 +54,20 @@ def _logits_block(hidden, embedding, start, chunk: int, vocab: int, transpose: b
 
 
 def _forward(hidden, embedding, targets, chunk: int, transpose: bool, spec: LogitSpec):
-  """Per-token (logsumexp, target logit), both fp32 (N,), by an online logsumexp over chunks."""
+  """Per-token (logsumexp, target logit), both fp32 (...,), by an online logsumexp over chunks."""
   vocab = _vocab_size(embedding, transpose)
   padded = _pad_vocab(embedding, transpose, chunk)
-  n = hidden.shape[0]
+  n = hidden.shape[:-1]
 
   def body(carry, start):
     run_max, run_sum, target_logit = carry
     logits, _, cols, _ = _logits_block(hidden, padded, start, chunk, vocab, transpose, spec)
     new_max = jnp.maximum(run_max, logits.max(axis=-1))
-    run_sum = run_sum * jnp.exp(run_max - new_max) + jnp.exp(logits - new_max[:, None]).sum(axis=-1)
-    target_logit += jnp.where(cols[None, :] == targets[:, None], logits, 0.0).sum(axis=-1)
+    run_sum = run_sum * jnp.exp(run_max - new_max) + jnp.exp(logits - new_max[..., None]).sum(axis=-1)
+    target_logit += jnp.where(cols == targets[..., None], logits, 0.0).sum(axis=-1)
     return (new_max, run_sum, target_logit), None
 
-  init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32),
-          jnp.zeros((n,), jnp.float32))
+  init = (jnp.full(n, -jnp.inf, jnp.float32), jnp.zeros(n, jnp.float32), jnp.zeros(n, jnp.float32))
   starts = jnp.arange(0, padded.shape[0 if transpose else 1], chunk)
   (run_max, run_sum, target_logit), _ = jax.lax.scan(body, init, starts)
   return run_max + jnp.log(run_sum), target_logit
@@ -97,24 +98,26 @@ def _fused_bwd(z_loss, chunk, transpose, spec, residuals, g):
   g_ce, g_z, g_w = (x.astype(jnp.float32) for x in g)
   vocab = _vocab_size(embedding, transpose)
   padded = _pad_vocab(embedding, transpose, chunk)
-  p_scale = (weights * (g_ce + 2.0 * z_loss * lse * g_z))[:, None]
-  onehot_scale = (weights * g_ce)[:, None]
+  p_scale = (weights * (g_ce + 2.0 * z_loss * lse * g_z))[..., None]
+  onehot_scale = (weights * g_ce)[..., None]
+  lead = 'abcdefgh'[:hidden.ndim - 1]
   axis = 0 if transpose else 1
 
   def body(carry, start):
     d_hidden, d_embedding = carry
     logits, w, cols, slope = _logits_block(hidden, padded, start, chunk, vocab, transpose, spec)
-    probs = jnp.exp(logits - lse[:, None])
-    d_logits = p_scale * probs - jnp.where(cols[None, :] == targets[:, None], onehot_scale, 0.0)
+    probs = jnp.exp(logits - lse[..., None])
+    d_logits = p_scale * probs - jnp.where(cols == targets[..., None], onehot_scale, 0.0)
     if slope is not None:
       d_logits = d_logits * slope
     d_logits = d_logits.astype(hidden.dtype)
+    mm = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
     if transpose:  # logits = h @ w.T with w (chunk, D)
-      d_hidden += jnp.dot(d_logits, w, preferred_element_type=jnp.float32)
-      d_w = jnp.dot(d_logits.T, hidden, preferred_element_type=jnp.float32)
+      d_hidden += mm(f'{lead}c,cd->{lead}d', d_logits, w)
+      d_w = mm(f'{lead}c,{lead}d->cd', d_logits, hidden)
     else:  # logits = h @ w with w (D, chunk)
-      d_hidden += jnp.dot(d_logits, w.T, preferred_element_type=jnp.float32)
-      d_w = jnp.dot(hidden.T, d_logits, preferred_element_type=jnp.float32)
+      d_hidden += mm(f'{lead}c,dc->{lead}d', d_logits, w)
+      d_w = mm(f'{lead}d,{lead}c->dc', hidden, d_logits)
     d_embedding = jax.lax.dynamic_update_slice_in_dim(d_embedding, d_w.astype(d_embedding.dtype),
                                                       start, axis=axis)
     return (d_hidden, d_embedding), None
@@ -134,16 +137,18 @@ def chunked_cross_entropy(hidden, embedding, targets, weights, z_loss: float = 0
                           transpose: bool = True, logit_spec: LogitSpec | None = None):
   """Token-summed cross-entropy and z-loss of `logit_spec.apply(hidden @ embedding.T)`, one vocab chunk at a time.
 
-  hidden (N, D), any float dtype (leading batch axes are flattened); embedding, the output
+  hidden (N, D), any float dtype (leading batch axes are flattened, except when the mesh shards the
+  sequence: flattening would lose that sharding, so (B, T, D) stays); embedding, the output
   projection, (V, D) if transpose else (D, V), cast to hidden's dtype chunk by chunk; targets
   (N,) int32; weights (N,) float32. Returns (ce_sum, z_sum, weight_sum) in fp32, exactly as
   `lm.cross_entropy(logits, targets, weights, z_loss)` for the fp32-accumulated logits, and
   is differentiable in hidden, embedding and weights without the (N, V) logits. Any V works:
   the vocab is padded to a multiple of chunk (chunk is capped at V).
   """
-  d = hidden.shape[-1]
-  hidden = hidden.reshape(-1, d)
-  targets = targets.reshape(-1).astype(jnp.int32)
-  weights = weights.reshape(-1).astype(jnp.float32)
+  from fmjax.model import context_parallel  # pylint: disable=import-outside-toplevel
+  if context_parallel.context_size() == 1:   # one 2-D matmul per chunk (XLA CPU's fastest form)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+  targets = targets.reshape(hidden.shape[:-1]).astype(jnp.int32)
+  weights = weights.reshape(hidden.shape[:-1]).astype(jnp.float32)
   chunk = max(1, min(int(chunk), _vocab_size(embedding, transpose)))
   return _fused(hidden, embedding, targets, weights, float(z_loss), chunk, bool(transpose), logit_spec or LogitSpec())

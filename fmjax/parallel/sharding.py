@@ -185,11 +185,6 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
-def dcn_groups(mesh: Mesh) -> int:
-  """How many slices the mesh spans (1 for a single slice)."""
-  return slice_count(list(mesh.devices.flat))
-
-
 def axis_rules(cfg) -> tuple:
   """The logical-axis rules of a run config as a tuple of (name, mesh axes) pairs."""
   return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in cfg.logical_axis_rules)
@@ -253,8 +248,11 @@ def check_divisible(abstract_tree, shardings, what: str = 'parameter') -> None:
 
 
 def describe(mesh: Mesh) -> str:
-  """'data=2 fsdp=2 tensor=2 (8 devices, cpu)'."""
-  return f'{_named(mesh.shape.items())} ({mesh.size} devices, {mesh.devices.flat[0].platform})'
+  """'data=2 fsdp=2 tensor=2 (8 devices, cpu)'; '... (8 devices in 2 slices, tpu)' for multislice."""
+  devices = list(mesh.devices.flat)
+  slices = len({d.slice_index for d in devices}) if hasattr(devices[0], 'slice_index') else 1
+  over = f' in {slices} slices' if slices > 1 else ''
+  return f'{_named(mesh.shape.items())} ({mesh.size} devices{over}, {devices[0].platform})'
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -64,14 +64,18 @@ def is_tpu(kind: str | None) -> bool:
   return bool(kind) and kind.startswith('v')
 
 
-def tpu_devices(topology: str, topology_name: str = ''):
-  """Compile-only devices of a TPU topology (needs libtpu); v4 as megacore chips (one device per chip)."""
+def tpu_devices(topology: str, topology_name: str = '', num_slices: int = 1):
+  """Compile-only devices of a TPU topology (needs libtpu); v4 as megacore chips (one device per chip).
+  `num_slices` > 1: that many slices joined by the data-centre network (libtpu's multislice description;
+  each device has its `slice_index`)."""
   from jax.experimental import topologies
   key = topology.lower().replace('v5litepod', 'v5e')
   name = topology_name or TPU_TOPOLOGIES.get(key)
   if not name:
     raise PlanError(f'no chip layout known for {topology!r}; pass --tpu-topology-name e.g. v5p:2x2x4')
   kwargs = {'chip_config_name': 'megacore'} if name.startswith('v4') else {}
+  if num_slices > 1:
+    kwargs['num_slices'] = num_slices
   return topologies.get_topology_desc(topology_name=name, platform='tpu', **kwargs).devices
 
 
@@ -120,11 +124,15 @@ def plan(cfg, memory_gib: float | None = None, mfu: float = 0.5, peak_flops: flo
   from fmjax.training.state import param_count  # pylint: disable=import-outside-toplevel
   count = param_count(run.state.abstract.params)
   out = {
-      'devices': n, 'mesh': dict(run.mesh.shape), 'params': count,
+      'devices': n, 'mesh': dict(run.mesh.shape), 'params': count, 'slices': shd.slice_count(list(mesh.devices.flat))
+      if math.prod(shd.dcn_sizes(cfg.mesh)) > 1 else 1,
       'active_params': count - metrics.inactive_params(cfg.model), 'param_bytes': params, 'optimizer_bytes': optimizer,
       'activation_bytes': activations, 'batch_bytes': batch, 'total_bytes': total,
       'flops_per_step': flops, 'compile_s': run.compile_seconds,
   }
+  if out['slices'] > 1 and mesh.devices.flat[0].platform == 'tpu':
+    from fmjax.perf import dcn_traffic  # pylint: disable=import-outside-toplevel
+    out['dcn_bytes'] = dcn_traffic.summary(dcn_traffic.dcn_transfers(run.train_step.as_text()))
   if peak_flops:
     out['predicted_step_s'] = flops / n / (peak_flops * mfu)
     out['predicted_tokens_per_s'] = tokens / out['predicted_step_s']
@@ -139,7 +147,8 @@ def report(p: dict, mfu: float) -> str:
   count = f'{p["params"] / 1e9:,.3f}B parameters' if 'params' in p else ''
   if count and p['active_params'] != p['params']:
     count += f', {p["active_params"] / 1e9:,.3f}B active per token (FLOPs count these)'
-  lines = [f'devices: {p["devices"]}  mesh: {p["mesh"]}  (compiled in {p["compile_s"]:.1f}s)']
+  slices = f'  over {p["slices"]} slices' if p.get('slices', 1) > 1 else ''
+  lines = [f'devices: {p["devices"]}{slices}  mesh: {p["mesh"]}  (compiled in {p["compile_s"]:.1f}s)']
   lines += [f'model: {count}'] if count else []
   lines += ['per device:',
            f'  parameters        {gib(p["param_bytes"])}',
@@ -150,6 +159,13 @@ def report(p: dict, mfu: float) -> str:
            + (f' of {gib(p["memory_bytes"])} ({"fits" if p["fits"] else "DOES NOT FIT"})' if 'memory_bytes' in p
               else ''),
            f'FLOPs per step: {p["flops_per_step"]:.3e}']
+  if 'dcn_bytes' in p:
+    sent = ', '.join(f'{kind.lower().replace("_", "-")} {gib(b)}' for kind, b in sorted(p['dcn_bytes'].items()))
+    lines.append(f'across slices (DCN) per step and device: {sent or "nothing"}')
+  if 'baseline_activation_bytes' in p:
+    ratio = p['baseline_activation_bytes'] / max(p['activation_bytes'], 1)
+    lines.append(f'without the context axis ({p["baseline_mesh"]}): activations {gib(p["baseline_activation_bytes"])} '
+                 f'per device{" (does not fit)" if p.get("baseline_oom") else ""}: mesh.sequence cuts them {ratio:.2f}x')
   if 'predicted_step_s' in p:
     lines.append(f'predicted at {mfu:.0%} MFU: {p["predicted_step_s"] * 1e3:,.1f} ms/step, '
                  f'{p["predicted_tokens_per_s"]:,.0f} tokens/s')
@@ -202,25 +218,55 @@ def run_command(args, overrides: Sequence[str]) -> int:
   if peak is None and jax.devices()[0].platform != 'cpu':
     peak = metrics.device_peak_flops(jax.devices()[0]) or None
   devices = None
+  slices = int(args.num_slices or cfg.get('num_slices', 1) or 1)
+  if slices > 1 and not (is_tpu(kind) and (jax.devices()[0].platform == 'tpu' or 'libtpu' in sys.modules)):
+    raise PlanError(f'--num-slices {slices} needs a TPU --topology and libtpu (its multislice description); '
+                    f'got {topology or "no topology"}')
   if is_tpu(kind) and (jax.devices()[0].platform == 'tpu' or 'libtpu' in sys.modules):
-    devices = tpu_devices(topology, args.tpu_topology_name)
+    devices = tpu_devices(topology, args.tpu_topology_name, slices)
   elif chips and chips != jax.device_count():
     raise PlanError(f'{chips} devices were asked for but {jax.device_count()} exist; run fmjax.plan in a fresh '
                     'process (it must set the device count before jax starts)')
   try:
-    result = plan(cfg, memory, args.mfu, peak, devices, target=topology)
+    result = plan(cfg, memory, args.mfu, peak, devices, target=f'{slices} x {topology}' if slices > 1 else topology)
   except PlanError as e:
     if not str(e).startswith('does not fit'):
       raise
     raise PlanError(f'{e}; {suggest_batch(cfg, memory, devices)}') from None
+  if args.context_baseline and int(cfg.mesh.get('sequence', 1)) > 1:
+    result.update(context_baseline(cfg, devices))
   if topology:
     source = '--topology' if args.topology else 'config.topology: the slice this config is sized for'
-    print(f'topology: {topology} ({source})')
+    print(f'topology: {f"{slices} x " if slices > 1 else ""}{topology} ({source})')
   print(report(result, args.mfu))
   if result.get('fits') is False:
     raise PlanError(f'does not fit: needs {result["total_bytes"] / 2**30:.2f} GiB per device but the limit is '
                     f'{result["memory_bytes"] / 2**30:.2f} GiB; {suggest_batch(cfg, memory, devices)}')
   return 0
+
+
+_NEEDED = re.compile(r'need ([\d.]+)([KMGT]?) but')
+
+
+def context_baseline(cfg, devices=None) -> dict:
+  """The same plan without the context axis (mesh.sequence folded into mesh.fsdp): its activation bytes per
+  device (from XLA's refusal when they do not fit), to set beside the plan that shards the sequence."""
+  n = int(cfg.mesh.get('sequence', 1))
+  trial = cfg.copy_and_resolve_references()
+  trial.mesh.sequence = 1
+  if int(trial.mesh.fsdp) != -1:
+    trial.mesh.fsdp = int(trial.mesh.fsdp) * n
+  described = f'mesh.sequence=1 mesh.fsdp={trial.mesh.fsdp}'
+  try:
+    result = plan(trial, devices=devices, target='the baseline without the context axis')
+  except PlanError as e:
+    m = _NEEDED.search(str(e))
+    if not m:
+      raise
+    units = {'': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
+    return {'baseline_activation_bytes': int(float(m.group(1)) * units[m.group(2)]), 'baseline_mesh': described,
+            'baseline_oom': True}
+  return {'baseline_activation_bytes': result['activation_bytes'], 'baseline_mesh': described}
 
 
 def suggest_batch(cfg, memory_gib: float | None, devices=None) -> str:
