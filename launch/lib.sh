@@ -69,6 +69,38 @@ split_eq() {
   done
 }
 
+# dcn_product ARG...: read the --config.mesh.dcn.AXIS=K (or --config.mesh.dcn.AXIS K) overrides in
+# a train command line. Sets DCN_PRODUCT to the product of the K (1 without any; an axis given twice
+# counts once, its last value, as fmjax's flags parse it) and DCN_AXES to them ("data=2 fsdp=2",
+# empty without any). Dies on a K that is not a positive integer.
+dcn_product() {
+  local a key val k seen=" "
+  local -a keys=() vals=()
+  while [[ $# -gt 0 ]]; do
+    a=$1
+    shift
+    [[ $a == --config.mesh.dcn.?* ]] || continue
+    if [[ $a == *=* ]]; then
+      key=${a%%=*} val=${a#*=}
+    else
+      key=$a val=${1-}
+      if [[ $# -gt 0 ]]; then shift; fi
+    fi
+    key=${key#--config.mesh.dcn.}
+    [[ $val =~ ^[1-9][0-9]*$ ]] || die "--config.mesh.dcn.$key must be a positive integer, got '$val'"
+    keys+=("$key")
+    vals+=("$val")
+  done
+  DCN_PRODUCT=1
+  DCN_AXES=""
+  for (( k = ${#keys[@]} - 1; k >= 0; k-- )); do
+    [[ $seen != *" ${keys[k]} "* ]] || continue
+    seen+="${keys[k]} "
+    DCN_PRODUCT=$(( DCN_PRODUCT * 10#${vals[k]} ))
+    DCN_AXES="${keys[k]}=${vals[k]}${DCN_AXES:+ }$DCN_AXES"
+  done
+}
+
 # usage: print the comment block after the shebang of the script ($0).
 usage() {
   awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"
@@ -108,6 +140,7 @@ tpu_env_defaults() {
   PROJECT=${PROJECT:-}
   QUEUED=${QUEUED:-0}
   QR_ID=${QR_ID:-}
+  NUM_SLICES=${NUM_SLICES:-1}
 }
 
 # tpu_common_flag ARG...: handle a flag shared by all TPU scripts. Sets
@@ -119,20 +152,45 @@ tpu_common_flag() {
     --zone) need_value "$1" $#; ZONE=$2; NSHIFT=$((NSHIFT + 1)) ;;
     --project) need_value "$1" $#; PROJECT=$2; NSHIFT=$((NSHIFT + 1)) ;;
     --qr-id) need_value "$1" $#; QR_ID=$2; NSHIFT=$((NSHIFT + 1)) ;;
+    --num-slices) need_value "$1" $#; NUM_SLICES=$2; NSHIFT=$((NSHIFT + 1)) ;;
     --queued) QUEUED=1 ;;
     --dry-run) DRY_RUN=1 ;;
     *) return 1 ;;
   esac
 }
 
-# tpu_check_common: validate the shared settings and build GFLAGS.
+# tpu_check_common: validate the shared settings and build GFLAGS. More than one slice
+# (--num-slices N > 1) is a multislice queued resource, so it implies --queued; its nodes are
+# NAME-0 .. NAME-(N-1) (gcloud's --node-prefix NAME).
 tpu_check_common() {
   require "$TPU_NAME" "TPU name: pass --name or set TPU_NAME"
   require "$ZONE" "zone: pass --zone or set ZONE"
+  [[ $NUM_SLICES =~ ^[1-9][0-9]*$ ]] || die "--num-slices must be a positive integer, got '$NUM_SLICES'"
+  if (( NUM_SLICES > 1 )); then QUEUED=1; fi
   [[ -n $QR_ID ]] || QR_ID="$TPU_NAME-qr"
   GFLAGS=(--zone="$ZONE")
   if [[ -n $PROJECT ]]; then GFLAGS+=(--project="$PROJECT"); fi
   if [[ $DRY_RUN != 1 ]] && ! command -v gcloud >/dev/null 2>&1; then
     die "gcloud not found on PATH (install the Google Cloud SDK)"
   fi
+}
+
+# tpu_ssh_base SSH_OPTS...: sets SSH to the gcloud ssh command without its target flags and
+# SSH_ALL to the flags that address every worker: one slice `tpu-vm ssh NAME ... --worker=all`;
+# several `queued-resources ssh QR_ID ... --node=all --worker=all` (every worker of every slice).
+# ssh_one S I sets SSH_ONE to the flags for worker I of slice S. (Both set variables the sourcing
+# script reads, hence the SC2034 exemptions.)
+# shellcheck disable=SC2034
+tpu_ssh_base() {
+  if (( NUM_SLICES > 1 )); then
+    SSH=(gcloud compute tpus queued-resources ssh "$QR_ID" "${GFLAGS[@]}" "$@")
+    SSH_ALL=(--node=all --worker=all)
+  else
+    SSH=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${GFLAGS[@]}" "$@")
+    SSH_ALL=(--worker=all)
+  fi
+}
+# shellcheck disable=SC2034
+ssh_one() {
+  if (( NUM_SLICES > 1 )); then SSH_ONE=(--node="$1" --worker="$2"); else SSH_ONE=(--worker="$2"); fi
 }

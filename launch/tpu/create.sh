@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create a TPU VM slice for fmjax.
+# Create a TPU VM slice for fmjax, or several slices joined by the data-center network (multislice).
 #
 # Usage: launch/tpu/create.sh [flags] [-- extra gcloud create flags]
 #
@@ -11,6 +11,9 @@
 #                            default: derived from the accelerator type)
 #   --queued                 create through a queued resource (env QUEUED=1)
 #   --qr-id ID               queued resource id          (env QR_ID; default NAME-qr)
+#   --num-slices N           slices of ACCELERATOR_TYPE  (env NUM_SLICES; default 1). N > 1 makes
+#                            one multislice queued resource (implies --queued) whose nodes are
+#                            NAME-0 .. NAME-(N-1)
 #   --spot | --reserved      spot capacity / a reservation
 #   --no-wait                queued mode: do not wait for the slice to be READY
 #   --poll-interval SECONDS  queued mode: seconds between state checks (default 30)
@@ -20,7 +23,11 @@
 # Plain mode runs `gcloud compute tpus tpu-vm create`, which returns once the
 # slice exists. Queued mode runs `gcloud compute tpus queued-resources create
 # --node-id NAME` and then polls until the queued resource is ACTIVE and the
-# node is READY (a FAILED or SUSPENDED queued resource is an error).
+# node is READY (a FAILED or SUSPENDED queued resource is an error). With
+# --num-slices N > 1 it runs `gcloud compute tpus queued-resources create QR_ID
+# --node-count N --node-prefix NAME` (gcloud names the nodes NAME-0 .. NAME-(N-1))
+# and waits until every node is READY. Train across the slices with
+# --config.mesh.dcn.data=N (or a dcn.fsdp split); see run.sh.
 set -euo pipefail
 
 # shellcheck source=SCRIPTDIR/../lib.sh
@@ -71,28 +78,41 @@ if [[ $QUEUED != 1 ]]; then
   exit 0
 fi
 
+NODES=("$TPU_NAME")
+NODE_FLAGS=(--node-id="$TPU_NAME")
+if (( NUM_SLICES > 1 )); then
+  NODES=()
+  for (( s = 0; s < NUM_SLICES; s++ )); do NODES+=("$TPU_NAME-$s"); done
+  NODE_FLAGS=(--node-count="$NUM_SLICES" --node-prefix="$TPU_NAME")
+fi
 run gcloud compute tpus queued-resources create "$QR_ID" "${GFLAGS[@]}" \
-  --node-id="$TPU_NAME" --accelerator-type="$ACCELERATOR_TYPE" \
+  "${NODE_FLAGS[@]}" --accelerator-type="$ACCELERATOR_TYPE" \
   --runtime-version="$RUNTIME_VERSION" ${CAP[@]+"${CAP[@]}"} ${EXTRA[@]+"${EXTRA[@]}"}
 [[ $WAIT == 1 ]] || exit 0
 
 QR_STATE=(gcloud compute tpus queued-resources describe "$QR_ID" "${GFLAGS[@]}" --format 'value(state.state)')
-NODE_STATE=(gcloud compute tpus tpu-vm describe "$TPU_NAME" "${GFLAGS[@]}" --format 'value(state)')
+# node_state NODE: sets NODE_STATE to the command that prints the node's state.
+node_state() {
+  NODE_STATE=(gcloud compute tpus tpu-vm describe "$1" "${GFLAGS[@]}" --format 'value(state)')
+}
 if [[ $DRY_RUN == 1 ]]; then
   # The polling loops below run these until ACTIVE and READY respectively.
   run "${QR_STATE[@]}"
-  run "${NODE_STATE[@]}"
+  for node in "${NODES[@]}"; do
+    node_state "$node"
+    run "${NODE_STATE[@]}"
+  done
   exit 0
 fi
 
-# wait_for WANT CMD...: poll CMD (which prints a state) until it prints WANT.
+# wait_for WHAT WANT CMD...: poll CMD (which prints WHAT's state) until it prints WANT.
 wait_for() {
-  local want=$1 state last=""
-  shift
+  local what=$1 want=$2 state last=""
+  shift 2
   while :; do
     state=$("$@" 2>/dev/null || true)
     if [[ $state != "$last" ]]; then
-      printf '%s: %s state: %s\n' "$PROG" "$TPU_NAME" "${state:-unknown}" >&2
+      printf '%s: %s state: %s\n' "$PROG" "$what" "${state:-unknown}" >&2
       last=$state
     fi
     case $state in
@@ -104,6 +124,14 @@ wait_for() {
   done
 }
 
-wait_for ACTIVE "${QR_STATE[@]}"
-wait_for READY "${NODE_STATE[@]}"
-printf '%s: %s is READY\n' "$PROG" "$TPU_NAME" >&2
+wait_for "$QR_ID" ACTIVE "${QR_STATE[@]}"
+for node in "${NODES[@]}"; do
+  node_state "$node"
+  wait_for "$node" READY "${NODE_STATE[@]}"
+done
+if (( NUM_SLICES > 1 )); then
+  printf '%s: %s-0 .. %s-%d (%d slices) are READY\n' "$PROG" "$TPU_NAME" "$TPU_NAME" $(( NUM_SLICES - 1 )) \
+    "$NUM_SLICES" >&2
+else
+  printf '%s: %s is READY\n' "$PROG" "$TPU_NAME" >&2
+fi

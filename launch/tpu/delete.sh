@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Delete a TPU VM slice, or the queued resource that owns it.
+# Delete a TPU VM slice, or the queued resource that owns it (all its slices).
 #
 # Usage: launch/tpu/delete.sh [flags]
 #
@@ -8,6 +8,8 @@
 #   --project PROJECT    GCP project                  (env PROJECT; default: gcloud config)
 #   --queued             delete the queued resource (and its slice) (env QUEUED=1)
 #   --qr-id ID           queued resource id           (env QR_ID; default NAME-qr)
+#   --num-slices N       slices (env NUM_SLICES; default 1). N > 1 is a multislice queued
+#                        resource: implies --queued, and deletes NAME-0 .. NAME-(N-1) with it
 #   --dry-run            print the gcloud command instead of running it
 #   -h, --help           show this help
 #

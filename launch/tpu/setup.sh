@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Install fmjax and its pinned JAX for TPU in a Python 3.11 venv on every worker of a TPU VM slice.
+# Install fmjax and its pinned JAX for TPU in a Python 3.11 venv on every worker of a TPU VM slice
+# (or of every slice of a multislice queued resource).
 #
 # Usage: launch/tpu/setup.sh [flags]
 #
 #   --name NAME          TPU VM name                        (env TPU_NAME, required)
 #   --zone ZONE          GCP zone                           (env ZONE, required)
 #   --project PROJECT    GCP project                        (env PROJECT; default: gcloud config)
+#   --num-slices N       slices of the queued resource      (env NUM_SLICES; default 1). N > 1:
+#                        every worker of NAME-0 .. NAME-(N-1), through one
+#                        `gcloud compute tpus queued-resources ssh/scp QR_ID --node=all --worker=all`
+#   --qr-id ID           queued resource id, with --num-slices > 1 (env QR_ID; default NAME-qr)
 #   --repo URL_OR_PATH   git URL to clone, or a local directory to copy
 #                        (env REPO_URL, required)
 #   --branch REF         branch or tag to clone             (env REPO_BRANCH; default: the remote's default)
@@ -65,7 +70,8 @@ require "$REMOTE_DIR" "remote dir: pass --remote-dir or set REMOTE_DIR"
 
 [[ $PYTHON_VERSION =~ ^3\.(1[1-9]|[2-9][0-9])(\.[0-9]+)?$ ]] ||
   die "--python must be 3.11 or newer (jax 0.10.2 needs it), got '$PYTHON_VERSION'"
-SSH=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${GFLAGS[@]}" ${SSH_OPTS[@]+"${SSH_OPTS[@]}"} --worker=all)
+tpu_ssh_base ${SSH_OPTS[@]+"${SSH_OPTS[@]}"}
+SSH+=("${SSH_ALL[@]}")
 quote "$REMOTE_DIR"; DIR=$QUOTED
 
 if [[ -d $REPO_URL ]]; then
@@ -74,8 +80,12 @@ if [[ -d $REPO_URL ]]; then
   TARBALL="${TARBALL%/}/fmjax-src-$TPU_NAME.tar.gz"
   run tar -czf "$TARBALL" -C "$REPO_URL" --exclude=.git --exclude=logs --exclude=workdirs \
     --exclude=venv --exclude=.venv --exclude=__pycache__ --exclude='*.egg-info' .
-  run gcloud compute tpus tpu-vm scp "$TARBALL" "$TPU_NAME:fmjax-src.tar.gz" "${GFLAGS[@]}" \
-    ${SSH_OPTS[@]+"${SSH_OPTS[@]}"} --worker=all
+  if (( NUM_SLICES > 1 )); then
+    SCP=(gcloud compute tpus queued-resources scp "$TARBALL" "$QR_ID:fmjax-src.tar.gz")
+  else
+    SCP=(gcloud compute tpus tpu-vm scp "$TARBALL" "$TPU_NAME:fmjax-src.tar.gz")
+  fi
+  run "${SCP[@]}" "${GFLAGS[@]}" ${SSH_OPTS[@]+"${SSH_OPTS[@]}"} "${SSH_ALL[@]}"
   FETCH="rm -rf $DIR && mkdir -p $DIR && tar -xzf fmjax-src.tar.gz -C $DIR && rm -f fmjax-src.tar.gz"
 else
   join_quoted git clone --depth 1 ${REPO_BRANCH:+--branch "$REPO_BRANCH"} "$REPO_URL"
