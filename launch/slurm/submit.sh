@@ -18,6 +18,12 @@
 #   --dry-run            print the sbatch command instead of running it
 #   -h, --help           show this help
 #
+# Multi-node meshes: with one JAX process per node, the slices of a DCN mesh are the nodes, so
+# --config.mesh.dcn.AXIS=K overrides in the train args must multiply to --nodes, e.g.
+#   launch/slurm/submit.sh --nodes 2 -- --config configs/llama_1b.py --config.mesh.dcn.data=2 --workdir DIR
+# (data parallel across the 2 nodes, the ICI mesh mesh.data/fsdp/... over each node's GPUs).
+# Other products are an error before anything is submitted.
+#
 # sbatch's own env vars (SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_TIMELIMIT, ...)
 # work as usual; the job inherits this environment (PYTHON, FMJAX_COORDINATOR_PORT).
 set -euo pipefail
@@ -27,6 +33,7 @@ source "$(dirname "$0")/../lib.sh"
 
 SBATCH_ARGS=(--exclusive --mem=0)
 FMJAX_ARGS=()
+NODES=1   # train.sbatch's #SBATCH --nodes
 
 split_eq "$@"
 set -- ${ARGS[@]+"${ARGS[@]}"}
@@ -37,6 +44,7 @@ while [[ $# -gt 0 ]]; do
     --nodes|--gpus-per-node|--cpus-per-task)
       need_value "$1" $#
       [[ $2 =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '$2'"
+      if [[ $1 == --nodes ]]; then NODES=$2; fi
       SBATCH_ARGS+=("$1=$2"); shift 2 ;;
     --partition|--time|--account|--job-name)
       need_value "$1" $#; SBATCH_ARGS+=("$1=$2"); shift 2 ;;
@@ -47,6 +55,10 @@ done
 
 [[ ${#FMJAX_ARGS[@]} -gt 0 ]] ||
   die "missing fmjax.train arguments: submit.sh [flags] -- --config configs/NAME.py --workdir DIR"
+dcn_product "${FMJAX_ARGS[@]}"
+if [[ -n $DCN_AXES ]] && (( DCN_PRODUCT != NODES )); then
+  die "the --config.mesh.dcn overrides ($DCN_AXES) multiply to $DCN_PRODUCT, but the job has $NODES node(s) (--nodes; one JAX process per node)"
+fi
 if [[ $DRY_RUN != 1 ]] && ! command -v sbatch >/dev/null 2>&1; then
   die "sbatch not found on PATH (run this on a SLURM login node)"
 fi
