@@ -126,6 +126,44 @@ esac
     ]
 
 
+def test_create_multislice_is_one_queued_resource_with_node_count_and_prefix():
+    out = ok(CREATE, *TPU, "--accelerator-type=v5p-16", "--num-slices", "2", "--spot", "--dry-run")
+    assert out == [
+        f"+ gcloud compute tpus queued-resources create my-tpu-qr {G} --node-count=2 --node-prefix=my-tpu "
+        "--accelerator-type=v5p-16 --runtime-version=v2-alpha-tpuv5 --spot",
+        f"+ gcloud compute tpus queued-resources describe my-tpu-qr {G} --format 'value(state.state)'",
+        f"+ gcloud compute tpus tpu-vm describe my-tpu-0 {G} --format 'value(state)'",
+        f"+ gcloud compute tpus tpu-vm describe my-tpu-1 {G} --format 'value(state)'",
+    ]
+    # NUM_SLICES from the env; one slice stays the plain (or --node-id) creation.
+    assert ok(CREATE, *TPU, "--accelerator-type=v6e-16", "--qr-id=q", "--no-wait", "--dry-run",
+              env={"NUM_SLICES": "3"}) == [
+        f"+ gcloud compute tpus queued-resources create q {G} --node-count=3 --node-prefix=my-tpu "
+        "--accelerator-type=v6e-16 --runtime-version=v2-alpha-tpuv6e"]
+    assert ok(CREATE, *TPU, "--accelerator-type=v5p-8", "--num-slices=1", "--dry-run")[0].startswith(
+        "+ gcloud compute tpus tpu-vm create my-tpu ")
+
+
+def test_create_multislice_waits_for_every_node(tmp_path):
+    write_exe(tmp_path / "gcloud", f"""#!/bin/bash
+echo "$*" >> {tmp_path}/calls
+case "$*" in
+  *"queued-resources describe"*) echo ACTIVE ;;
+  *"tpu-vm describe my-tpu-1 "*) n=$(cat {tmp_path}/n 2>/dev/null || echo 0); echo $((n + 1)) > {tmp_path}/n
+    if [ "$n" -ge 1 ]; then echo READY; else echo CREATING; fi ;;
+  *"tpu-vm describe"*) echo READY ;;
+esac
+""")
+    r = sh(CREATE, *TPU, "--accelerator-type=v5p-8", "--num-slices=2", "--poll-interval=0", path_prepend=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "my-tpu-0 .. my-tpu-1 (2 slices) are READY" in r.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [" ".join(c.split()[:5]) for c in calls] == [
+        "compute tpus queued-resources create my-tpu-qr", "compute tpus queued-resources describe my-tpu-qr",
+        "compute tpus tpu-vm describe my-tpu-0", "compute tpus tpu-vm describe my-tpu-1",
+        "compute tpus tpu-vm describe my-tpu-1"]
+
+
 # ------------------------------------------------------------------- setup.sh
 
 VENV_CHECK = ("'\\''import sys, jax; print(\"python\", sys.version.split()[0], \"jax\", jax.__version__)'\\''")
@@ -160,6 +198,25 @@ def test_setup_from_local_path_through_iap_with_other_extras(tmp_path):
     assert not Path(tarball).exists()  # dry run creates nothing
 
 
+def test_setup_multislice_reaches_every_worker_of_every_slice_in_one_command(tmp_path):
+    qr = f"my-tpu-qr {G}"
+    out = ok(SETUP, *TPU, "--num-slices=2", "--repo", "https://github.com/org/fmjax.git", "--dry-run")
+    assert out == [
+        f"+ gcloud compute tpus queued-resources ssh {qr} --node=all --worker=all --command "
+        f"'rm -rf fmjax && git clone --depth 1 https://github.com/org/fmjax.git fmjax && {INSTALL}'",
+    ]
+    out = ok(SETUP, *TPU, "--qr-id", "q1", "--internal-ip", "--dry-run", env={"REPO_URL": ".", "NUM_SLICES": "2"},
+             tmp=tmp_path)
+    tarball = f"{tmp_path}/fmjax-src-my-tpu.tar.gz"
+    assert out[1:] == [
+        f"+ gcloud compute tpus queued-resources scp {tarball} q1:fmjax-src.tar.gz {G} --internal-ip "
+        "--node=all --worker=all",
+        f"+ gcloud compute tpus queued-resources ssh q1 {G} --internal-ip --node=all --worker=all --command "
+        "'rm -rf fmjax && mkdir -p fmjax && tar -xzf fmjax-src.tar.gz -C fmjax && "
+        f"rm -f fmjax-src.tar.gz && {INSTALL}'",
+    ]
+
+
 def test_setup_installs_exactly_the_project_with_the_pinned_jax():
     """The venv gets the project and its extras, nothing unpinned beside it; the tpu extra pins jax."""
     import tomllib
@@ -188,11 +245,11 @@ def q(text: str) -> str:
     return text if re.fullmatch(r"[A-Za-z0-9_./:=@%+,-]+", text) else "'" + text.replace("'", "'\\''") + "'"
 
 
-def start_line(cmd, ssh=f"my-tpu {G}"):
+def start_line(cmd, ssh=f"my-tpu {G}", kind="tpu-vm", targets="--worker=all"):
     inner = f"trap : TERM; cd fmjax && . .venv/bin/activate && {cmd}; echo $? > $HOME/fmjax-run/rc"
     start = (f"mkdir -p $HOME/fmjax-run && rm -f $HOME/fmjax-run/rc && (setsid nohup bash -c {q(inner)} "
              "> $HOME/fmjax-run/log 2>&1 < /dev/null & echo $! > $HOME/fmjax-run/pid)")
-    return f"+ gcloud compute tpus tpu-vm ssh {ssh} --worker=all --command {q(start)}"
+    return f"+ gcloud compute tpus {kind} ssh {ssh} {targets} --command {q(start)}"
 
 
 def worker_line(i, log_dir="logs/my-tpu", ssh=f"my-tpu {G}"):
@@ -240,6 +297,139 @@ def test_run_attach_and_stop_dry_run():
     assert stop.startswith(f"+ gcloud compute tpus tpu-vm ssh my-tpu {G} --tunnel-through-iap --worker=all "
                            "--command 'if [ -f $HOME/fmjax-run/pid ]; then p=$(cat $HOME/fmjax-run/pid); "
                            "kill -TERM -- -$p")
+
+
+# The remote prelude of a multislice start: the MEGASCALE_* exports where tpu-env has none.
+TPU_ENV_URL = "http://metadata.google.internal/computeMetadata/v1/instance/attributes/tpu-env"
+
+
+def ms_prelude(coordinator="SLICE0_WORKER0_IP:8081", slices=2, port=8081, name="my-tpu"):
+    return ('{ e=$(curl -s -m 10 -H "Metadata-Flavor: Google" ' + TPU_ENV_URL + ' 2>/dev/null); '
+            'if printf "%s\\n" "$e" | grep -q "^MEGASCALE_COORDINATOR_ADDRESS:"; then :; else '
+            's=$(printf "%s\\n" "$e" | sed -n "s/^NODE_ID: *//p" | tr -d "\\047 "); s=${s#' + name + '-}; '
+            'case $s in ""|*[!0-9]*) echo "run.sh: no slice id for this worker: no NODE_ID ' + name +
+            '-S in its tpu-env metadata" >&2; false ;; '
+            f'*) export MEGASCALE_COORDINATOR_ADDRESS={coordinator} MEGASCALE_NUM_SLICES={slices} '
+            f'MEGASCALE_PORT={port} MEGASCALE_SLICE_ID=$s ;; esac; fi; }} && ')
+
+
+QR = f"my-tpu-qr {G}"
+
+
+def ms_worker_line(s, i, log_dir="logs/my-tpu", ssh=QR):
+    return (f"+ gcloud compute tpus queued-resources ssh {ssh} --node={s} --worker={i} --command '{FOLLOW}' "
+            f"> {log_dir}/slice-{s}-worker-{i}.log 2>&1 &")
+
+
+def test_run_multislice_exact_output():
+    r = sh(RUN, *TPU, "--num-slices", "2", "--accelerator-type", "v5p-16", "--dry-run", "--",
+           "python", "-m", "fmjax.train", *TRAIN_ARGS, "--config.mesh.dcn.data=2")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    cmd = f"python -m fmjax.train {TRAIN_STR} --config.mesh.dcn.data=2"
+    all_ = "--node=all --worker=all"
+    assert r.stdout.splitlines() == [
+        f"+ gcloud compute tpus queued-resources ssh {QR} {all_} --command '{FREE}'",
+        f"+ gcloud compute tpus tpu-vm describe my-tpu-0 {G} --format 'value(networkEndpoints[0].ipAddress)'",
+        start_line(ms_prelude() + cmd, QR, "queued-resources", all_),
+        "+ mkdir -p logs/my-tpu",
+        *[ms_worker_line(s, i) for s in range(2) for i in range(2)], "+ wait"]
+
+
+def test_run_multislice_megascale_env_port_and_dcn_checks():
+    # NUM_SLICES / MEGASCALE_PORT from the env; dcn.data x dcn.fsdp = 4 slices, the spaced form counts too.
+    out = ok(RUN, *TPU, "--num-workers=1", "--qr-id=q", "--no-kill", "--dry-run", "--", "train",
+             "--config.mesh.dcn.data", "2", "--config.mesh.dcn.fsdp=2", env={"NUM_SLICES": "4", "MEGASCALE_PORT": "9000"})
+    assert out[1] == start_line(ms_prelude("SLICE0_WORKER0_IP:9000", 4, 9000) +
+                                "train --config.mesh.dcn.data 2 --config.mesh.dcn.fsdp=2", f"q {G}",
+                                "queued-resources", "--node=all --worker=all")
+    assert [line.split(" --command")[0].split()[-2:] for line in out[3:-1]] == [
+        ["--node=0", "--worker=0"], ["--node=1", "--worker=0"], ["--node=2", "--worker=0"], ["--node=3", "--worker=0"]]
+    # Without a dcn override: a one-line warning, the run still starts.
+    r = sh(RUN, *TPU, "--num-slices=2", "--num-workers=1", "--dry-run", "--", "python", "-m", "fmjax.train",
+           "--config.mesh.data=8")
+    assert r.returncode == 0
+    assert r.stderr == ("run.sh: warning: 2 slices but the command sets no --config.mesh.dcn.AXIS override: the mesh "
+                        "will not span the slices (add e.g. --config.mesh.dcn.data=2)\n")
+    # One slice: no prelude, no warning, the single-slice commands.
+    r = sh(RUN, *TPU, "--num-workers=1", "--no-kill", "--dry-run", "--", "x", env={"NUM_SLICES": "1"})
+    assert r.stderr == "" and r.stdout.splitlines()[0] == start_line("x")
+
+
+def test_run_multislice_attach_and_stop_dry_run():
+    assert ok(RUN, *TPU, "--num-slices=2", "--num-workers=1", "--attach", "--dry-run") == [
+        "+ mkdir -p logs/my-tpu", ms_worker_line(0, 0), ms_worker_line(1, 0), "+ wait"]
+    (stop,) = ok(RUN, *TPU, "--num-slices=2", "--num-workers=1", "--stop", "--dry-run")
+    assert stop.startswith(f"+ gcloud compute tpus queued-resources ssh {QR} --node=all --worker=all --command "
+                           "'if [ -f $HOME/fmjax-run/pid ]")
+
+
+def fake_multislice(tmp_path, slices: int, workers: int, megascale_in_metadata=False) -> Path:
+    """A fake gcloud for a multislice queued resource: `queued-resources ssh --node=S --worker=I --command C` runs
+    C here as worker I of slice S (HOME=tmp/sSwI, whose tpu-env says NODE_ID 'my-tpu-S'); `tpu-vm describe my-tpu-0`
+    gives slice 0 worker 0's IP. curl (the metadata server) prints $HOME/tpu-env."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for s in range(slices):
+        for i in range(workers):
+            home = tmp_path / f"s{s}w{i}"
+            (home / "fmjax" / ".venv" / "bin").mkdir(parents=True)
+            (home / "fmjax" / ".venv" / "bin" / "activate").write_text("")
+            extra = f"MEGASCALE_COORDINATOR_ADDRESS: 'meta:1'\nMEGASCALE_SLICE_ID: '{s}'\n" if megascale_in_metadata else ""
+            (home / "tpu-env").write_text(f"ACCELERATOR_TYPE: 'v5p-16'\n{extra}NODE_ID: 'my-tpu-{s}'\nWORKER_ID: '{i}'\n")
+    write_exe(bin_dir / "gcloud", f"""#!/bin/bash
+echo "$*" >> {tmp_path}/calls
+case "$*" in *"tpu-vm describe my-tpu-0 "*) echo 10.1.2.3; exit ;; esac
+n=; w=; cmd=
+while [ $# -gt 0 ]; do case $1 in --node=*) n=${{1#--node=}} ;; --worker=*) w=${{1#--worker=}} ;;
+  --command) cmd=$2; shift ;; esac; shift; done
+[ "$n" = all ] && ns=$(seq 0 {slices - 1}) || ns=$n
+[ "$w" = all ] && ws=$(seq 0 {workers - 1}) || ws=$w
+rc=0
+for s in $ns; do for x in $ws; do (cd {tmp_path}/s$s"w"$x && HOME=$PWD bash -c "$cmd") || rc=$?; done; done
+exit $rc
+""")
+    write_exe(bin_dir / "curl", '#!/bin/bash\ncat "$HOME/tpu-env"\n')
+    write_exe(bin_dir / "sudo", '#!/bin/bash\nexec "$@"\n')
+    write_exe(bin_dir / "lsof", "#!/bin/bash\n")
+    return bin_dir
+
+
+def test_run_multislice_sets_megascale_env_and_a_failing_worker_stops_every_slice(tmp_path):
+    bin_dir = fake_multislice(tmp_path, 2, 2)
+    job = ('echo "env $MEGASCALE_COORDINATOR_ADDRESS $MEGASCALE_NUM_SLICES $MEGASCALE_SLICE_ID $MEGASCALE_PORT"; '
+           'if [ "$MEGASCALE_SLICE_ID" = 1 ] && [ "$HOME" != "${HOME%w0}" ]; then sleep 1; exit 3; fi; sleep 120')
+    r = sh(RUN, *TPU, "--num-slices", "2", "--num-workers", "2", "--log-dir", str(tmp_path / "logs"), "--",
+           "bash", "-c", job, "--config.mesh.dcn.data=2", path_prepend=bin_dir)
+    assert r.returncode == 1, r.stderr
+    logs = tmp_path / "logs"
+    assert f"slice 1 worker 0 failed (exit 3), see {logs}/slice-1-worker-0.log; stopping every worker" in r.stderr
+    assert r.stderr.count(" failed (exit") == 1
+    for s in range(2):
+        for i in range(2):
+            assert (logs / f"slice-{s}-worker-{i}.log").read_text().startswith(f"env 10.1.2.3:8081 2 {s} 8081\n")
+            assert not alive(int((tmp_path / f"s{s}w{i}" / "fmjax-run" / "pid").read_text()))
+    calls = (tmp_path / "calls").read_text()
+    assert "queued-resources ssh my-tpu-qr --zone=us-east5-a --node=all --worker=all --command if [ -f" in calls
+
+
+def test_run_multislice_keeps_the_runtime_megascale_env(tmp_path):
+    bin_dir = fake_multislice(tmp_path, 2, 1, megascale_in_metadata=True)
+    r = sh(RUN, *TPU, "--num-slices", "2", "--num-workers", "1", "--log-dir", str(tmp_path / "logs"), "--",
+           "bash", "-c", 'echo "env ${MEGASCALE_COORDINATOR_ADDRESS-unset} ${MEGASCALE_SLICE_ID-unset}"',
+           "--config.mesh.dcn.data=2", path_prepend=bin_dir)
+    assert r.returncode == 0, r.stderr
+    assert "all 2 workers of 2 slices finished" in r.stderr
+    for s in range(2):
+        assert (tmp_path / "logs" / f"slice-{s}-worker-0.log").read_text() == "env unset unset\n"
+    # A worker whose tpu-env names another node cannot tell its slice: it fails before the command runs.
+    (tmp_path / "s1w0" / "tpu-env").write_text("NODE_ID: 'other-1'\n")
+    (tmp_path / "s0w0" / "tpu-env").write_text("NODE_ID: 'my-tpu-0'\n")
+    r = sh(RUN, *TPU, "--num-slices", "2", "--num-workers", "1", "--log-dir", str(tmp_path / "l2"), "--",
+           "echo", "ran", "--config.mesh.dcn.data=2", path_prepend=bin_dir)
+    assert r.returncode == 1
+    assert "slice 1 worker 0 failed (exit 1)" in r.stderr
+    assert (tmp_path / "l2" / "slice-1-worker-0.log").read_text() == (
+        "run.sh: no slice id for this worker: no NODE_ID my-tpu-S in its tpu-env metadata\n")
 
 
 def fake_slice(tmp_path, workers: int) -> Path:
@@ -375,6 +565,13 @@ def test_delete_plain_and_queued():
         f"+ gcloud compute tpus queued-resources delete my-tpu-qr {G} --project=p --force --quiet"]
 
 
+def test_delete_multislice_deletes_the_queued_resource_with_every_slice():
+    assert ok(DELETE, *TPU, "--num-slices", "2", "--dry-run") == [
+        f"+ gcloud compute tpus queued-resources delete my-tpu-qr {G} --force --quiet"]
+    assert ok(DELETE, *TPU, "--qr-id=q", "--dry-run", env={"NUM_SLICES": "4"}) == [
+        f"+ gcloud compute tpus queued-resources delete q {G} --force --quiet"]
+
+
 # ---------------------------------------------------------------------- SLURM
 
 def test_submit_dry_run():
@@ -423,6 +620,44 @@ def test_sbatch_dry_run_prints_srun_with_resources_and_xla_flags(tmp_path):
     # FMJAX_GPU_FLAGS=0: no flags set (the user's own XLA_FLAGS still reach the tasks unchanged).
     line = ok(SBATCH, *TRAIN_ARGS, env={**env, "FMJAX_GPU_FLAGS": "0"}, path_prepend=tmp_path)[0]
     assert line.startswith("+ FMJAX_COORDINATOR=")
+
+
+def test_slurm_two_nodes_with_a_dcn_data_mesh(tmp_path):
+    args = [*TRAIN_ARGS, "--config.mesh.dcn.data=2"]
+    assert ok(SUBMIT, "--nodes", "2", "--gpus-per-node", "8", "--dry-run", "--", *args) == [
+        f"+ sbatch --exclusive --mem=0 --nodes=2 --gpus-per-node=8 launch/slurm/train.sbatch {TRAIN_STR} "
+        "--config.mesh.dcn.data=2"]
+    write_exe(tmp_path / "scontrol", SCONTROL)
+    env = {**SLURM_ENV, "FMJAX_DRY_RUN": "1", "PYTHON": sys.executable, "FMJAX_GPU_FLAGS": "0"}
+    # One process per node: the coordinator is node 0, 2 processes, each task's id is its node id.
+    assert ok(SBATCH, *args, env=env, path_prepend=tmp_path) == [
+        "+ FMJAX_COORDINATOR=gpu017:32345 FMJAX_NUM_PROCESSES=2 srun --nodes=2 --ntasks-per-node=1 "
+        "--cpus-per-task=128 --gpu-bind=none --kill-on-bad-exit=1 bash -c "
+        f"'export FMJAX_PROCESS_ID=\"$SLURM_NODEID\"; exec \"$@\"' bash {sys.executable} -m fmjax.train "
+        f"{TRAIN_STR} --config.mesh.dcn.data=2"]
+    # dcn.data x dcn.fsdp = 2 x 1 nodes, in the spaced form too.
+    assert ok(SUBMIT, "--nodes=2", "--dry-run", "--", "--config.mesh.dcn.data", "2", "--config.mesh.dcn.fsdp=1")
+
+
+@pytest.mark.parametrize("args,nodes,axes,product", [
+    (["--nodes", "2", "--", "--config.mesh.dcn.data=4"], 2, "data=4", 4),
+    (["--", "--config.mesh.dcn.data=2"], 1, "data=2", 2),
+    (["--nodes=4", "--", "--config.mesh.dcn.data=2", "--config.mesh.dcn.fsdp", "4"], 4, "data=2 fsdp=4", 8),
+])
+def test_slurm_dcn_mesh_must_multiply_to_the_node_count(tmp_path, args, nodes, axes, product):
+    # sbatch is not even looked for: the error comes before submitting.
+    r = sh(SUBMIT, *args)
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == (f"submit.sh: error: the --config.mesh.dcn overrides ({axes}) multiply to {product}, but the "
+                        f"job has {nodes} node(s) (--nodes; one JAX process per node)\n")
+    # The job script checks it too (sbatch called directly), before srun.
+    write_exe(tmp_path / "scontrol", SCONTROL)
+    fmjax_args = args[args.index("--") + 1:]
+    r = sh(SBATCH, *fmjax_args, env={**SLURM_ENV, "SLURM_NNODES": str(nodes), "FMJAX_DRY_RUN": "1"},
+           path_prepend=tmp_path)
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == (f"train.sbatch: error: the --config.mesh.dcn overrides ({axes}) multiply to {product}, but "
+                        f"the job has {nodes} node(s) (one JAX process per node)\n")
 
 
 def test_sbatch_needs_a_cpu_count(tmp_path):
@@ -507,6 +742,17 @@ def test_multinode_execs_python_with_env(tmp_path):
     (RUN, ["--zone", "z", "--num-workers", "1", "--", "true"], {},
      "missing TPU name: pass --name or set TPU_NAME"),
     (DELETE, ["--name", "n"], {}, "missing zone: pass --zone or set ZONE"),
+    (CREATE, [*TPU, "--accelerator-type", "v5p-8", "--num-slices", "0"], {},
+     "--num-slices must be a positive integer, got '0'"),
+    (SETUP, [*TPU, "--repo", "."], {"NUM_SLICES": "two"}, "--num-slices must be a positive integer, got 'two'"),
+    (RUN, [*TPU, "--num-slices", "2", "--num-workers", "1", "--", "train", "--config.mesh.dcn.data=4"], {},
+     "the --config.mesh.dcn overrides (data=4) multiply to 4, but there are 2 slices (--num-slices)"),
+    (RUN, [*TPU, "--num-slices", "2", "--num-workers", "1", "--", "train", "--config.mesh.dcn.data=x"], {},
+     "--config.mesh.dcn.data must be a positive integer, got 'x'"),
+    (RUN, [*TPU, "--num-slices", "2", "--num-workers", "1", "--megascale-port", "70000", "--", "x"], {},
+     "--megascale-port must be a port in 1..65535, got '70000'"),
+    (SUBMIT, ["--nodes", "2", "--", "--config.mesh.dcn.data=0"], {},
+     "--config.mesh.dcn.data must be a positive integer, got '0'"),
     (SUBMIT, ["--nodes", "2"], {},
      "missing fmjax.train arguments: submit.sh [flags] -- --config configs/NAME.py --workdir DIR"),
     (SUBMIT, ["--nodes", "two", "--", "x"], {}, "--nodes must be a positive integer, got 'two'"),
@@ -543,6 +789,7 @@ def test_help(script):
     assert r.returncode == 0
     assert "Usage: " + script in r.stdout
     assert "--dry-run" in r.stdout
+    assert ("--num-slices" if "/tpu/" in script else "--config.mesh.dcn" if "slurm" in script else "") in r.stdout
 
 
 # ------------------------------------------------------------------ shellcheck
