@@ -4,7 +4,7 @@ The sequence of every row is split over the 4 chips (mesh.sequence=4, which also
 AdamW state as FSDP does): each chip holds 8,192 tokens of each row's activations. Attention gathers the
 keys and values of the row on every chip and runs the splash kernel on its query chunks
 (model.context_attention=all_gather); the zigzag layout gives every chip an early and a late chunk, so the
-causal work is even. RoPE base 500k as Llama 3. 8 rows x 32k = 262k tokens per step in 2 microbatches.
+causal work is even. RoPE base 500k as Llama 3. 8 rows x 32k = 262k tokens per step, one row per microbatch.
 `python -m fmjax.plan --config configs/llama_1b_32k.py --context-baseline` compiles it for v5p-8 and sets
 its activation memory beside the same step without the context axis.
 """
@@ -19,5 +19,5 @@ def get_config():
   cfg.mesh.update(dict(data=1, fsdp=1, sequence=4, tensor=1))
   cfg.seq_len = 32768
   cfg.global_batch_size = 8
-  cfg.microbatches = 2
+  cfg.microbatches = 8         # one row (8,192 tokens a chip) per microbatch
   return cfg

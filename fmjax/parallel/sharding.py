@@ -170,8 +170,10 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
   a hybrid mesh, each axis the per-slice (ICI) size times its size across slices, slices outermost."""
   devices = list(jax.devices() if devices is None else devices)
   platform = devices[0].platform if devices else ''
-  slices = slice_count(devices)
-  ici, dcn = mesh_shapes(mesh_cfg, len(devices), platform, slices if math.prod(dcn_sizes(mesh_cfg)) > 1 else 1)
+  slices = slice_count(devices)   # TPU slices always count: a mesh over 2 slices must say which axes cross
+  tpu_slices = bool(devices) and hasattr(devices[0], 'slice_index')
+  ici, dcn = mesh_shapes(mesh_cfg, len(devices), platform,
+                         slices if tpu_slices or math.prod(dcn_sizes(mesh_cfg)) > 1 else 1)
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   if math.prod(dcn) > 1:
     from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel

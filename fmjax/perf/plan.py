@@ -250,13 +250,24 @@ _NEEDED = re.compile(r'need ([\d.]+)([KMGT]?) but')
 
 def context_baseline(cfg, devices=None) -> dict:
   """The same plan without the context axis (mesh.sequence folded into mesh.fsdp): its activation bytes per
-  device (from XLA's refusal when they do not fit), to set beside the plan that shards the sequence."""
+  device (from XLA's refusal when they do not fit), to set beside the plan that shards the sequence.
+
+  Without the axis a device holds whole rows, so the baseline takes the microbatches down until each holds
+  one row per microbatch if the plan asks for less (a context axis is how a device holds part of a row)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from fmjax.parallel import sharding as shd  # pylint: disable=import-outside-toplevel
   n = int(cfg.mesh.get('sequence', 1))
   trial = cfg.copy_and_resolve_references()
   trial.mesh.sequence = 1
   if int(trial.mesh.fsdp) != -1:
     trial.mesh.fsdp = int(trial.mesh.fsdp) * n
-  described = f'mesh.sequence=1 mesh.fsdp={trial.mesh.fsdp}'
+  count = len(devices) if devices is not None else jax.device_count()
+  sizes = dict(zip(shd.MESH_AXES, shd.mesh_shape(trial.mesh, count, num_slices=shd.slice_count(devices or [])
+                                                 if math.prod(shd.dcn_sizes(trial.mesh)) > 1 else 1)))
+  rows_per_step = sizes['data'] * sizes['fsdp'] * sizes['expert']
+  while trial.microbatches > 1 and (trial.global_batch_size // trial.microbatches) % rows_per_step:
+    trial.microbatches //= 2
+  described = f'mesh.sequence=1 mesh.fsdp={trial.mesh.fsdp} microbatches={trial.microbatches}'
   try:
     result = plan(trial, devices=devices, target='the baseline without the context axis')
   except PlanError as e:

@@ -72,9 +72,10 @@ def reference():
   return losses_and_grads(_cfg(dict(data=1, fsdp=1)))
 
 
+# sequence=8 with the ring and the zigzag layout (the defaults) is the 2-process run of
+# tests/e2e/test_train_e2e.py and the broken-shard checks below.
 @pytest.mark.parametrize('mesh,strategy,balance', [
     (dict(data=2, fsdp=1, sequence=4), 'ring', True),
-    (dict(data=1, fsdp=1, sequence=8), 'ring', True),
     (dict(data=1, fsdp=1, sequence=8), 'all_gather', False),
     (dict(data=2, fsdp=1, sequence=4), 'all_gather', True),
 ])
@@ -123,3 +124,23 @@ def test_a_wrong_mask_or_position_on_one_shard_is_caught(reference, monkeypatch,
     monkeypatch.setattr(context_parallel, 'to_zigzag', wrong)
   loss = _one_step_loss(cfg)
   assert abs(loss - reference[0][0]) > 1e-4 * abs(reference[0][0]), (broken, loss, reference[0][0])
+
+
+@pytest.mark.parametrize('mesh,model,message', [
+    (dict(sequence=3), {}, r'^seq_len=32 is not divisible by 2 \* mesh.sequence = 6 \(the zigzag layout'),
+    (dict(sequence=3), dict(context_load_balance=False), r'^seq_len=32 is not divisible by mesh.sequence=3: '),
+    (dict(sequence=2), dict(context_attention='rings'), r"^model.context_attention='rings' is not one of ring, "
+                                                         r'all_gather$'),
+    (dict(dcn=dict(data=0)), {}, r'^mesh.dcn.data=0 must be a positive integer'),
+])
+def test_bad_context_and_dcn_settings_are_one_line_before_compiling(mesh, model, message):
+  from fmjax.config import checks
+  cfg = _cfg(dict(data=1, fsdp=-1), **model)
+  for key, value in mesh.items():
+    if key == 'dcn':
+      cfg.mesh.dcn.update(value)
+    else:
+      cfg.mesh[key] = value
+  with pytest.raises(checks.ConfigError, match=message) as e:
+    checks.validate(cfg)
+  assert '\n' not in str(e.value)

@@ -154,17 +154,26 @@ needs_libtpu = pytest.mark.skipif(__import__('importlib').util.find_spec('libtpu
 
 @pytest.mark.slow
 @needs_libtpu
-def test_llama_1b_names_its_slice_and_fits_it_with_splash():
-  """No --topology: the plan uses config.topology; the shipped batch fits with the splash kernel, and the
-  per-chip memory agrees with a hand count (fp32 params + 2 AdamW moments, fully sharded)."""
+def test_llama_1b_names_its_slice_and_fits_it_with_splash_on_two_slices():
+  """No --topology: the plan uses config.topology (v5p-8), here 2 slices of it with data parallelism
+  across them (mesh.dcn.data=2); the shipped batch fits with the splash kernel, the per-chip memory
+  agrees with a hand count (fp32 params + 2 AdamW moments, sharded over a slice's chips), and what
+  crosses the slices is all-reduces of the gradients only (read from the compiled program's transfers)."""
+  import re
   from fmjax import cli, config as config_lib
   cfg = config_lib.resolve(cli.config_path('llama_1b'), [])
   kind, chips = plan.parse_topology(cfg.topology)
-  r = plan_cli('--config', 'configs/llama_1b.py')
+  r = plan_cli('--config', 'configs/llama_1b.py', '--num-slices', '2', '--config.mesh.dcn.data=2')
   assert r.returncode == 0, r.stderr[-3000:]
-  assert f'topology: {cfg.topology} (config.topology' in r.stdout
+  assert f'topology: 2 x {cfg.topology} (config.topology' in r.stdout
   assert 'attention: splash' in r.stdout + r.stderr
-  assert f'devices: {chips} ' in r.stdout and '(fits)' in r.stdout
+  assert f'devices: {2 * chips}  over 2 slices ' in r.stdout and '(fits)' in r.stdout
+  assert "'data': 2, 'fsdp': 4" in r.stdout
+  dcn = re.search(r'^across slices \(DCN\) per step and device: (.*)$', r.stdout, re.M).group(1)
+  assert re.fullmatch(r'all-reduce [\d.,]+ GiB', dcn), dcn   # gradient reductions only: no gather, no permute
+  sent = float(dcn.split()[1].replace(',', ''))
+  # the gradients of each microbatch (bf16 where the compute is; the reduction runs inside the accumulation loop)
+  assert 0.5 * gib(r.stdout, 'parameters') <= sent <= 1.2 * cfg.microbatches * gib(r.stdout, 'parameters'), sent
   m = cfg.model
   n_params = (2 * m.vocab_size * m.d_model + m.num_layers * (
       m.d_model * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads) + 3 * m.d_model * m.mlp_dim + 2 * m.d_model)
@@ -198,3 +207,9 @@ def test_devices_and_gpu_topologies_plan_with_libtpu_installed(target):
   assert 'devices: 4 ' in r.stdout
   if target[0] == '--topology':
     assert 'of 80.000 GiB (fits)' in r.stdout and 'predicted at 50% MFU' in r.stdout
+
+
+def test_num_slices_without_a_tpu_topology_is_one_line(capsys):
+  assert plan_command.main(['--config', 'configs/default.py', '--devices', '8', '--num-slices', '2']) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('fmjax.plan: error: --num-slices 2 needs a TPU --topology and libtpu') and err.count('\n') == 1

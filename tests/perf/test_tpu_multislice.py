@@ -4,6 +4,7 @@ Multislice: libtpu describes 2 x v5p-8 (`num_slices=2`), `mesh.dcn.data=2` puts 
 slices, and the compiled program's cross-slice transfers (fmjax/perf/dcn_traffic.py) must be gradient
 reductions only: all-reduces whose size follows the parameters, not the tokens of the step.
 Context parallelism: mesh.sequence over a v5p-8 compiles with the splash kernel per query chunk.
+llama_1b on 2 x v5p-8 is tests/perf/test_plan_bench.py's plan of the preset (the same check, from the CLI).
 """
 
 from __future__ import annotations
@@ -51,11 +52,11 @@ def test_data_across_slices_sends_only_gradient_reductions(two_slices):
   assert rows == [0, 1]   # the data axis is the slice: each slice one data shard
   assert sent and {t.kind for t in sent} == {'ALL_REDUCE'}
   grad_shard = param_count(small.state.abstract.params) / 4   # fp32 gradients, FSDP over the 4 chips of a slice
-  elements = sum(t.elements for t in sent)
-  assert grad_shard <= elements <= 2.5 * grad_shard, (elements, grad_shard)
+  elements = sum(t.per_step for t in sent)
+  assert grad_shard <= elements <= 2.5 * grad_shard, (elements, grad_shard)   # small tensors pad to (8, 128) tiles
   # 8x the tokens per step (4x rows, 2x length): the same DCN traffic, so no activation crosses the slices
   _, sent_big = _compile(_tiny(seq_len=512, batch=64, dcn=dict(data=2), fsdp=4), two_slices)
-  assert sum(t.elements for t in sent_big) == elements
+  assert sum(t.per_step for t in sent_big) == elements
 
 
 def test_fsdp_across_slices_gathers_parameters_over_the_dcn(two_slices):
@@ -83,3 +84,19 @@ def test_context_parallel_step_compiles_for_v5p_8(strategy):
   else:
     assert not found
   assert run.train_step.memory_analysis().temp_size_in_bytes < 2**30
+
+
+def _preset(name, *overrides):
+  from fmjax import config as config_lib  # pylint: disable=import-outside-toplevel
+  return config_lib.resolve(f'configs/{name}.py', list(overrides))
+
+
+@pytest.mark.slow   # 1.1B parameters at 32k tokens a row compiled for v5p-8 (about 90 s)
+def test_llama_1b_32k_preset_compiles_with_splash_per_context_shard_and_fits_v5p_8():
+  cfg = _preset('llama_1b_32k')
+  assert cfg.topology == 'v5p-8' and cfg.mesh.sequence == 4
+  run, _ = _compile(cfg, plan.tpu_devices('v5p-8'))
+  assert set(SPLASH_KERNELS) <= kernels(run.train_step)
+  per_chip = (plan.per_device_bytes(run.state.abstract.params) + plan.per_device_bytes(run.state.abstract.opt_state)
+              + run.train_step.memory_analysis().temp_size_in_bytes)
+  assert per_chip < 95 * 2**30, per_chip / 2**30
