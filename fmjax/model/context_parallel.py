@@ -47,7 +47,7 @@ def _size(mesh, axes) -> int:
 
 
 def _specs(mesh, q, k):
-  """(q spec, kv spec, index spec, context axis name) from the logical rules, for the shard_map."""
+  """(q spec, kv spec, position/segment spec) from the logical rules, for the shard_map."""
   q_spec = list(nn.logical_to_mesh_axes(_ACTIVATION))
   length = q_spec[1]
   names = (length,) if isinstance(length, str) else tuple(length or ())
@@ -73,7 +73,7 @@ def attend(q, k, v, positions, segment_ids, *, spec: ScoreSpec, strategy: str = 
 
   `positions` and `segment_ids` (B, T) are the tokens' in-document positions and document ids in the
   same layout (0 = padding). On TPU the 'all_gather' strategy runs splash per shard; `load_balanced`
-  says the rows are in `balance`'s zigzag layout (splash then un-permutes the gathered keys)."""
+  says the rows are in `to_zigzag`'s layout (splash then un-permutes the gathered keys)."""
   if strategy not in STRATEGIES:
     raise ValueError(f"model.context_attention={strategy!r}: choose 'ring' or 'all_gather'")
   mesh = jax.sharding.get_abstract_mesh()
