@@ -82,6 +82,19 @@ def reference():
 def test_sequence_sharded_training_equals_one_device(reference, mesh, strategy, balance):
   ref_losses, ref_grads = reference
   losses, grads = losses_and_grads(_cfg(mesh, context_attention=strategy, context_load_balance=balance))
+  _assert_same(losses, grads, ref_losses, ref_grads)
+
+
+def test_sliding_window_and_softcap_layers_equal_one_device_on_a_sequence_axis():
+  """Gemma 2's layer kinds: local (a window of 6 keys, shorter than a shard pair) and global layers with a
+  logit soft-cap, scanned with a switch over the kinds, sequence=4 x data=2, ring."""
+  model = dict(sliding_window=6, window_pattern='LG', attn_logit_softcap=20.0)
+  ref_losses, ref_grads = losses_and_grads(_cfg(dict(data=1, fsdp=1), **model))
+  losses, grads = losses_and_grads(_cfg(dict(data=2, fsdp=1, sequence=4), **model))
+  _assert_same(losses, grads, ref_losses, ref_grads)
+
+
+def _assert_same(losses, grads, ref_losses, ref_grads):
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
   flat_ref, flat = jax.tree.leaves(ref_grads), jax.tree.leaves(grads)
   for a, b in zip(flat_ref, flat):

@@ -71,11 +71,15 @@ def test_a_dcn_axis_that_does_not_match_the_slices_is_one_line(two_slices):
     shd.make_mesh(_tiny(fsdp=4, dcn=dict(data=1)).mesh, two_slices)
 
 
-@pytest.mark.parametrize('strategy', ['all_gather', 'ring'])
+@pytest.mark.parametrize('strategy', ['all_gather_local_global', 'ring'])
 def test_context_parallel_step_compiles_for_v5p_8(strategy):
   """mesh.sequence=4 over the 4 chips of a v5p-8, 1024 tokens a row: all_gather runs splash (forward and
-  backward) for each shard's two zigzag chunks; ring runs its XLA blocks."""
+  backward) for each shard's two zigzag chunks, here with Gemma 2's alternating local (a window mask offset
+  per chunk) and global layers; ring runs its XLA blocks."""
   cfg = _tiny(seq_len=1024, batch=4, fsdp=1, sequence=4)
+  if strategy == 'all_gather_local_global':
+    cfg.model.update(dict(sliding_window=256, window_pattern='LG'))
+    strategy = 'all_gather'
   cfg.model.context_attention = strategy
   run, _ = _compile(cfg, plan.tpu_devices('v5p-8'))
   found = kernels(run.train_step)
