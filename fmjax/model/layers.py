@@ -154,15 +154,16 @@ def project(x, make: Callable[..., Projection], names: Sequence[str], cfg, dtype
   return fused_projections(x, [make(n, weights_only=True) for n in names], dtype)
 
 
-def token_matmul(x, w):
-  """x (..., K) @ w (K, ...) -> (..., ...): one 2-D matmul over the flattened tokens (its gradients are plain
-  2-D matmuls too, which XLA CPU runs without the transposed copies N-D contractions over (B, T) force),
-  unless the mesh shards the sequence: flattening (B, T) would lose that sharding, so the contraction
-  keeps the token axes. lax.dot_general (jnp.dot's own lowering) so model.quantization's interceptor sees it."""
+def token_matmul(x, w, contract: int = 0):
+  """x (..., K) times w over w's axis `contract` (of size K) -> (..., w's other axes): one 2-D matmul over
+  the flattened tokens (its gradients are plain 2-D matmuls too, which XLA CPU runs without the transposed
+  copies N-D contractions over (B, T) force), unless the mesh shards the sequence: flattening (B, T) would
+  lose that sharding, so the contraction keeps the token axes. lax.dot_general (jnp.dot's own lowering) so
+  model.quantization's interceptor sees it."""
   lead = x.shape[:-1]
   if context_parallel.context_size() > 1:
-    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
-  y = jax.lax.dot_general(x.reshape(math.prod(lead), x.shape[-1]), w, (((1,), (0,)), ((), ())))
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (contract,)), ((), ())))
+  y = jax.lax.dot_general(x.reshape(math.prod(lead), x.shape[-1]), w, (((1,), (contract,)), ((), ())))
   return y.reshape(lead + y.shape[1:])
 
 

@@ -76,7 +76,7 @@ class MLMHead(nn.Module):
                    init_std=cfg.init_std, dtype=dtype, param_dtype=pdtype)(hidden)
     h = make_norm(cfg, 'norm')(nn.gelu(h, approximate=cfg.activation != 'gelu_exact'))
     bias = param_with_axes(self, 'bias', nn.initializers.zeros, (cfg.vocab_size,), ('vocab',), pdtype)
-    return token_matmul(h, embedding.astype(dtype).T) + bias.astype(dtype)
+    return token_matmul(h, embedding.astype(dtype), contract=1) + bias.astype(dtype)
 
 
 def final_hidden(cfg, x):
@@ -99,7 +99,7 @@ def output_logits(cfg, hidden, embedding):
   if is_encoder(cfg):
     logits = MLMHead(cfg, name='mlm_head')(hidden, embedding)
   elif cfg.tie_embeddings:
-    logits = token_matmul(hidden, embedding.astype(dtype_of(cfg.dtype)).T)
+    logits = token_matmul(hidden, embedding.astype(dtype_of(cfg.dtype)), contract=1)
   else:
     logits = _lm_head(cfg, lora=lora_spec(cfg, 'lm_head'))(hidden)
   spec = logit_spec(cfg)
